@@ -1,0 +1,1 @@
+"""loratune: the gRPC contract, generated from protos/loratune/*/v1/*.proto."""

@@ -1,0 +1,1 @@
+"""loratune.common: the common proto package."""

@@ -1,0 +1,1 @@
+"""loratune.common.v1: generated code of common.proto, version 1."""

@@ -1,0 +1,1 @@
+"""loratune.evaluator: the evaluator proto package."""

@@ -1,0 +1,1 @@
+"""loratune.judge: the judge proto package."""

@@ -1,0 +1,1 @@
+"""loratune.optimizer: the optimizer proto package."""

@@ -1,0 +1,1 @@
+"""loratune.optimizer.v1: generated code of optimizer.proto, version 1."""

@@ -1,0 +1,1 @@
+"""loratune.trainer: the trainer proto package."""

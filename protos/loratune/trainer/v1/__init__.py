@@ -1,0 +1,1 @@
+"""loratune.trainer.v1: generated code of trainer.proto, version 1."""

@@ -1,0 +1,1 @@
+"""loratune's gRPC services."""

@@ -1,0 +1,1 @@
+"""The `loratune` command line."""

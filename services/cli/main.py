@@ -1,0 +1,164 @@
+"""The `loratune` command: serve a service, evaluate predictions."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import typer
+from google.protobuf import json_format
+from rich.console import Console
+
+from loratune.common.v1 import common_pb2
+from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
+from services.cli.inputs import read_items
+from services.cli.render import render_evaluation
+from services.common.errors import LoratuneError
+
+app = typer.Typer(
+    name="loratune",
+    help="LoRA / QLoRA fine-tuning with automatic hyperparameter search.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+serve_app = typer.Typer(help="Run one loratune service until SIGTERM / Ctrl-C.", no_args_is_help=True)
+app.add_typer(serve_app, name="serve")
+
+console = Console()
+errors = Console(stderr=True)
+
+PortOption = Annotated[int, typer.Option("--port", help="gRPC port (0 = any free port).")]
+MetricsPortOption = Annotated[
+    int, typer.Option("--metrics-port", help="Prometheus /metrics port (-1 = off).")
+]
+
+
+class Task(enum.StrEnum):
+    """Task types on the command line."""
+
+    classification = "classification"
+    generation = "generation"
+
+
+def _metrics_port(value: int) -> int | None:
+    return None if value < 0 else value
+
+
+@serve_app.command("evaluator")
+def serve_evaluator(port: PortOption = 50053, metrics_port: MetricsPortOption = 9093) -> None:
+    """Serve loratune.evaluator.v1.EvaluatorService."""
+    from services.evaluator.main import main as evaluator_main
+
+    raise typer.Exit(evaluator_main(port, _metrics_port(metrics_port)))
+
+
+def _read(path: Path | None, what: str) -> list[str]:
+    if path is None:
+        return []
+    try:
+        return read_items(path)
+    except (OSError, ValueError) as err:
+        errors.print(f"[red]error:[/red] cannot read {what}: {err}")
+        raise typer.Exit(2) from None
+
+
+async def _evaluate_remote(
+    address: str, request: evaluator_pb2.EvaluateRequest, timeout: float
+) -> common_pb2.EvaluationResult:
+    from services.common.client import ClientSettings, create_channel
+
+    async with create_channel(address, ClientSettings.from_env()) as channel:
+        stub = evaluator_pb2_grpc.EvaluatorServiceStub(channel)
+        response = await stub.Evaluate(request, timeout=timeout)
+        return response.result
+
+
+async def _evaluate_local(request: evaluator_pb2.EvaluateRequest) -> common_pb2.EvaluationResult:
+    from services.common.logging import configure_logging
+    from services.evaluator.api.convert import input_from_proto, result_to_proto
+    from services.evaluator.config import EvaluatorSettings
+    from services.evaluator.main import build_evaluator
+
+    configure_logging("plain", "INFO")
+    evaluator = build_evaluator(EvaluatorSettings())
+    return result_to_proto(await evaluator.evaluate(input_from_proto(request)))
+
+
+@app.command()
+def evaluate(
+    task: Annotated[Task, typer.Option("--task", help="classification or generation.")],
+    predictions: Annotated[Path, typer.Option("--predictions", help="Predicted labels / texts.")],
+    references: Annotated[Path, typer.Option("--references", help="Reference labels / texts.")],
+    prompts: Annotated[
+        Path | None, typer.Option("--prompts", help="Prompts (generation, for the judge).")
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option("--labels", help="The full label set (classification).")
+    ] = None,
+    judge: Annotated[
+        str | None, typer.Option("--judge", help="Judge model id, e.g. gemini (generation).")
+    ] = None,
+    judge_sample_size: Annotated[int, typer.Option("--judge-sample-size", min=1)] = 5,
+    evaluator: Annotated[
+        str | None,
+        typer.Option(
+            "--evaluator",
+            envvar="LORATUNE_EVALUATOR_ADDRESS",
+            help="Evaluator address host:port; none = evaluate in this process.",
+        ),
+    ] = None,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Where to write the full result as JSON.")
+    ] = Path("evaluation_results.json"),
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 600.0,
+) -> None:
+    """Score predictions against references; print a table and write the result as JSON.
+
+    Files hold one item a line, a JSON list (.json), or one JSON value a line (.jsonl).
+    """
+    request = evaluator_pb2.EvaluateRequest(
+        task_type=(
+            common_pb2.TASK_TYPE_CLASSIFICATION
+            if task is Task.classification
+            else common_pb2.TASK_TYPE_GENERATION
+        ),
+        predictions=_read(predictions, "--predictions"),
+        references=_read(references, "--references"),
+        prompts=_read(prompts, "--prompts"),
+        labels=_read(labels, "--labels"),
+    )
+    if judge is not None:
+        request.judge.enabled = True
+        request.judge.judge_model_id = judge
+        request.judge.sample_size = judge_sample_size
+    try:
+        if evaluator:
+            result = asyncio.run(_evaluate_remote(evaluator, request, timeout))
+        else:
+            result = asyncio.run(_evaluate_local(request))
+    except LoratuneError as err:
+        errors.print(f"[red]error ({err.code}):[/red] {err}")
+        raise typer.Exit(2) from None
+    except grpc.aio.AioRpcError as err:
+        errors.print(f"[red]error ({err.code().name}):[/red] {err.details()}")
+        raise typer.Exit(1) from None
+    render_evaluation(console, result)
+    output.write_text(
+        json.dumps(json_format.MessageToDict(result), indent=2, ensure_ascii=False) + "\n",
+        encoding="utf-8",
+    )
+    console.print(f"full result written to {output}")
+
+
+def main() -> None:
+    """Console entry point."""
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

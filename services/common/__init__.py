@@ -1,0 +1,1 @@
+"""What every loratune service shares: bootstrap, config, logging, errors, metrics, auth."""

@@ -1,0 +1,1 @@
+"""The evaluator's gRPC adapter: a thin servicer and proto <-> domain conversion."""
