@@ -228,10 +228,7 @@ def _stream_response_behaviour(
 def _behaviour_of(handler: _Handler) -> _Behaviour:
     """The one behaviour function a method handler carries, whatever its kind."""
     behaviour = (
-        handler.stream_stream
-        or handler.stream_unary
-        or handler.unary_stream
-        or handler.unary_unary
+        handler.stream_stream or handler.stream_unary or handler.unary_stream or handler.unary_unary
     )
     if behaviour is None:
         raise TypeError("an RPC method handler without a behaviour")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
-from wsgiref.simple_server import WSGIServer
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Histogram, make_wsgi_app
 
 __all__ = [
     "GRPC_SERVER_HANDLED",
@@ -38,12 +41,32 @@ GRPC_SERVER_HANDLING_SECONDS = Histogram(
 )
 
 
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    """One thread per scrape; daemon threads so a hung scrape never blocks exit."""
+
+    daemon_threads = True
+
+
+class _SilentHandler(WSGIRequestHandler):
+    """No access log line per scrape."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Log nothing."""
+
+
 class MetricsServer:
     """A running ``/metrics`` HTTP endpoint over the default registry."""
 
-    def __init__(self, httpd: WSGIServer, thread: threading.Thread) -> None:
+    def __init__(self, httpd: WSGIServer) -> None:
         self._httpd = httpd
-        self._thread = thread
+        self._thread = threading.Thread(
+            # A short poll interval: stop() waits for the loop to notice, once per interval.
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="metrics-http",
+            daemon=True,
+        )
+        self._thread.start()
         self._stopped = False
         self._lock = threading.Lock()
 
@@ -69,8 +92,25 @@ class MetricsServer:
 
 
 def start_metrics_server(host: str, port: int) -> MetricsServer:
-    """Serve the default registry's metrics over HTTP on ``host:port`` (0 = any free port)."""
-    httpd, thread = start_http_server(port, addr=host, registry=REGISTRY)
-    server = MetricsServer(httpd, thread)
-    logger.info("metrics on http://%s:%d/metrics", host, server.port)
+    """Serve the default registry's metrics over HTTP on ``host:port`` (0 = any free port).
+
+    Every path answers with the metrics, ``/metrics`` included, as prometheus_client's
+    own server does.
+    """
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+
+    class Server(_ThreadingWSGIServer):
+        address_family = family
+
+    httpd = make_server(
+        str(sockaddr[0]), port, make_wsgi_app(REGISTRY), Server, handler_class=_SilentHandler
+    )
+    server = MetricsServer(httpd)
+    logger.info("metrics on http://%s/metrics", _host_port(host, server.port))
     return server
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

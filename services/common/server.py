@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.config import CommonSettings
+from services.common.health import HealthServicer
 from services.common.interceptors import AuthInterceptor, StatusInterceptor
 from services.common.logging import configure_logging, register_secret
 from services.common.metrics import MetricsServer, start_metrics_server
@@ -89,7 +90,7 @@ class RunningServer:
         self,
         *,
         server: grpc.aio.Server,
-        health_servicer: Any,
+        health_servicer: HealthServicer,
         services: Sequence[ServiceDefinition],
         host: str,
         port: int,
@@ -165,12 +166,12 @@ class RunningServer:
 
 
 def _interceptors(
-    settings: CommonSettings, extra: Sequence[grpc.aio.ServerInterceptor]
-) -> list[grpc.aio.ServerInterceptor]:
+    settings: CommonSettings, extra: Sequence[grpc.aio.ServerInterceptor[Any, Any]]
+) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
     # The status interceptor is outermost so it sees, maps and counts every outcome,
     # including the auth interceptor's UNAUTHENTICATED; auth still rejects a call
     # before any servicer code runs.
-    interceptors: list[grpc.aio.ServerInterceptor] = [StatusInterceptor()]
+    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [StatusInterceptor()]
     if settings.auth_token is not None:
         token = settings.auth_token.get_secret_value()
         register_secret(token)
@@ -186,7 +187,7 @@ async def start_server(
     host: str | None = None,
     port: int = 0,
     metrics_port: int | None = 0,
-    extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    extra_interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
 ) -> RunningServer:
     """Start a grpc.aio server hosting ``services`` with health, reflection and metrics.
 
@@ -202,13 +203,14 @@ async def start_server(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            # Without this, a second server on a taken port binds too and they split calls.
+            ("grpc.so_reuseport", 0),
         ],
     )
     for service in services:
         service.register(server)
 
-    # grpc-stubs know only the sync servicer; the asyncio one is health.aio.
-    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *names):
         await health_servicer.set(name, _SERVING)
@@ -288,7 +290,9 @@ async def serve(
             # No signal handlers outside the main thread or on Windows' loop.
             logger.debug("cannot handle %s here", signum.name)
     try:
-        running = await start_server(services, settings, port=port, metrics_port=metrics_port, host=host)
+        running = await start_server(
+            services, settings, port=port, metrics_port=metrics_port, host=host
+        )
         try:
             await stop_requested.wait()
         finally:

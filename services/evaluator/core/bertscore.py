@@ -282,13 +282,15 @@ class BertScoreEngine:
 
         Empty / whitespace-only candidates or references are not sent to the model: such a pair
         scores P = R = F1 = 0.0 and is counted in ``empty``; the means are over all pairs,
-        including those zeros. ``truncated`` counts the texts of non-empty pairs (candidates and
-        references, each occurrence) longer than the tokenizer's ``model_max_length``; bert-score scores only
-        their first ``model_max_length`` tokens. ``cache_hits``/``cache_misses`` count distinct
-        non-empty texts of this call found / not found in the cache.
+        including those zeros. ``truncated`` counts the texts of non-empty pairs (candidates
+        and references, each occurrence) longer than the tokenizer's ``model_max_length``;
+        bert-score scores only their first ``model_max_length`` tokens. ``cache_hits`` /
+        ``cache_misses`` count the distinct texts of non-empty pairs found / not found in the
+        cache.
 
         Raises:
             ValueError: the two sequences differ in length.
+            TypeError: an item is not a ``str``.
         """
         cands = list(candidates)
         refs = list(references)
