@@ -21,9 +21,9 @@ from pathlib import Path
 
 import bert_score
 import grpc
-
 from loratune.common.v1 import common_pb2
 from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
+
 from services.common.config import CommonSettings
 from services.common.server import start_server
 from services.evaluator.config import EvaluatorSettings
@@ -57,26 +57,39 @@ def generations(refs: list[str], trial: int) -> list[str]:
     return out
 
 
-async def run_service(model: str, layers: int, refs: list[str], trials: list[list[str]]) -> tuple[float, list[float]]:
+async def run_service(
+    model: str, layers: int, refs: list[str], trials: list[list[str]]
+) -> tuple[float, list[float]]:
     """Seconds for all trials through the service, and each trial's F1."""
     settings = EvaluatorSettings(bertscore_model=model, bertscore_layers=layers)
     evaluator = build_evaluator(settings)
     server = await start_server(
-        [service_definition(evaluator)], CommonSettings(), host="127.0.0.1", port=0, metrics_port=None
+        [service_definition(evaluator)],
+        CommonSettings(),
+        host="127.0.0.1",
+        port=0,
+        metrics_port=None,
     )
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = evaluator_pb2_grpc.EvaluatorServiceStub(channel)
             # The model loads on the first generation request; a service has it loaded
             # before the study's trials arrive, so warm it up outside the timing.
-            await stub.Evaluate(evaluator_pb2.EvaluateRequest(
-                task_type=common_pb2.TASK_TYPE_GENERATION, predictions=["warm"], references=["up"]))
+            await stub.Evaluate(
+                evaluator_pb2.EvaluateRequest(
+                    task_type=common_pb2.TASK_TYPE_GENERATION,
+                    predictions=["warm"],
+                    references=["up"],
+                )
+            )
             f1s = []
             started = time.perf_counter()
             for preds in trials:
                 response = await stub.Evaluate(
                     evaluator_pb2.EvaluateRequest(
-                        task_type=common_pb2.TASK_TYPE_GENERATION, predictions=preds, references=refs
+                        task_type=common_pb2.TASK_TYPE_GENERATION,
+                        predictions=preds,
+                        references=refs,
                     ),
                     timeout=600,
                 )
@@ -86,7 +99,9 @@ async def run_service(model: str, layers: int, refs: list[str], trials: list[lis
         await server.stop(1.0)
 
 
-def run_library(model: str, layers: int, refs: list[str], trials: list[list[str]]) -> tuple[float, list[float]]:
+def run_library(
+    model: str, layers: int, refs: list[str], trials: list[list[str]]
+) -> tuple[float, list[float]]:
     """Seconds for all trials with `bert_score.score`, and each trial's F1."""
     f1s = []
     started = time.perf_counter()
@@ -100,14 +115,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000, help="texts per evaluation")
     parser.add_argument("--trials", type=int, default=10, help="evaluations (trials)")
-    parser.add_argument("--model", default="", help="model path or hub name (default: packaged all-MiniLM-L6-v2)")
+    parser.add_argument(
+        "--model", default="", help="model path or hub name (default: packaged all-MiniLM-L6-v2)"
+    )
     parser.add_argument("--layers", type=int, default=6)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = args.model or packaged_minilm_path()
     refs = references(args.n)
     trials = [generations(refs, t) for t in range(args.trials)]
-    print(f"{args.trials} evaluations x {len(refs)} pairs, model {Path(model).name}, layer {args.layers}")
+    print(
+        f"{args.trials} evaluations x {len(refs)} pairs, "
+        f"model {Path(model).name}, layer {args.layers}"
+    )
 
     ours, ours_f1 = asyncio.run(run_service(model, args.layers, refs, trials))
     print(f"loratune evaluator (gRPC service): {ours:8.2f} s")

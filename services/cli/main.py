@@ -12,10 +12,10 @@ from typing import Annotated
 import grpc
 import typer
 from google.protobuf import json_format
-from rich.console import Console
-
 from loratune.common.v1 import common_pb2
 from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
+from rich.console import Console
+
 from services.cli.inputs import read_items
 from services.cli.render import render_evaluation
 from services.common.errors import LoratuneError
@@ -26,7 +26,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-serve_app = typer.Typer(help="Run one loratune service until SIGTERM / Ctrl-C.", no_args_is_help=True)
+serve_app = typer.Typer(
+    help="Run one loratune service until SIGTERM / Ctrl-C.", no_args_is_help=True
+)
 app.add_typer(serve_app, name="serve")
 
 console = Console()

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from loratune.common.v1 import common_pb2
 from rich.console import Console
 from rich.table import Table
-
-from loratune.common.v1 import common_pb2
 
 MAX_CLASS_ROWS = 40
 
@@ -27,7 +26,9 @@ def render_evaluation(console: Console, result: common_pb2.EvaluationResult) -> 
         summary.add_row("worst classes", ", ".join(cls.worst_classes))
     else:
         bert = result.bertscore
-        summary.add_row("BERTScore P / R / F1", f"{bert.precision:.4f} / {bert.recall:.4f} / {bert.f1:.4f}")
+        summary.add_row(
+            "BERTScore P / R / F1", f"{bert.precision:.4f} / {bert.recall:.4f} / {bert.f1:.4f}"
+        )
         summary.add_row("BERTScore model", f"{bert.model} (layer {bert.num_layers})")
         summary.add_row("empty / truncated texts", f"{bert.empty_texts} / {bert.truncated_texts}")
         if result.HasField("judge"):
@@ -47,7 +48,9 @@ def render_evaluation(console: Console, result: common_pb2.EvaluationResult) -> 
             per_class.add_column(column, justify="left" if column == "label" else "right")
         rows = sorted(result.classification.per_class, key=lambda c: (c.f1, -c.support))
         for c in rows[:MAX_CLASS_ROWS]:
-            per_class.add_row(c.label, f"{c.precision:.3f}", f"{c.recall:.3f}", f"{c.f1:.3f}", str(c.support))
+            per_class.add_row(
+                c.label, f"{c.precision:.3f}", f"{c.recall:.3f}", f"{c.f1:.3f}", str(c.support)
+            )
         if len(rows) > MAX_CLASS_ROWS:
             per_class.caption = f"{len(rows) - MAX_CLASS_ROWS} more classes in the JSON output"
         console.print(per_class)

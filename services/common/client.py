@@ -216,7 +216,7 @@ def create_channel(address: str, settings: ClientSettings | None = None) -> grpc
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.enable_retries", 0),
+        ("grpc.enable_retries", 1 if settings.max_attempts > 1 else 0),
         ("grpc.service_config", _service_config(settings.max_attempts)),
     ]
     interceptors: list[Any] = [
@@ -253,9 +253,7 @@ def create_channel(address: str, settings: ClientSettings | None = None) -> grpc
 
 # A timeout parameter rather than asyncio.timeout: the error then says what was seen last.
 async def wait_for_ready(
-    channel: grpc.aio.Channel,
-    service_name: str = "",
-    timeout: float = 10,  # noqa: ASYNC109
+    channel: grpc.aio.Channel, service_name: str = "", timeout: float = 10
 ) -> None:
     """Wait until the server behind ``channel`` reports ``service_name`` SERVING on health.
 

@@ -52,9 +52,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=status)
 
-    async def Watch(
-        self, request: health_pb2.HealthCheckRequest, context: _Context
-    ) -> None:
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: _Context) -> None:
         """Stream the service's status on every change; end after shutdown begins."""
         last: health_pb2.HealthCheckResponse.ServingStatus.ValueType | None = None
         while True:

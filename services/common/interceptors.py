@@ -8,7 +8,6 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
@@ -196,11 +195,15 @@ def _stream_response_behaviour(
         try:
             responses = inner(request, context)
             if hasattr(responses, "__aiter__"):
-                # aclosing: when the client goes away mid-stream, the inner generator's
-                # own finally blocks run now, not whenever it is garbage-collected.
-                async with aclosing(responses) as stream:
-                    async for response in stream:
+                try:
+                    async for response in responses:
                         yield response
+                finally:
+                    # When the client goes away mid-stream, the inner generator's own
+                    # finally blocks run now, not whenever it is garbage-collected.
+                    aclose = getattr(responses, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
             else:
                 for response in responses:
                     yield response

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -114,7 +115,8 @@ class _LoratuneHandler(logging.StreamHandler[TextIO]):
 def configure_logging(fmt: str = "plain", level: str = "INFO") -> None:
     """Configure the root logger once: one stderr handler, ``fmt`` plain or json, redaction.
 
-    Calling it again reconfigures that same handler instead of adding another.
+    Calling it again reconfigures that same handler (format, level, the current
+    ``sys.stderr``) instead of adding another.
     """
     if fmt not in ("plain", "json"):
         raise ValueError(f"log format must be 'plain' or 'json', not {fmt!r}")
@@ -124,6 +126,16 @@ def configure_logging(fmt: str = "plain", level: str = "INFO") -> None:
         handler = _LoratuneHandler(sys.stderr)
         handler.addFilter(SecretRedactingFilter())
         root.addHandler(handler)
+    elif handler.stream is not sys.stderr:
+        # sys.stderr was replaced since (a test's capture, a daemon's redirect): follow it.
+        # Not setStream(): it flushes the old stream, which may be closed by now.
+        handler.acquire()
+        try:
+            with contextlib.suppress(ValueError, OSError):
+                handler.stream.flush()
+            handler.stream = sys.stderr
+        finally:
+            handler.release()
     formatter: logging.Formatter = (
         JsonFormatter() if fmt == "json" else logging.Formatter(PLAIN_FORMAT)
     )

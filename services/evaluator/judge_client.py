@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
-
 from loratune.judge.v1 import judge_pb2, judge_pb2_grpc
+
 from services.common.rpc_errors import error_from_rpc
 from services.evaluator.core.models import JudgeBatch, JudgeItem
 
@@ -33,9 +33,7 @@ class GrpcJudgeScorer:
         except grpc.aio.AioRpcError as err:
             raise error_from_rpc(err, "judge gateway") from None
         scores = tuple(
-            s.score
-            if s.HasField("score") and s.outcome == judge_pb2.JUDGE_OUTCOME_OK
-            else None
+            s.score if s.HasField("score") and s.outcome == judge_pb2.JUDGE_OUTCOME_OK else None
             for s in response.scores
         )
         return JudgeBatch(scores=scores, provider_model=response.provider_model)

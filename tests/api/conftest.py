@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
-
 from loratune.evaluator.v1 import evaluator_pb2_grpc
 from loratune.judge.v1 import judge_pb2, judge_pb2_grpc
+
 from services.common.client import ClientSettings
 from services.common.config import CommonSettings
 from services.common.server import RunningServer, ServiceDefinition, start_server
@@ -33,7 +33,7 @@ class FakeJudgeGateway(judge_pb2_grpc.JudgeGatewayServiceServicer):
     fail_with: tuple[grpc.StatusCode, str] | None = None
     requests: list[judge_pb2.ScoreResponsesRequest] = field(default_factory=list)
 
-    async def ScoreResponses(  # noqa: N802
+    async def ScoreResponses(
         self, request: judge_pb2.ScoreResponsesRequest, context: grpc.aio.ServicerContext
     ) -> judge_pb2.ScoreResponsesResponse:
         self.requests.append(request)
@@ -81,7 +81,9 @@ async def judge_gateway() -> AsyncIterator[tuple[FakeJudgeGateway, RunningServer
         [
             ServiceDefinition(
                 full_name=JUDGE_SERVICE,
-                register=lambda s: judge_pb2_grpc.add_JudgeGatewayServiceServicer_to_server(fake, s),
+                register=lambda s: judge_pb2_grpc.add_JudgeGatewayServiceServicer_to_server(
+                    fake, s
+                ),
             )
         ],
         CommonSettings(),

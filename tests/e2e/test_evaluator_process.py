@@ -1,4 +1,4 @@
-"""`loratune serve evaluator` as a real process: healthy, answers, exports metrics, stops on SIGTERM."""
+"""`loratune serve evaluator` as a process: healthy, answers, has metrics, stops on SIGTERM."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from loratune.common.v1 import common_pb2
 from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
+
 from services.evaluator.core.bertscore import packaged_minilm_path
 
 
@@ -52,9 +52,21 @@ def test_serve_evaluator_process_lifecycle() -> None:
         LORATUNE_GRACE_PERIOD_SECONDS="5",
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.main", "serve", "evaluator",
-         "--port", str(port), "--metrics-port", str(metrics_port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "services.cli.main",
+            "serve",
+            "evaluator",
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         address = f"127.0.0.1:{port}"
@@ -88,10 +100,21 @@ def test_serve_evaluator_process_lifecycle() -> None:
 def test_ctrl_c_stops_cleanly(sig: signal.Signals) -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.main", "serve", "evaluator",
-         "--port", str(port), "--metrics-port", "-1"],
-        env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "services.cli.main",
+            "serve",
+            "evaluator",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "-1",
+        ],
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         wait_serving(f"127.0.0.1:{port}", time.monotonic() + 60)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from loratune.common.v1 import common_pb2
 from loratune.evaluator.v1 import evaluator_pb2
+
 from services.evaluator.core.models import (
     DEFAULT_BERTSCORE_WEIGHT,
     DEFAULT_JUDGE_WEIGHT,
@@ -14,16 +15,19 @@ from services.evaluator.core.models import (
     Weights,
 )
 
-_TASKS = {
+_TASKS: dict[int, TaskType] = {
     common_pb2.TASK_TYPE_CLASSIFICATION: TaskType.CLASSIFICATION,
     common_pb2.TASK_TYPE_GENERATION: TaskType.GENERATION,
 }
-_TASKS_BACK = {v: k for k, v in _TASKS.items()}
+_TASKS_BACK = {
+    TaskType.CLASSIFICATION: common_pb2.TASK_TYPE_CLASSIFICATION,
+    TaskType.GENERATION: common_pb2.TASK_TYPE_GENERATION,
+}
 
 
 def task_from_proto(value: int) -> TaskType | None:
     """The domain task type; None for UNSPECIFIED or unknown values (rejected later)."""
-    return _TASKS.get(value)  # type: ignore[call-overload]
+    return _TASKS.get(value)
 
 
 def input_from_proto(request: evaluator_pb2.EvaluateRequest) -> EvaluationInput:

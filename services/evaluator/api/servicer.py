@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import grpc
-
 from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
+
 from services.evaluator.api.convert import input_from_proto, result_to_proto
 from services.evaluator.core.evaluation import Evaluator
 
@@ -15,7 +15,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
     def __init__(self, evaluator: Evaluator) -> None:
         self._evaluator = evaluator
 
-    async def Evaluate(  # noqa: N802 - the RPC's name
+    async def Evaluate(
         self,
         request: evaluator_pb2.EvaluateRequest,
         context: grpc.aio.ServicerContext[

@@ -487,17 +487,16 @@ class BertScoreEnginePool:
         """Return the engine for this setting, creating (loading) it on first use.
 
         ``kw`` are ``BertScoreEngine`` keyword arguments. ``idf``, ``rescale_with_baseline`` and
-        ``lang`` are part of the key; the others (``batch_size``, ``device``,
-        ``cache_max_bytes``) only apply when the engine is created.
+        (only when rescaling, as it just picks the baseline) ``lang`` are part of the key; the
+        others (``batch_size``, ``device``, ``cache_max_bytes``) only apply when the engine is
+        created. ``num_layers=None`` is resolved first, so it shares the engine of the explicit
+        default.
         """
         layers = _resolve_num_layers(model_type, num_layers)
-        key = (
-            model_type,
-            layers,
-            bool(kw.get("idf", False)),
-            bool(kw.get("rescale_with_baseline", False)),
-            kw.get("lang", "en"),
-        )
+        rescale = bool(kw.get("rescale_with_baseline", False))
+        # lang only selects the baseline file, so it is not part of the key without rescaling.
+        lang = kw.get("lang", "en") if rescale else None
+        key = (model_type, layers, bool(kw.get("idf", False)), rescale, lang)
         with self._lock:
             engine = self._engines.get(key)
             if engine is not None:

@@ -8,7 +8,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -199,7 +199,9 @@ class Evaluator:
             logger.info("Detailed evaluation: BERTScore=%.4f, Combined=%.4f", combined, combined)
         else:
             weights = request.weights
-            combined = weights.bertscore * bertscore.f1_mean + weights.judge * judge.mean_score / 100
+            combined = (
+                weights.bertscore * bertscore.f1_mean + weights.judge * judge.mean_score / 100
+            )
             logger.info(
                 "Detailed evaluation: BERTScore=%.4f, LLM Judge=%.2f, Combined=%.4f",
                 bertscore.f1_mean,
@@ -227,7 +229,9 @@ class Evaluator:
         result = await asyncio.to_thread(run)
         self._metrics.record_bertscore(result)
         if result.empty:
-            logger.warning("%d of %d pairs had an empty text and scored 0", result.empty, result.pairs)
+            logger.warning(
+                "%d of %d pairs had an empty text and scored 0", result.empty, result.pairs
+            )
         if result.truncated:
             logger.warning(
                 "%d texts were longer than the model's maximum length and were truncated",
@@ -269,7 +273,5 @@ class Evaluator:
                 f"{self._options.judge_min_coverage:g}); no combined score is returned, so that "
                 "it is never defined differently from other trials"
             )
-        logger.info(
-            "LLM Judge mean score: %.2f (on %d examples)", result.mean_score, result.judged
-        )
+        logger.info("LLM Judge mean score: %.2f (on %d examples)", result.mean_score, result.judged)
         return result

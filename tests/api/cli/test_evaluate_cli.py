@@ -25,8 +25,20 @@ def test_classification_in_process(tmp_path: Path) -> None:
     preds = write(tmp_path / "p.txt", ["62", "62", "68", "51"])
     refs = write(tmp_path / "r.txt", ["62", "68", "68", "51"])
     out = tmp_path / "result.json"
-    result = runner.invoke(app, ["evaluate", "--task", "classification", "--predictions", str(preds),
-                                 "--references", str(refs), "--output", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--task",
+            "classification",
+            "--predictions",
+            str(preds),
+            "--references",
+            str(refs),
+            "--output",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "F1 macro" in result.output and "Per class" in result.output
     data = json.loads(out.read_text())
@@ -37,15 +49,37 @@ def test_classification_in_process(tmp_path: Path) -> None:
 def test_mismatched_files_give_a_clear_error(tmp_path: Path) -> None:
     preds = write(tmp_path / "p.txt", ["a", "b"])
     refs = write(tmp_path / "r.txt", ["a"])
-    result = runner.invoke(app, ["evaluate", "--task", "classification", "--predictions", str(preds),
-                                 "--references", str(refs), "--output", str(tmp_path / "o.json")])
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--task",
+            "classification",
+            "--predictions",
+            str(preds),
+            "--references",
+            str(refs),
+            "--output",
+            str(tmp_path / "o.json"),
+        ],
+    )
     assert result.exit_code == 2
     assert "INVALID_ARGUMENT" in result.output and "references: has 1 items" in result.output
 
 
 def test_missing_file_is_reported(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["evaluate", "--task", "generation", "--predictions",
-                                 str(tmp_path / "none.txt"), "--references", str(tmp_path / "none.txt")])
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--task",
+            "generation",
+            "--predictions",
+            str(tmp_path / "none.txt"),
+            "--references",
+            str(tmp_path / "none.txt"),
+        ],
+    )
     assert result.exit_code == 2
     assert "cannot read --predictions" in result.output
 
@@ -58,18 +92,34 @@ async def test_generation_with_judge_against_a_running_evaluator(
     prompts = write(tmp_path / "q.txt", ["card?", "refund?", "greet"])
     out = tmp_path / "gen.json"
     # The server runs on this test's event loop: the CLI (with its own loop) runs in a thread.
-    result = await asyncio.to_thread(runner.invoke, app, [
-        "evaluate", "--task", "generation", "--predictions", str(preds), "--references", str(refs),
-        "--prompts", str(prompts), "--judge", "gemini", "--evaluator", evaluator.server.address,
-        "--output", str(out), "--timeout", "60",
-    ])
+    result = await asyncio.to_thread(
+        runner.invoke,
+        app,
+        [
+            "evaluate",
+            "--task",
+            "generation",
+            "--predictions",
+            str(preds),
+            "--references",
+            str(refs),
+            "--prompts",
+            str(prompts),
+            "--judge",
+            "gemini",
+            "--evaluator",
+            evaluator.server.address,
+            "--output",
+            str(out),
+            "--timeout",
+            "60",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "combined" in result.output and "LLM judge (gemini)" in result.output
     data = json.loads(out.read_text())
     assert data["judge"]["judged"] == 3
-    assert data["combinedScore"] == pytest.approx(
-        0.4 * data["bertscore"]["f1"] + 0.6 * 0.70
-    )
+    assert data["combinedScore"] == pytest.approx(0.4 * data["bertscore"]["f1"] + 0.6 * 0.70)
 
 
 def test_generation_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,8 +127,20 @@ def test_generation_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("LORATUNE_BERTSCORE_LAYERS", "6")
     preds = write(tmp_path / "p.txt", ["the card arrived", ""])
     refs = write(tmp_path / "r.txt", ["my card has arrived", "where is it"])
-    result = runner.invoke(app, ["evaluate", "--task", "generation", "--predictions", str(preds),
-                                 "--references", str(refs), "--output", str(tmp_path / "g.json")])
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--task",
+            "generation",
+            "--predictions",
+            str(preds),
+            "--references",
+            str(refs),
+            "--output",
+            str(tmp_path / "g.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "g.json").read_text())
     assert data["bertscore"]["emptyTexts"] == 1

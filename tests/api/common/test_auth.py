@@ -69,7 +69,7 @@ async def test_health_needs_no_token_but_reflection_does(auth_server: Any) -> No
         response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
         assert response.status == health_pb2.HealthCheckResponse.SERVING
         reflection = channel.stream_stream(
-            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", None, None
         )
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             async for _ in reflection(iter([b""])):

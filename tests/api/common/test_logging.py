@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import sys
 import uuid
 
 import pytest
@@ -90,3 +92,19 @@ def test_plain_format_is_redacted_too(
 def test_an_unknown_format_is_refused(root_logging: logging.Logger) -> None:
     with pytest.raises(ValueError, match="plain"):
         configure_logging("xml")
+
+
+def test_reconfiguring_follows_a_replaced_stderr(
+    root_logging: logging.Logger,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gone = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", gone)
+    configure_logging("plain", "INFO")
+    gone.close()  # like a finished test's capture
+    monkeypatch.undo()
+    configure_logging("plain", "INFO")
+    logging.getLogger("loratune.test").warning("still logged")
+    assert capsys.readouterr().err.strip().endswith("still logged")
+    assert len(ours(root_logging)) == 1

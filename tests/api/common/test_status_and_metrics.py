@@ -53,7 +53,10 @@ async def failure(address: str, request: Any, settings: ClientSettings = ONE_ATT
     ("error_class", "code"), DOMAIN_ERRORS, ids=lambda v: v.__name__ if isinstance(v, type) else ""
 )
 async def test_each_domain_error_becomes_its_status_with_the_field_in_the_details(
-    evaluator_server: Any, make_request: Any, error_class: type, code: grpc.StatusCode
+    evaluator_server: Any,
+    make_request: Any,
+    error_class: type[errors.LoratuneError],
+    code: grpc.StatusCode,
 ) -> None:
     assert error_class.code == code.name
     error = await failure(evaluator_server.address, make_request(f"raise:{error_class.__name__}"))
@@ -231,7 +234,7 @@ async def _requests(*items: bytes) -> AsyncIterator[bytes]:
 
 async def test_server_streams_are_mapped_and_counted(stream_server: Any, metrics: Any) -> None:
     def handled(code: str, method: str) -> float:
-        return metrics.handled(code, method=method, service=STREAMS)
+        return float(metrics.handled(code, method=method, service=STREAMS))
 
     before = {
         (code, method): handled(code, method)
@@ -239,8 +242,8 @@ async def test_server_streams_are_mapped_and_counted(stream_server: Any, metrics
         for method in ("Numbers", "WrittenNumbers")
     }
     async with create_channel(stream_server.address, ONE_ATTEMPT) as channel:
-        numbers = channel.unary_stream(f"/{STREAMS}/Numbers")
-        written = channel.unary_stream(f"/{STREAMS}/WrittenNumbers")
+        numbers = channel.unary_stream(f"/{STREAMS}/Numbers", None, None)
+        written = channel.unary_stream(f"/{STREAMS}/WrittenNumbers", None, None)
         assert [m async for m in numbers(b"4")] == [b"0", b"1", b"2", b"3"]
         assert [m async for m in written(b"3")] == [b"0", b"1", b"2"]
 
@@ -281,8 +284,8 @@ async def test_client_streams_are_mapped_and_counted(stream_server: Any, metrics
     before_ok = metrics.handled("OK", method="Total", service=STREAMS)
     before_echo_cancelled = metrics.handled("CANCELLED", method="Echo", service=STREAMS)
     async with create_channel(stream_server.address, ONE_ATTEMPT) as channel:
-        total = channel.stream_unary(f"/{STREAMS}/Total")
-        echo = channel.stream_stream(f"/{STREAMS}/Echo")
+        total = channel.stream_unary(f"/{STREAMS}/Total", None, None)
+        echo = channel.stream_stream(f"/{STREAMS}/Echo", None, None)
         assert await total(_requests(b"1", b"2", b"3")) == b"6"
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await total(_requests(b"1", b"-5"))
@@ -331,10 +334,10 @@ async def test_a_stream_the_client_abandons_counts_as_cancelled(start: Any, metr
     server = await start([ServiceDefinition("loratune.test.v1.Endless", register)])
     before = metrics.handled("CANCELLED", method="Ticks", service="loratune.test.v1.Endless")
     async with create_channel(server.address, ONE_ATTEMPT) as channel:
-        call = channel.unary_stream("/loratune.test.v1.Endless/Ticks")(b"")
+        call = channel.unary_stream("/loratune.test.v1.Endless/Ticks", None, None)(b"")
         assert await call.read() == b"tick"
         call.cancel()
-        # The servicer's own finally runs promptly: the wrapper closes it.
+        # The servicer's own finally runs promptly, not at garbage collection.
         await asyncio.wait_for(closed.wait(), 2)
     value = await metrics.wait_for_handled(
         "CANCELLED", before + 1, method="Ticks", service="loratune.test.v1.Endless"
@@ -347,7 +350,7 @@ async def test_unknown_methods_are_unimplemented_and_not_counted(
 ) -> None:
     async with create_channel(evaluator_server.address, ONE_ATTEMPT) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await channel.unary_unary("/made.up.Service/Nothing")(b"")
+            await channel.unary_unary("/made.up.Service/Nothing", None, None)(b"")
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert (
         metrics.value(

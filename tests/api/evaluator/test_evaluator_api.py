@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import bert_score
 import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from loratune.common.v1 import common_pb2
 from loratune.evaluator.v1 import evaluator_pb2
-from services.evaluator.core.bertscore import packaged_minilm_path
 
-from typing import Any
+from services.evaluator.core.bertscore import packaged_minilm_path
 
 EvaluatorHarness = Any
 
@@ -103,9 +102,11 @@ async def test_generation_equals_bert_score_and_counts_empties(evaluator: Evalua
 
     after = scrape(evaluator)
     name = "loratune_evaluator_evaluations_total"
-    assert sample_value(after, name, '{task_type="generation"}') - sample_value(
-        before, name, '{task_type="generation"}'
-    ) == 2
+    assert (
+        sample_value(after, name, '{task_type="generation"}')
+        - sample_value(before, name, '{task_type="generation"}')
+        == 2
+    )
     for metric, delta in (
         ("loratune_evaluator_bertscore_pairs_total", 12),
         ("loratune_evaluator_empty_texts_total", 2),
@@ -193,7 +194,10 @@ async def test_gateway_down_is_unavailable(evaluator: EvaluatorHarness) -> None:
 def _bad_requests() -> list[tuple[evaluator_pb2.EvaluateRequest, str]]:
     ok = dict(predictions=["a", "b"], references=["a", "c"])
     return [
-        (evaluator_pb2.EvaluateRequest(task_type=CLS, predictions=["a"], references=["a", "b"]), "references"),
+        (
+            evaluator_pb2.EvaluateRequest(task_type=CLS, predictions=["a"], references=["a", "b"]),
+            "references",
+        ),
         (evaluator_pb2.EvaluateRequest(task_type=CLS), "predictions"),
         (evaluator_pb2.EvaluateRequest(**ok), "task_type"),
         (

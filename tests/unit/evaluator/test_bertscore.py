@@ -321,6 +321,7 @@ def test_pool_returns_same_engine(model_path: str) -> None:
     a = pool.get(model_path, LAYERS, device="cpu", cache_max_bytes=1 << 20)
     b = pool.get(model_path, LAYERS, device="cpu", batch_size=8)
     assert a is b and len(pool) == 1
+    assert pool.get(model_path, LAYERS, lang="ru") is a  # lang only matters when rescaling
     got: list[BertScoreEngine] = []
     threads = [
         threading.Thread(target=lambda: got.append(pool.get(model_path, LAYERS))) for _ in range(3)

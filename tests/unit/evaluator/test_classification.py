@@ -67,7 +67,9 @@ def test_label_never_seen_gets_a_zero_row_and_keeps_the_average() -> None:
     report = classification_report(["a", "b", "a"], ["a", "b", "b"], labels=["a", "b", "c"])
     row = {c.label: c for c in report.per_class}["c"]
     assert (row.precision, row.recall, row.f1, row.support) == (0.0, 0.0, 0.0, 0)
-    assert report.f1_macro == pytest.approx(f1_score(["a", "b", "b"], ["a", "b", "a"], average="macro"))
+    assert report.f1_macro == pytest.approx(
+        f1_score(["a", "b", "b"], ["a", "b", "a"], average="macro")
+    )
 
 
 def test_worst_classes_are_the_lowest_f1_with_support() -> None:

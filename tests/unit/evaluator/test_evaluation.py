@@ -34,34 +34,54 @@ class OverlapScorer:
             f1.append(2 * len(a & b) / (len(a) + len(b)) if a and b else 0.0)
         mean = sum(f1) / len(f1)
         return BertScoreResult(
-            precision=f1, recall=f1, f1=f1, precision_mean=mean, recall_mean=mean, f1_mean=mean,
-            model="overlap", num_layers=1, hash="overlap_L1_no-idf", pairs=len(f1),
-            empty=sum(1 for c in candidates if not c), truncated=0, cache_hits=0, cache_misses=0,
+            precision=f1,
+            recall=f1,
+            f1=f1,
+            precision_mean=mean,
+            recall_mean=mean,
+            f1_mean=mean,
+            model="overlap",
+            num_layers=1,
+            hash="overlap_L1_no-idf",
+            pairs=len(f1),
+            empty=sum(1 for c in candidates if not c),
+            truncated=0,
+            cache_hits=0,
+            cache_misses=0,
         )
 
 
 class FakeJudge:
     """Scores each item from a table keyed by candidate; None = not judged."""
 
-    def __init__(self, table: dict[str, float | None] | None = None, error: Exception | None = None):
+    def __init__(
+        self, table: dict[str, float | None] | None = None, error: Exception | None = None
+    ):
         self.table = table or {}
         self.error = error
         self.requests: list[tuple[str, list[JudgeItem], float | None]] = []
 
-    async def score(self, model_id: str, items: Sequence[JudgeItem], timeout: float | None) -> JudgeBatch:
+    async def score(
+        self, model_id: str, items: Sequence[JudgeItem], timeout: float | None
+    ) -> JudgeBatch:
         self.requests.append((model_id, list(items), timeout))
         if self.error:
             raise self.error
-        return JudgeBatch(scores=tuple(self.table.get(i.candidate, 80.0) for i in items),
-                          provider_model="fake-judge-1")
+        return JudgeBatch(
+            scores=tuple(self.table.get(i.candidate, 80.0) for i in items),
+            provider_model="fake-judge-1",
+        )
 
 
 def make(judge: FakeJudge | None = None, min_coverage: float = 0.6) -> Evaluator:
-    return Evaluator(OverlapScorer, judge, EvaluatorOptions(judge_min_coverage=min_coverage),
-                     EvaluatorMetrics())
+    return Evaluator(
+        OverlapScorer, judge, EvaluatorOptions(judge_min_coverage=min_coverage), EvaluatorMetrics()
+    )
 
 
-GEN = dict(task=TaskType.GENERATION, predictions=["a b", "c d", "e f"], references=["a b", "c x", "y z"])
+GEN = dict(
+    task=TaskType.GENERATION, predictions=["a b", "c d", "e f"], references=["a b", "c x", "y z"]
+)
 
 
 @pytest.mark.parametrize(
@@ -69,14 +89,27 @@ GEN = dict(task=TaskType.GENERATION, predictions=["a b", "c d", "e f"], referenc
     [
         (EvaluationInput(task=None, predictions=["a"], references=["a"]), "task_type"),
         (EvaluationInput(task=TaskType.GENERATION, predictions=[], references=[]), "predictions"),
-        (EvaluationInput(task=TaskType.CLASSIFICATION, predictions=["a", "b"], references=["a"]), "references"),
+        (
+            EvaluationInput(task=TaskType.CLASSIFICATION, predictions=["a", "b"], references=["a"]),
+            "references",
+        ),
         (EvaluationInput(**GEN, prompts=["p"]), "prompts"),
         (EvaluationInput(**GEN, weights=Weights(0.5, 0.6)), "weights"),
         (EvaluationInput(**GEN, weights=Weights(-0.5, 1.5)), "weights.bertscore"),
         (EvaluationInput(**GEN, weights=Weights(float("nan"), 0.6)), "weights.bertscore"),
-        (EvaluationInput(**GEN, judge=JudgeOptions(enabled=True, sample_size=0)), "judge.sample_size"),
-        (EvaluationInput(task=TaskType.CLASSIFICATION, predictions=["a"], references=["a"],
-                         judge=JudgeOptions(enabled=True)), "judge.enabled"),
+        (
+            EvaluationInput(**GEN, judge=JudgeOptions(enabled=True, sample_size=0)),
+            "judge.sample_size",
+        ),
+        (
+            EvaluationInput(
+                task=TaskType.CLASSIFICATION,
+                predictions=["a"],
+                references=["a"],
+                judge=JudgeOptions(enabled=True),
+            ),
+            "judge.enabled",
+        ),
     ],
 )
 async def test_bad_input_names_the_field(request_: EvaluationInput, field: str) -> None:
@@ -87,8 +120,11 @@ async def test_bad_input_names_the_field(request_: EvaluationInput, field: str) 
 
 
 async def test_classification_objective_is_macro_f1() -> None:
-    result = await make().evaluate(EvaluationInput(
-        task=TaskType.CLASSIFICATION, predictions=["x", "y", "y"], references=["x", "y", "x"]))
+    result = await make().evaluate(
+        EvaluationInput(
+            task=TaskType.CLASSIFICATION, predictions=["x", "y", "y"], references=["x", "y", "x"]
+        )
+    )
     assert result.objective_name == "f1_macro"
     assert result.classification is not None
     assert result.objective == result.classification.f1_macro == pytest.approx(2 / 3)
@@ -106,8 +142,11 @@ async def test_generation_without_judge_is_bertscore(caplog: pytest.LogCaptureFi
 async def test_generation_with_judge_combines_04_06(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     judge = FakeJudge({"a b": 90.0, "c d": 60.0, "e f": 75.0})
-    request = EvaluationInput(**GEN, prompts=["p1", "p2", "p3"],
-                              judge=JudgeOptions(enabled=True, model_id="gemini", seed=7))
+    request = EvaluationInput(
+        **GEN,
+        prompts=["p1", "p2", "p3"],
+        judge=JudgeOptions(enabled=True, model_id="gemini", seed=7),
+    )
     result = await make(judge).evaluate(request, deadline_seconds=30.0)
     assert result.judge is not None and result.bertscore is not None
     assert result.judge.requested == 3 and result.judge.judged == 3
@@ -118,13 +157,19 @@ async def test_generation_with_judge_combines_04_06(caplog: pytest.LogCaptureFix
     assert [i.prompt for i in items] == ["p1", "p2", "p3"]
     assert "LLM Judge enabled with model: gemini" in caplog.text
     assert "LLM Judge mean score: 75.00 (on 3 examples)" in caplog.text
-    assert f"Detailed evaluation: BERTScore={result.bertscore.f1_mean:.4f}, LLM Judge=75.00, Combined=" in caplog.text
+    assert (
+        f"Detailed evaluation: BERTScore={result.bertscore.f1_mean:.4f}, LLM Judge=75.00, Combined="
+        in caplog.text
+    )
 
 
 async def test_custom_weights_apply() -> None:
     judge = FakeJudge({"a b": 50.0, "c d": 50.0, "e f": 50.0})
-    result = await make(judge).evaluate(EvaluationInput(
-        **GEN, judge=JudgeOptions(enabled=True), weights=Weights(bertscore=0.0, judge=1.0)))
+    result = await make(judge).evaluate(
+        EvaluationInput(
+            **GEN, judge=JudgeOptions(enabled=True), weights=Weights(bertscore=0.0, judge=1.0)
+        )
+    )
     assert result.combined == pytest.approx(0.5)
 
 
@@ -143,9 +188,14 @@ async def test_same_seed_judges_the_same_items_in_every_trial() -> None:
     evaluator = make(judge)
     for trial in range(3):
         trial_preds = [f"{p} trial{trial}" for p in preds]
-        await evaluator.evaluate(EvaluationInput(
-            task=TaskType.GENERATION, predictions=trial_preds, references=refs,
-            judge=JudgeOptions(enabled=True, sample_size=5, seed=11)))
+        await evaluator.evaluate(
+            EvaluationInput(
+                task=TaskType.GENERATION,
+                predictions=trial_preds,
+                references=refs,
+                judge=JudgeOptions(enabled=True, sample_size=5, seed=11),
+            )
+        )
     picked = [[i.reference for i in items] for _, items, _ in judge.requests]
     assert picked[0] == picked[1] == picked[2] and len(picked[0]) == 5
 
@@ -166,9 +216,13 @@ async def test_partial_coverage_above_threshold_means_over_judged_items() -> Non
 
 
 async def test_judge_not_found_reaches_the_caller() -> None:
-    judge = FakeJudge(error=NotFound("LLM Judge model not found: 'x' (available: gemini, gigachat)"))
+    judge = FakeJudge(
+        error=NotFound("LLM Judge model not found: 'x' (available: gemini, gigachat)")
+    )
     with pytest.raises(NotFound, match="LLM Judge model not found: 'x'"):
-        await make(judge).evaluate(EvaluationInput(**GEN, judge=JudgeOptions(enabled=True, model_id="x")))
+        await make(judge).evaluate(
+            EvaluationInput(**GEN, judge=JudgeOptions(enabled=True, model_id="x"))
+        )
 
 
 async def test_judge_without_gateway_is_a_failed_precondition() -> None:
