@@ -21,9 +21,9 @@ from pathlib import Path
 
 import bert_score
 import grpc
+
 from loratune.common.v1 import common_pb2
 from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
-
 from services.common.config import CommonSettings
 from services.common.server import start_server
 from services.evaluator.config import EvaluatorSettings

@@ -6,16 +6,19 @@ import asyncio
 import enum
 import json
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import grpc
 import typer
 from google.protobuf import json_format
+from rich.console import Console
+from rich.table import Table
+
 from loratune.common.v1 import common_pb2
 from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
-from rich.console import Console
-
+from loratune.judge.v1 import judge_pb2, judge_pb2_grpc
 from services.cli.inputs import read_items
 from services.cli.render import render_evaluation
 from services.common.errors import LoratuneError
@@ -57,6 +60,108 @@ def serve_evaluator(port: PortOption = 50053, metrics_port: MetricsPortOption = 
     from services.evaluator.main import main as evaluator_main
 
     raise typer.Exit(evaluator_main(port, _metrics_port(metrics_port)))
+
+
+@serve_app.command("judge-gateway")
+def serve_judge_gateway(port: PortOption = 50054, metrics_port: MetricsPortOption = 9094) -> None:
+    """Serve loratune.judge.v1.JudgeGatewayService."""
+    from services.judge_gateway.main import main as judge_main
+
+    raise typer.Exit(judge_main(port, _metrics_port(metrics_port)))
+
+
+GatewayOption = Annotated[
+    str | None,
+    typer.Option(
+        "--gateway",
+        envvar="LORATUNE_JUDGE_ADDRESS",
+        help="Judge gateway address host:port; none = judge in this process.",
+    ),
+]
+
+
+async def _call_gateway(
+    address: str | None,
+    call: Callable[[judge_pb2_grpc.JudgeGatewayServiceStub], Any],
+) -> Any:
+    """Runs `call` against the gateway at `address`, or an in-process one served on loopback."""
+    from services.common.client import ClientSettings, create_channel
+
+    if address:
+        async with create_channel(address, ClientSettings.from_env()) as channel:
+            return await call(judge_pb2_grpc.JudgeGatewayServiceStub(channel))
+    from services.common.config import CommonSettings
+    from services.common.logging import configure_logging
+    from services.common.server import start_server
+    from services.judge_gateway.config import JudgeSettings
+    from services.judge_gateway.main import build_gateway, service_definition
+
+    configure_logging("plain", "WARNING")
+    server = await start_server(
+        [service_definition(build_gateway(JudgeSettings()))],
+        CommonSettings(reflection=False, auth_token=None),
+        host="127.0.0.1",
+        metrics_port=None,
+    )
+    try:
+        async with create_channel(server.address, ClientSettings()) as channel:
+            return await call(judge_pb2_grpc.JudgeGatewayServiceStub(channel))
+    finally:
+        await server.stop(0)
+
+
+def _run_rpc(coro: Coroutine[Any, Any, Any]) -> Any:
+    try:
+        return asyncio.run(coro)
+    except LoratuneError as err:
+        errors.print(f"[red]error ({err.code}):[/red] {err}")
+        raise typer.Exit(2) from None
+    except grpc.aio.AioRpcError as err:
+        errors.print(f"[red]error ({err.code().name}):[/red] {err.details()}")
+        raise typer.Exit(1) from None
+
+
+@app.command("judge-models")
+def judge_models(gateway: GatewayOption = None) -> None:
+    """List the judge models of the registry and whether each has credentials."""
+    reply = _run_rpc(
+        _call_gateway(
+            gateway, lambda stub: stub.ListJudgeModels(judge_pb2.ListJudgeModelsRequest())
+        )
+    )
+    table = Table(title="Judge models")
+    for column in ("id", "provider", "model", "available", "default"):
+        table.add_column(column)
+    for m in reply.models:
+        available = "yes" if m.available else f"no (set {', '.join(m.missing_variables)})"
+        table.add_row(m.id, m.provider, m.model_name, available, "*" if m.is_default else "")
+    console.print(table)
+
+
+@app.command("judge")
+def judge_one(
+    prompt: Annotated[str, typer.Option("--prompt", help="The prompt that was answered.")],
+    candidate: Annotated[str, typer.Option("--candidate", help="The answer to judge.")],
+    reference: Annotated[str, typer.Option("--reference", help="The reference answer.")],
+    model: Annotated[str, typer.Option("--model", help="Judge model id; empty = default.")] = "",
+    gateway: GatewayOption = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 120.0,
+) -> None:
+    """Judge one item and print its score and the judge's reasoning."""
+    request = judge_pb2.ScoreResponsesRequest(
+        judge_model_id=model,
+        items=[judge_pb2.JudgeItem(prompt=prompt, candidate=candidate, reference=reference)],
+    )
+    reply = _run_rpc(
+        _call_gateway(gateway, lambda stub: stub.ScoreResponses(request, timeout=timeout))
+    )
+    score = reply.scores[0]
+    if not score.HasField("score"):
+        outcome = judge_pb2.JudgeOutcome.Name(score.outcome)
+        errors.print(f"[red]not judged ({outcome}):[/red] {score.error_message}")
+        raise typer.Exit(1)
+    console.print(f"score: [bold]{score.score:.0f}[/bold]/100  ({reply.provider_model})")
+    console.print(f"reasoning: {score.reasoning}")
 
 
 def _read(path: Path | None, what: str) -> list[str]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from loratune.common.v1 import common_pb2
 from rich.console import Console
 from rich.table import Table
+
+from loratune.common.v1 import common_pb2
 
 MAX_CLASS_ROWS = 40
 

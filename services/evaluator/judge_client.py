@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
-from loratune.judge.v1 import judge_pb2, judge_pb2_grpc
 
+from loratune.judge.v1 import judge_pb2, judge_pb2_grpc
 from services.common.rpc_errors import error_from_rpc
 from services.evaluator.core.models import JudgeBatch, JudgeItem
 

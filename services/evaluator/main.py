@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
-
 from services.common.client import ClientSettings, create_channel
 from services.common.config import CommonSettings
 from services.common.server import ServiceDefinition, run

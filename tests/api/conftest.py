@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
+
 from loratune.evaluator.v1 import evaluator_pb2_grpc
 from loratune.judge.v1 import judge_pb2, judge_pb2_grpc
-
 from services.common.client import ClientSettings
 from services.common.config import CommonSettings
 from services.common.server import RunningServer, ServiceDefinition, start_server

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from loratune.common.v1 import common_pb2
 from loratune.evaluator.v1 import evaluator_pb2
-
 from services.evaluator.core.models import (
     DEFAULT_BERTSCORE_WEIGHT,
     DEFAULT_JUDGE_WEIGHT,

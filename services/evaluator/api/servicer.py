@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import grpc
-from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 
+from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from services.evaluator.api.convert import input_from_proto, result_to_proto
 from services.evaluator.core.evaluation import Evaluator
 

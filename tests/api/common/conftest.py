@@ -18,10 +18,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from loratune.common.v1 import common_pb2
-from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from prometheus_client import REGISTRY
 
+from loratune.common.v1 import common_pb2
+from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from services.common import errors
 from services.common.config import CommonSettings
 from services.common.server import RunningServer, ServiceDefinition, start_server

@@ -8,9 +8,9 @@ import sys
 from typing import Any
 
 import grpc
+
 from loratune.common.v1 import common_pb2
 from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
-
 from services.common.config import CommonSettings
 from services.common.server import ServiceDefinition, run
 

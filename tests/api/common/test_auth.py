@@ -9,9 +9,9 @@ import grpc
 import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from loratune.evaluator.v1 import evaluator_pb2_grpc
 from pydantic import SecretStr
 
+from loratune.evaluator.v1 import evaluator_pb2_grpc
 from services.common.client import ClientSettings, create_channel
 from services.common.config import CommonSettings
 from services.common.interceptors import UNAUTHENTICATED_MESSAGE

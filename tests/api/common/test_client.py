@@ -10,8 +10,8 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from loratune.evaluator.v1 import evaluator_pb2_grpc
 
+from loratune.evaluator.v1 import evaluator_pb2_grpc
 from services.common.client import (
     ClientSettings,
     ServerNotReadyError,

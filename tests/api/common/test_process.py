@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from loratune.evaluator.v1 import evaluator_pb2_grpc
-
 from services.common.client import create_channel, wait_for_ready
 
 SCRIPT = Path(__file__).with_name("serve_fake_evaluator.py")

@@ -10,8 +10,8 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from loratune.evaluator.v1 import evaluator_pb2_grpc
 
+from loratune.evaluator.v1 import evaluator_pb2_grpc
 from services.common.client import ClientSettings, create_channel
 from services.common.config import CommonSettings
 

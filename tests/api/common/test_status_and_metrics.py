@@ -12,9 +12,9 @@ import grpc.aio
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from loratune.evaluator.v1 import evaluator_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from loratune.evaluator.v1 import evaluator_pb2_grpc
 from services.common import errors
 from services.common.client import ClientSettings, create_channel
 from services.common.interceptors import GENERIC_INTERNAL_MESSAGE

@@ -8,9 +8,9 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from loratune.evaluator.v1 import evaluator_pb2_grpc
 from pydantic import SecretStr
 
+from loratune.evaluator.v1 import evaluator_pb2_grpc
 from services.common.client import ClientSettings, create_channel
 from services.common.config import CommonSettings
 

@@ -10,9 +10,9 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from loratune.common.v1 import common_pb2
 from loratune.evaluator.v1 import evaluator_pb2
-
 from services.evaluator.core.bertscore import packaged_minilm_path
 
 EvaluatorHarness = Any

@@ -1,0 +1,1 @@
+"""The judge gateway: LLM-as-judge through hosted and local providers."""

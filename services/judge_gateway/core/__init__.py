@@ -1,0 +1,1 @@
+"""The judge gateway's domain: registry, rubric, parsing, resilience, cache (no gRPC)."""

@@ -1,0 +1,1 @@
+"""Judge providers: one adapter per provider API, behind the JudgeProvider port."""
