@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 from typing import Any
 
@@ -26,8 +25,6 @@ from services.judge_gateway.core.providers.base import (
     ProviderReply,
     ProviderRequest,
 )
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
-import logging
 import ssl
 
 import httpx
@@ -40,8 +39,6 @@ from services.judge_gateway.core.providers.base import (
     ProviderReply,
     ProviderRequest,
 )
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_SCOPE = "GIGACHAT_API_PERS"
 DEFAULT_BASE_URL = "https://gigachat.devices.sberbank.ru/api/v1"
@@ -103,6 +100,7 @@ class GigaChatProvider:
         self.api_version = api_version_from_url(base_url, "v1")
         self._base_url = base_url
         self._auth_url = auth_url
+        self._scope = scope
         self._credentials = credentials
         ssl_context = None
         if verify_ssl_certs and ca_bundle_file:
@@ -123,7 +121,7 @@ class GigaChatProvider:
     def __repr__(self) -> str:
         return (
             f"GigaChatProvider(base_url={self._base_url!r}, auth_url={self._auth_url!r}, "
-            f"scope={self._client._settings.scope!r})"
+            f"scope={self._scope!r})"
         )
 
     async def generate(self, request: ProviderRequest) -> ProviderReply:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 import httpx
@@ -23,8 +22,6 @@ from services.judge_gateway.core.providers.base import (
     ProviderReply,
     ProviderRequest,
 )
-
-logger = logging.getLogger(__name__)
 
 _FINISH_REASONS = {
     "stop": FinishReason.STOP,

@@ -53,7 +53,9 @@ async def test_two_hundred_concurrent_connections() -> None:
 
         assert [r.status_code for r in responses] == [200] * 200
         assert fake.peak_concurrency == 200
-        assert elapsed < 3.0  # served side by side, not one after another
+        # Side by side, not one after another (that would take 60 s). Most of the time is
+        # httpx's own pool overhead with this many concurrent requests (encode/httpx#3215).
+        assert elapsed < 10.0
 
 
 def test_gigachat_tokens_expire_and_are_checked() -> None:

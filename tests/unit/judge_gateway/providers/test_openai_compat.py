@@ -105,23 +105,29 @@ async def test_unknown_model_is_model_not_found(
     assert "does not exist" in caught.value.message
 
 
+def _http_date(offset: float) -> str:
+    return email.utils.formatdate(time.time() + offset, usegmt=True)
+
+
 @pytest.mark.parametrize(
     ("retry_after", "expected"),
     [
         (2, 2.0),
         ("0.5", 0.5),
-        (email.utils.formatdate(time.time() + 60, usegmt=True), 60.0),
-        (email.utils.formatdate(time.time() - 60, usegmt=True), 0.0),
+        (_http_date, 60.0),  # made when the test runs, 60 s ahead
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
         ("soon", None),
     ],
 )
 async def test_rate_limit_retry_after_seconds_or_http_date(
     fake_openai: FakeOpenAI,
     provider: OpenAICompatibleProvider,
-    retry_after: int | str,
+    retry_after: object,
     expected: float | None,
 ) -> None:
-    fake_openai.script(Reply.error(429, retry_after=retry_after))
+    value = retry_after(60) if callable(retry_after) else retry_after
+    assert isinstance(value, int | str)
+    fake_openai.script(Reply.error(429, retry_after=value))
 
     error = await _error(provider)
 
