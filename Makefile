@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -m "not external"
 
 .PHONY: install test lint typecheck protos protos-check pytest demo serve-evaluator bench clean
 

@@ -1,4 +1,4 @@
-"""The evaluator's judge path end to end: evaluator -> real judge gateway -> fake Gemini (real SDK)."""
+"""The judge path end to end: evaluator -> real judge gateway -> fake Gemini (real SDK)."""
 
 from __future__ import annotations
 

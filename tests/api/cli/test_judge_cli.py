@@ -44,15 +44,28 @@ def test_judge_models_lists_the_registry(gemini: FakeGemini) -> None:
 
 def test_judge_one_item_prints_score_and_reasoning(gemini: FakeGemini) -> None:
     gemini.script(Reply.json_text(json.dumps({"reasoning": "Same amount.", "score": 88})))
-    result = runner.invoke(app, ["judge", "--model", "gemini", "--prompt", "Limit?",
-                                 "--candidate", "500 EUR", "--reference", "500 euro a day"])
+    result = runner.invoke(
+        app,
+        [
+            "judge",
+            "--model",
+            "gemini",
+            "--prompt",
+            "Limit?",
+            "--candidate",
+            "500 EUR",
+            "--reference",
+            "500 euro a day",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "score: 88/100" in result.output and "Same amount." in result.output
 
 
 def test_unknown_model_is_a_clear_error(gemini: FakeGemini) -> None:
-    result = runner.invoke(app, ["judge", "--model", "nope", "--prompt", "p",
-                                 "--candidate", "c", "--reference", "r"])
+    result = runner.invoke(
+        app, ["judge", "--model", "nope", "--prompt", "p", "--candidate", "c", "--reference", "r"]
+    )
     assert result.exit_code == 1
     assert "NOT_FOUND" in result.output and "LLM Judge model not found: 'nope'" in result.output
 
@@ -62,9 +75,21 @@ def test_serve_judge_gateway_process(gemini: FakeGemini) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.main", "serve", "judge-gateway", "--port", str(port),
-         "--metrics-port", "-1"],
-        env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "services.cli.main",
+            "serve",
+            "judge-gateway",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "-1",
+        ],
+        env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         address = f"127.0.0.1:{port}"
@@ -73,16 +98,32 @@ def test_serve_judge_gateway_process(gemini: FakeGemini) -> None:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 try:
-                    status = stub.Check(health_pb2.HealthCheckRequest(
-                        service="loratune.judge.v1.JudgeGatewayService"), timeout=1).status
+                    status = stub.Check(
+                        health_pb2.HealthCheckRequest(
+                            service="loratune.judge.v1.JudgeGatewayService"
+                        ),
+                        timeout=1,
+                    ).status
                     if status == health_pb2.HealthCheckResponse.SERVING:
                         break
                 except grpc.RpcError:
                     pass
                 assert time.monotonic() < deadline, "gateway never became SERVING"
                 time.sleep(0.2)
-        result = runner.invoke(app, ["judge", "--gateway", address, "--prompt", "p",
-                                     "--candidate", "c", "--reference", "r"])
+        result = runner.invoke(
+            app,
+            [
+                "judge",
+                "--gateway",
+                address,
+                "--prompt",
+                "p",
+                "--candidate",
+                "c",
+                "--reference",
+                "r",
+            ],
+        )
         assert result.exit_code == 0, result.output
         assert "score: 80/100" in result.output
         proc.send_signal(signal.SIGTERM)

@@ -63,7 +63,9 @@ async def test_list_models_says_which_have_credentials(start_judge: Any, tmp_pat
     models = {m.id: m for m in reply.models}
     assert list(models) == ["gemini", "gigachat", "local"]
     assert models["gemini"].available and models["gemini"].is_default
-    assert models["gemini"].provider == "gemini" and models["gigachat"].model_name == "GigaChat-2-Max"
+    assert (
+        models["gemini"].provider == "gemini" and models["gigachat"].model_name == "GigaChat-2-Max"
+    )
     assert not models["local"].available
     assert list(models["local"].missing_variables) == ["LOCAL_JUDGE_KEY"]
 
@@ -74,7 +76,10 @@ async def test_gemini_judges_with_the_rubric_on_the_wire(judge: Judge) -> None:
     assert reply.judged == 1 and reply.mean_score == 85
     score = reply.scores[0]
     assert score.HasField("score") and score.score == 85
-    assert score.outcome == judge_pb2.JUDGE_OUTCOME_OK and score.reasoning == "Same limit, same meaning."
+    assert (
+        score.outcome == judge_pb2.JUDGE_OUTCOME_OK
+        and score.reasoning == "Same limit, same meaning."
+    )
     assert reply.provider_model and reply.rubric_version.startswith("rubric-")
     sent = judge.gemini.requests[-1]
     assert sent.path == "/v1beta/models/gemini-2.5-flash:generateContent"
@@ -122,16 +127,18 @@ async def test_unknown_id_and_missing_credentials(start_judge: Any) -> None:
 
 
 async def test_429_retry_after_is_honoured(judge: Judge) -> None:
-    before = metric(judge, "loratune_judge_retries_total",
-                    '{judge_model_id="gemini",reason="rate_limited"}')
+    before = metric(
+        judge, "loratune_judge_retries_total", '{judge_model_id="gemini",reason="rate_limited"}'
+    )
     judge.gemini.script(Reply.error(429, retry_after=1), judgment(70))
     started = time.monotonic()
     reply = await judge.stub.ScoreResponses(score_request("gemini", [ITEM]))
     elapsed = time.monotonic() - started
     assert reply.scores[0].score == 70 and len(judge.gemini.requests) == 2
     assert 1.0 <= elapsed < 3.0
-    after = metric(judge, "loratune_judge_retries_total",
-                   '{judge_model_id="gemini",reason="rate_limited"}')
+    after = metric(
+        judge, "loratune_judge_retries_total", '{judge_model_id="gemini",reason="rate_limited"}'
+    )
     assert after - before == 1
 
 
@@ -146,8 +153,10 @@ async def test_500_and_disconnect_are_retried(judge: Judge) -> None:
     [
         (Reply.error(400, message="bad schema"), grpc.StatusCode.FAILED_PRECONDITION),
         (Reply.error(403, message="forbidden"), grpc.StatusCode.PERMISSION_DENIED),
-        (quota_error("GenerateRequestsPerDayPerProjectPerModel-FreeTier"),
-         grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (
+            quota_error("GenerateRequestsPerDayPerProjectPerModel-FreeTier"),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ),
     ],
 )
 async def test_no_retry_on_final_errors(judge: Judge, reply: Reply, code: grpc.StatusCode) -> None:
@@ -178,8 +187,11 @@ async def test_rate_limit_beyond_the_budget_is_resource_exhausted(start_judge: A
 async def test_wrong_key_is_unauthenticated_or_denied_and_secret_free(start_judge: Any) -> None:
     judge = await start_judge(env_extra={"GEMINI_API_KEY": "AIzaSy-wrong-secret-key-9999"})
     err = await rpc_error(judge.stub.ScoreResponses(score_request("gemini", [ITEM])))
-    assert err.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED,
-                          grpc.StatusCode.PERMISSION_DENIED)
+    assert err.code() in (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
     assert "AIzaSy-wrong-secret-key-9999" not in err.details()
 
 
@@ -269,7 +281,11 @@ async def test_unreadable_reply_is_asked_again_then_parse_failed(judge: Judge) -
 
     def respond(request: Any) -> Reply:
         text = request.body["contents"][0]["parts"][0]["text"]
-        return Reply.json_text("no score here") if "<<<BEGIN CANDIDATE>>>\nbad\n" in text else judgment(90)
+        return (
+            Reply.json_text("no score here")
+            if "<<<BEGIN CANDIDATE>>>\nbad\n" in text
+            else judgment(90)
+        )
 
     judge.gemini.responder = respond
     batch = [judge_pb2.JudgeItem(prompt="q", candidate=c, reference="r") for c in ("good", "bad")]
@@ -314,13 +330,20 @@ async def test_secrets_never_reach_logs_metrics_or_errors(
     await judge.stub.ScoreResponses(score_request("gigachat", items(2, "again")))
     errors = []
     judge.gemini.responder = lambda request: Reply.error(403)
-    errors.append((await rpc_error(judge.stub.ScoreResponses(score_request("gemini", items(1, "z"))))).details())
+    errors.append(
+        (
+            await rpc_error(judge.stub.ScoreResponses(score_request("gemini", items(1, "z"))))
+        ).details()
+    )
     metrics = httpx.get(f"http://127.0.0.1:{judge.server.metrics_port}/metrics").text
-    secrets = [judge.env["GEMINI_API_KEY"], judge.env["GIGACHAT_CREDENTIALS"],
-               *judge.gigachat.issued_tokens]
+    secrets = [
+        judge.env["GEMINI_API_KEY"],
+        judge.env["GIGACHAT_CREDENTIALS"],
+        *judge.gigachat.issued_tokens,
+    ]
     assert len(secrets) >= 4
-    everything = caplog.text + metrics + "".join(errors) + "".join(
-        str(r.__dict__) for r in caplog.records
+    everything = (
+        caplog.text + metrics + "".join(errors) + "".join(str(r.__dict__) for r in caplog.records)
     )
     for secret in secrets:
         assert secret not in everything

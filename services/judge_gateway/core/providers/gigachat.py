@@ -9,17 +9,13 @@ import ssl
 
 import httpx
 from gigachat import (
-    AuthenticationError,
     Chat,
     ChatCompletion,
-    ForbiddenError,
     GigaChatAsyncClient,
     GigaChatException,
     Messages,
     MessagesRole,
     ModelNotSpecifiedError,
-    NotFoundError,
-    RateLimitError,
     ResponseError,
 )
 from gigachat.models.response_format import JsonSchemaResponseFormat
@@ -167,22 +163,22 @@ class GigaChatProvider:
         return (self._credentials, self._client.token, _sent_token.get())
 
     def _response_error(self, exc: ResponseError) -> ProviderError:
+        # The SDK picks its exception class by status alone (AuthenticationError is 401,
+        # NotFoundError 404, ...), so the status says everything the class would.
         status = int(exc.status_code)
         kind = kind_for_status(status)
-        if isinstance(exc, AuthenticationError):
-            kind = ProviderErrorKind.UNAUTHENTICATED
-        elif isinstance(exc, ForbiddenError):
-            kind = ProviderErrorKind.PERMISSION_DENIED
-        elif isinstance(exc, NotFoundError):
-            kind = ProviderErrorKind.MODEL_NOT_FOUND
+        at_oauth = _same_endpoint(exc.url, self._auth_url)
+        if at_oauth and kind is ProviderErrorKind.MODEL_NOT_FOUND:
+            kind = ProviderErrorKind.BAD_REQUEST  # a wrong auth_url, not a missing model
         retry_after = None
-        if isinstance(exc, RateLimitError) or status == 429:
-            # Parsed here: the SDK's `retry_after` reads delta-seconds only, 0.0 if absent.
+        if status == 429:
+            # Parsed here: the SDK's RateLimitError.retry_after reads delta-seconds only
+            # and says 0.0 when the header is absent.
             headers = exc.headers if isinstance(exc.headers, httpx.Headers) else None
             retry_after = parse_retry_after(headers.get("retry-after") if headers else None)
-        where = "oauth" if _same_endpoint(exc.url, self._auth_url) else "chat"
         message = redact(
-            f"gigachat {where}: {status}: {_error_message(exc.content)}", self._secrets()
+            f"gigachat {'oauth' if at_oauth else 'chat'}: {status}: {_error_message(exc.content)}",
+            self._secrets(),
         )
         return ProviderError(kind, message, status=status, retry_after=retry_after)
 

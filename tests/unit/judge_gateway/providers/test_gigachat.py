@@ -6,6 +6,7 @@ import asyncio
 import email.utils
 import json
 import logging
+import threading
 import time
 import uuid
 import warnings
@@ -21,7 +22,13 @@ from services.judge_gateway.core.providers.base import (
 )
 from services.judge_gateway.core.providers.gigachat import GigaChatProvider
 from tests.fakes.gigachat import DEFAULT_CREDENTIALS, FakeGigaChat
-from tests.fakes.http import DEFAULT_JUDGMENT, JUDGMENT_SCHEMA, Reply, approx_tokens
+from tests.fakes.http import (
+    DEFAULT_JUDGMENT,
+    JUDGMENT_SCHEMA,
+    RecordedRequest,
+    Reply,
+    approx_tokens,
+)
 from tests.unit.judge_gateway.providers._support import (
     SYSTEM_INSTRUCTION,
     USER_PROMPT,
@@ -136,8 +143,9 @@ async def test_concurrent_calls_without_a_token_fetch_it_once(
 
     assert all(reply.finish_reason is FinishReason.STOP for reply in replies)
     assert fake_gigachat.token_requests == 1
+    tokens = {request.header("authorization") for request in fake_gigachat.chat_requests}
+    assert tokens == {f"Bearer {fake_gigachat.issued_tokens[0]}"}
     assert len(fake_gigachat.chat_requests) == 20
-    assert fake_gigachat.peak_concurrency == 20
 
 
 async def test_concurrent_calls_with_a_stale_token_reauthenticate_once(
@@ -157,14 +165,28 @@ async def test_late_401_keeps_the_token_another_call_already_refreshed(
     fake_gigachat: FakeGigaChat, provider: GigaChatProvider
 ) -> None:
     await provider.generate(judge_request(MODEL))
+    stale = f"Bearer {fake_gigachat.issued_tokens[0]}"
+    rejected = 0
+    lock = threading.Lock()
+
     # Two calls send the same token; one 401 comes back at once, the other only after
     # the first call has fetched a new token. The SDK alone would throw the new token
     # away on the late 401 and fetch a third.
-    fake_gigachat.script(Reply.error(401), Reply.slow(0.5, then=Reply.error(401)))
+    def respond(request: RecordedRequest) -> Reply:
+        nonlocal rejected
+        if request.header("authorization") != stale:
+            return fake_gigachat.default_reply(request)
+        with lock:
+            rejected += 1
+            first = rejected == 1
+        return Reply.error(401) if first else Reply.slow(0.5, then=Reply.error(401))
+
+    fake_gigachat.responder = respond
 
     replies = await asyncio.gather(*(provider.generate(judge_request(MODEL)) for _ in range(2)))
 
     assert all(reply.finish_reason is FinishReason.STOP for reply in replies)
+    assert rejected == 2
     assert fake_gigachat.token_requests == 2
 
 
@@ -194,6 +216,39 @@ async def test_wrong_credentials_are_unauthenticated(fake_gigachat: FakeGigaChat
     assert "oauth" in error.message
     assert fake_gigachat.token_requests == 1
     assert fake_gigachat.chat_requests == []
+
+
+async def test_wrong_auth_url_is_a_bad_request_not_a_missing_model(
+    fake_gigachat: FakeGigaChat,
+) -> None:
+    provider = GigaChatProvider(
+        DEFAULT_CREDENTIALS, base_url=fake_gigachat.url, auth_url=f"{fake_gigachat.origin}/oauth"
+    )
+    try:
+        error = await _error(provider)
+    finally:
+        await provider.aclose()
+
+    assert error.status == 404
+    assert error.kind is ProviderErrorKind.BAD_REQUEST
+
+
+async def test_scope_not_granted_is_a_bad_request(fake_gigachat: FakeGigaChat) -> None:
+    fake_gigachat.scopes = ("GIGACHAT_API_PERS",)
+    provider = GigaChatProvider(
+        DEFAULT_CREDENTIALS,
+        scope="GIGACHAT_API_CORP",
+        base_url=fake_gigachat.url,
+        auth_url=fake_gigachat.auth_url,
+    )
+    try:
+        error = await _error(provider)
+    finally:
+        await provider.aclose()
+
+    assert error.kind is ProviderErrorKind.BAD_REQUEST
+    assert "scope" in error.message
+    assert fake_gigachat.requests[0].body == {"scope": "GIGACHAT_API_CORP"}
 
 
 async def test_oauth_server_error_is_a_server_error(

@@ -1,0 +1,1 @@
+"""The trainer: LoRA / QLoRA training jobs on one accelerator."""

@@ -1,0 +1,228 @@
+"""Domain types of the trainer, shared by data loading, models, the loop and the job manager."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Task(enum.Enum):
+    """What the adapter learns."""
+
+    CLASSIFICATION = "classification"
+    GENERATION = "generation"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where the data is and which fields to read (defaults already applied)."""
+
+    uri: str
+    task: Task
+    format: str = ""  # "jsonl" | "csv" | "" = by extension
+    text_field: str = "text"
+    label_field: str = "label"
+    prompt_field: str = "prompt"
+    target_field: str = "response"
+    validation_uri: str = ""
+    validation_fraction: float = 0.1
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The adapter's shape."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ()  # empty = every linear layer
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """The training loop's settings."""
+
+    learning_rate: float = 1e-4
+    num_epochs: int = 3
+    batch_size: int = 4
+    gradient_accumulation: int = 1
+    max_seq_length: int = 512
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    quantize_4bit: bool = False
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class BalancingSpec:
+    """Class balancing (classification only)."""
+
+    focal_gamma: float = 2.0  # 0 = plain cross-entropy
+    use_class_weights: bool = True
+    use_weighted_sampler: bool = False
+    min_samples_per_class: int = 0
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything one training job needs."""
+
+    job_id: str
+    base_model: str
+    dataset: DatasetSpec
+    lora: LoraSpec
+    training: TrainingSpec
+    balancing: BalancingSpec
+    output_dir: str
+    max_eval_samples: int = 0  # 0 = all (classification) or 64 (generation)
+    max_new_tokens: int = 128
+
+
+# ---- what data preparation hands to the model layer -------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    """Per-label counts of the training split, and what balancing makes of them."""
+
+    counts: Mapping[str, int]  # training rows per kept label
+    excluded: Mapping[str, int]  # labels under min_samples_per_class, with their counts
+    weights: Mapping[str, float]  # n_samples / (n_classes * n_samples_i)
+
+    @property
+    def imbalance_ratio(self) -> float:
+        """Rows of the largest class over rows of the smallest."""
+        values = list(self.counts.values())
+        return max(values) / min(values) if values else 0.0
+
+
+@dataclass(frozen=True)
+class Example:
+    """One raw row. Classification: `text` and `label`. Generation: `prompt` and `target`."""
+
+    text: str = ""
+    label: str = ""
+    prompt: str = ""
+    target: str = ""
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The split, label map and statistics, before tokenisation."""
+
+    task: Task
+    train: Sequence[Example]
+    validation: Sequence[Example]
+    labels: tuple[str, ...]  # classification: sorted kept labels; index = class id
+    stats: ClassStats | None  # classification only
+    fingerprint: str  # sha256 of the files' bytes and the fields / split settings
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    """One tokenised row. Classification: `label_id`. Generation: `labels` (-100 on prompt)."""
+
+    input_ids: Sequence[int]
+    attention_mask: Sequence[int]
+    label_id: int = -1
+    labels: Sequence[int] = ()
+    # Generation validation: the prompt alone, for greedy generation.
+    prompt_ids: Sequence[int] = ()
+
+
+@dataclass(frozen=True)
+class EncodedData:
+    """Tokenised splits, as the training loop consumes them."""
+
+    train: Sequence[EncodedExample]
+    validation: Sequence[EncodedExample]
+
+
+# ---- what the training loop reports ------------------------------------------------------
+
+
+class FailureReason(enum.Enum):
+    """Why a job failed (the proto's FailureReason)."""
+
+    OUT_OF_MEMORY = "out_of_memory"
+    NAN_LOSS = "nan_loss"
+    INVALID_INPUT = "invalid_input"
+    CANCELLED = "cancelled"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Steps done."""
+
+    epoch: float
+    step: int
+    total_steps: int
+    loss: float
+    learning_rate: float
+    samples_per_second: float
+
+
+@dataclass(frozen=True)
+class EvaluationEvent:
+    """Validation predictions at the end of an epoch."""
+
+    epoch: float
+    step: int
+    eval_loss: float
+    predictions: Sequence[str]
+    references: Sequence[str]
+    prompts: Sequence[str] = ()
+    labels: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class DatasetPreparedEvent:
+    """The data as prepared for training."""
+
+    train_rows: int
+    validation_rows: int
+    excluded_classes: Sequence[str]
+    labels: Sequence[str]
+
+
+@dataclass(frozen=True)
+class CompletedEvent:
+    """Finished; the adapter is saved."""
+
+    artifact_dir: str
+    train_seconds: float
+
+
+@dataclass(frozen=True)
+class FailedEvent:
+    """Failed."""
+
+    reason: FailureReason
+    message: str
+
+
+Event = ProgressEvent | EvaluationEvent | DatasetPreparedEvent | CompletedEvent | FailedEvent
+
+
+class Cancelled(Exception):
+    """Raised inside the loop (between steps) when the job was cancelled."""
+
+
+class NanLoss(Exception):
+    """Raised inside the loop when the loss becomes NaN or infinite."""
+
+
+@dataclass
+class RunContext:
+    """What the job manager gives the training loop: where to report, when to stop."""
+
+    emit: Callable[[Event], None]
+    should_stop: Callable[[], bool]
+    progress_every_steps: int = 5
+    extra: dict[str, Any] = field(default_factory=dict)
