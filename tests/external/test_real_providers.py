@@ -19,8 +19,9 @@ ITEM = Item(
 )
 
 
-@pytest.mark.parametrize(("model_id", "variable"), [("gemini", "GEMINI_API_KEY"),
-                                                    ("gigachat", "GIGACHAT_CREDENTIALS")])
+@pytest.mark.parametrize(
+    ("model_id", "variable"), [("gemini", "GEMINI_API_KEY"), ("gigachat", "GIGACHAT_CREDENTIALS")]
+)
 async def test_real_provider_judges_one_item(model_id: str, variable: str) -> None:
     if not os.environ.get(variable):
         pytest.skip(f"{variable} is not set")
