@@ -43,12 +43,15 @@ class ServiceDefinition:
     ``evaluator_pb2.DESCRIPTOR.services_by_name["EvaluatorService"].full_name``;
     ``register`` adds the servicer, e.g.
     ``lambda s: evaluator_pb2_grpc.add_EvaluatorServiceServicer_to_server(servicer, s)``;
-    ``on_stop`` runs after the server has stopped (release models, close clients).
+    ``on_stop`` runs after the server has stopped (release models, close clients);
+    ``on_start`` runs once the server is serving, with it (e.g. so a service can turn its
+    own health to NOT_SERVING later through ``RunningServer.set_serving``).
     """
 
     full_name: str
     register: Callable[[grpc.aio.Server], None]
     on_stop: Callable[[], Awaitable[None]] | None = None
+    on_start: Callable[[RunningServer], None] | None = None
 
 
 def _host_port(host: str, port: int) -> str:
@@ -249,6 +252,9 @@ async def start_server(
         metrics=metrics,
         settings=settings,
     )
+    for service in services:
+        if service.on_start is not None:
+            service.on_start(running)
     logger.info(
         "listening on %s (tls=%s, mtls=%s, auth=%s, reflection=%s, metrics=%s) serving %s",
         running.address,

@@ -116,9 +116,9 @@ class LoraParams(_message.Message):
     USE_RSLORA_FIELD_NUMBER: _builtins.int
     USE_DORA_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
-    """Rank r of the low-rank update; 0 = the default (16)."""
+    """Rank r of the low-rank update, >= 1 (clients fill it; the trainer rejects 0)."""
     alpha: _builtins.float
-    """Scaling alpha; 0 = 2 x rank."""
+    """Scaling alpha, > 0 (commonly rank or 2 x rank)."""
     dropout: _builtins.float
     """Dropout on the adapter's input, 0..1."""
     use_rslora: _builtins.bool
@@ -163,11 +163,11 @@ class TrainingParams(_message.Message):
     QUANTIZE_4BIT_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
-    """Peak learning rate; 0 = LORA_LEARNING_RATE."""
+    """Peak learning rate, > 0 (the CLI and optimizer default it from LORA_LEARNING_RATE)."""
     num_epochs: _builtins.int
-    """Passes over the training data; 0 = LORA_NUM_EPOCHS."""
+    """Passes over the training data, >= 1 (default from LORA_NUM_EPOCHS)."""
     batch_size: _builtins.int
-    """Examples per device step; 0 = LORA_BATCH_SIZE."""
+    """Examples per device step, >= 1 (default from LORA_BATCH_SIZE)."""
     gradient_accumulation: _builtins.int
     """Steps accumulated per optimizer update; 0 = GRADIENT_ACCUMULATION (1)."""
     max_seq_length: _builtins.int
