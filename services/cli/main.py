@@ -19,6 +19,7 @@ from rich.table import Table
 from loratune.common.v1 import common_pb2
 from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from loratune.judge.v1 import judge_pb2, judge_pb2_grpc
+from services.cli import trainer_commands
 from services.cli.inputs import read_items
 from services.cli.render import render_evaluation
 from services.common.errors import LoratuneError
@@ -260,6 +261,9 @@ def evaluate(
         encoding="utf-8",
     )
     console.print(f"full result written to {output}")
+
+
+trainer_commands.register(app, serve_app)
 
 
 def main() -> None:

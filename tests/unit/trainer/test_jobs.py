@@ -69,7 +69,11 @@ class FakeRunner:
         return CompletedEvent(artifact_dir="/tmp/out", train_seconds=0.1)
 
     def failure_of(self, error: BaseException) -> FailureReason:
-        return FailureReason.OUT_OF_MEMORY if isinstance(error, MemoryError) else FailureReason.INTERNAL
+        return (
+            FailureReason.OUT_OF_MEMORY
+            if isinstance(error, MemoryError)
+            else FailureReason.INTERNAL
+        )
 
     def healthy(self) -> bool:
         return not self.broken
@@ -116,7 +120,7 @@ async def test_invalid_job_is_refused_before_acceptance_and_trainer_stays_free()
     runner = FakeRunner()
     runner.invalid = "hyperparameters.lora.rank"
     manager = JobManager(runner)
-    with pytest.raises(InvalidArgument, match="hyperparameters.lora.rank"):
+    with pytest.raises(InvalidArgument, match=r"hyperparameters\.lora\.rank"):
         await manager.start(spec("bad"))
     with pytest.raises(NotFound):
         manager.get("bad")

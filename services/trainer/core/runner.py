@@ -1,0 +1,187 @@
+"""The work behind a job on this machine: validate, load, tokenise, train, save."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.common.errors import InvalidArgument
+from services.trainer import metrics
+from services.trainer.core.artifacts import TensorBoardLogger, check_output_dir, save_artifacts
+from services.trainer.core.data import prepare
+from services.trainer.core.loop import train
+from services.trainer.core.models import (
+    BaseModelCache,
+    cuda_broken,
+    device_info,
+    linear_module_names,
+    validate_lora,
+)
+from services.trainer.core.tokenize import TokenizationCache
+from services.trainer.core.types import (
+    CompletedEvent,
+    DatasetPreparedEvent,
+    Event,
+    FailureReason,
+    JobSpec,
+    PreparedData,
+    ProgressEvent,
+    RunContext,
+    Task,
+)
+from services.trainer.core.validation import validate_parameters
+
+logger = logging.getLogger(__name__)
+
+
+def _base_config(name: str) -> Any:
+    """The base model's config, or INVALID_ARGUMENT naming base_model."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise InvalidArgument(
+            f"'{name}' was not found: give a local model folder or a Hugging Face hub name "
+            f"this machine can reach ({type(err).__name__})",
+            field="base_model",
+        ) from None
+
+
+def _check_target_modules(spec: JobSpec, config: Any, labels: int) -> None:
+    """Unknown target modules are refused before the job is accepted.
+
+    The model's layout is built on the meta device from its config: no weights are read.
+    """
+    if not spec.lora.target_modules:
+        return
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        if spec.dataset.task is Task.CLASSIFICATION:
+            config.num_labels = max(labels, 2)
+            skeleton = AutoModelForSequenceClassification.from_config(config)
+        else:
+            skeleton = AutoModelForCausalLM.from_config(config)
+    valid = linear_module_names(skeleton)
+    unknown = [m for m in spec.lora.target_modules if m not in valid]
+    if unknown:
+        raise InvalidArgument(
+            f"{', '.join(unknown)} not in this model; valid linear modules: {', '.join(valid)}",
+            field="hyperparameters.lora.target_modules",
+        )
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is the accelerator (or the host) running out of memory."""
+    if isinstance(error, torch.cuda.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+class LocalRunner:
+    """Runs jobs on this process's device; keeps the base model and tokenised data warm."""
+
+    def __init__(self, tokenization_cache_entries: int = 8, device: str | None = None) -> None:
+        self._models = BaseModelCache(device)
+        self._tokens = TokenizationCache(max(tokenization_cache_entries, 1))
+
+    def validate(self, spec: JobSpec) -> PreparedData:
+        """Parameters, output folder, base model, data and target modules, before acceptance."""
+        validate_parameters(spec)
+        validate_lora(spec.lora)
+        check_output_dir(spec.output_dir)
+        config = _base_config(spec.base_model)
+        data = prepare(spec.dataset, spec.balancing.min_samples_per_class)
+        _check_target_modules(spec, config, len(data.labels))
+        return data
+
+    def run(self, spec: JobSpec, prepared: Any, ctx: RunContext) -> CompletedEvent:
+        """Loads (or reuses) the base, tokenises (or reuses), trains and saves the adapter."""
+        data: PreparedData = prepared
+        stats = data.stats
+        ctx.emit(
+            DatasetPreparedEvent(
+                train_rows=len(data.train),
+                validation_rows=len(data.validation),
+                excluded_classes=sorted(stats.excluded) if stats else [],
+                labels=list(data.labels),
+            )
+        )
+        model = self._models.acquire(spec, data.labels)
+        if not model.base_reused:
+            metrics.MODEL_LOAD_SECONDS.observe(model.load_seconds)
+        hits = self._tokens.hits
+        encoded = self._tokens.encode(
+            data, model.tokenizer, model.tokenizer_id, spec.training.max_seq_length
+        )
+        if self._tokens.hits > hits:
+            metrics.TOKENIZATION_CACHE_HITS.inc()
+        else:
+            metrics.TOKENIZATION_CACHE_MISSES.inc()
+        logger.info(
+            "job %s: %s base %s, %d trainable of %d parameters, %d train / %d validation rows",
+            spec.job_id,
+            "reused" if model.base_reused else f"loaded in {model.load_seconds:.1f} s",
+            spec.base_model,
+            model.trainable_parameters,
+            model.total_parameters,
+            len(encoded.train),
+            len(encoded.validation),
+        )
+        out_dir = Path(spec.output_dir)
+        with TensorBoardLogger(out_dir / "logs") as board:
+            result = train(model, data, encoded, spec, _timed(ctx), scalar_logger=board)
+        save_artifacts(model, data, spec, result, out_dir)
+        return CompletedEvent(artifact_dir=str(out_dir), train_seconds=result.train_seconds)
+
+    def failure_of(self, error: BaseException) -> FailureReason:
+        """OUT_OF_MEMORY frees the cached model so the next job starts from a clean device."""
+        if is_out_of_memory(error):
+            self._models.release()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return FailureReason.OUT_OF_MEMORY
+        return FailureReason.INTERNAL
+
+    def healthy(self) -> bool:
+        """False once CUDA is in an error state only a new process can clear."""
+        return not cuda_broken()
+
+    def device_status(self) -> dict[str, Any]:
+        """Device, loaded base model and memory figures."""
+        info = dict(device_info(self._models.device))
+        info["loaded_base_model"] = self._models.loaded_base_model
+        return info
+
+    def release(self) -> None:
+        """Drops the cached base model."""
+        self._models.release()
+
+
+def _timed(ctx: RunContext) -> RunContext:
+    """`ctx` whose progress events also feed the step-time histogram."""
+    last_time = [time.perf_counter()]
+    last_step = [0]
+
+    def emit(event: Event) -> None:
+        if isinstance(event, ProgressEvent) and event.step > last_step[0]:
+            now = time.perf_counter()
+            steps = event.step - last_step[0]
+            for _ in range(steps):
+                metrics.STEP_SECONDS.observe((now - last_time[0]) / steps)
+            last_time[0], last_step[0] = now, event.step
+        ctx.emit(event)
+
+    return RunContext(
+        emit=emit,
+        should_stop=ctx.should_stop,
+        progress_every_steps=ctx.progress_every_steps,
+        extra=ctx.extra,
+    )
