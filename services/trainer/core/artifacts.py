@@ -1,0 +1,360 @@
+"""A trial's artifacts: the adapter, its training record, class weights, TensorBoard curves."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+from services.common.errors import InvalidArgument
+from services.trainer.core.loop import LoopResult
+from services.trainer.core.models import (
+    HEAD_NAMES,
+    PreparedModel,
+    autocast_dtype,
+    default_device,
+    load_base_model,
+)
+from services.trainer.core.tokenize import collate
+from services.trainer.core.types import (
+    ClassStats,
+    EncodedExample,
+    JobSpec,
+    PreparedData,
+    Task,
+)
+
+__all__ = [
+    "CLASS_WEIGHTS_FILE",
+    "LOGS_DIR",
+    "TRAINING_CONFIG_FILE",
+    "LoadedAdapter",
+    "TensorBoardLogger",
+    "check_output_dir",
+    "library_versions",
+    "load_adapter_for_inference",
+    "predict_labels",
+    "save_artifacts",
+]
+
+logger = logging.getLogger(__name__)
+
+TRAINING_CONFIG_FILE = "training_config.json"
+CLASS_WEIGHTS_FILE = "class_weights.json"
+LOGS_DIR = "logs"
+# Bumped when training_config.json changes shape, so readers can tell old files apart.
+_CONFIG_FORMAT = 1
+_VERSIONED = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "loratune")
+
+
+class TensorBoardLogger:
+    """Scalar curves under `log_dir` (train/loss, train/learning_rate, eval/loss, ...).
+
+    Implements the loop's `ScalarLogger`: pass it to `loop.train(scalar_logger=...)` or put
+    it in `RunContext.extra["tensorboard"]`. Use it as a context manager, or `close()` it.
+    """
+
+    def __init__(self, log_dir: Path | str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._writer = SummaryWriter(log_dir=str(self.log_dir))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        """Record one point; non-finite values are skipped (TensorBoard draws them badly)."""
+        if math.isfinite(value):
+            self._writer.add_scalar(tag, value, global_step=step)
+
+    def flush(self) -> None:
+        """Write pending events to disk."""
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the events file."""
+        self._writer.close()
+
+    def __enter__(self) -> TensorBoardLogger:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def check_output_dir(path: Path | str) -> None:
+    """Make sure artifacts can be written under `path` (created if missing).
+
+    Call before accepting a job, so a bad folder fails the request, not the job an hour in.
+
+    Raises:
+        InvalidArgument: `path` is empty, is a file, or cannot be created or written.
+    """
+    if not str(path).strip():
+        raise InvalidArgument("must name a folder for the artifacts", field="output_dir")
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise InvalidArgument(f"{folder} exists and is not a folder", field="output_dir")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise InvalidArgument(
+            f"cannot write to {folder}: {err.strerror or err}", field="output_dir"
+        ) from err
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that decide how an adapter trains and loads."""
+    versions: dict[str, str] = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = ""
+    return versions
+
+
+def save_artifacts(
+    prepared: PreparedModel,
+    data: PreparedData,
+    spec: JobSpec,
+    result: LoopResult,
+    out_dir: Path,
+    versions: Mapping[str, str] | None = None,
+) -> Path:
+    """Write the trained adapter and its records into `out_dir`; returns `out_dir`.
+
+    - `adapter_config.json`, `adapter_model.safetensors` (PEFT; a classification head is
+      inside, saved through `modules_to_save`), the tokenizer's files;
+    - `training_config.json`: every hyperparameter, base model, dataset fingerprint, label
+      map, split sizes, excluded classes, library versions (`versions`, default: the
+      installed ones), train seconds and final loss;
+    - `class_weights.json` (classification): counts, weights and excluded classes.
+
+    TensorBoard events go to `out_dir/logs/` during training (see TensorBoardLogger).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prepared.model.save_pretrained(str(out_dir))
+    prepared.tokenizer.save_pretrained(str(out_dir))
+    config = training_config(prepared, data, spec, result, versions or library_versions())
+    _write_json(out_dir / TRAINING_CONFIG_FILE, config)
+    if data.task is Task.CLASSIFICATION and data.stats is not None:
+        _write_json(out_dir / CLASS_WEIGHTS_FILE, _class_weights_document(data.stats))
+    logger.info("saved adapter of job %s to %s", spec.job_id, out_dir)
+    return out_dir
+
+
+def training_config(
+    prepared: PreparedModel,
+    data: PreparedData,
+    spec: JobSpec,
+    result: LoopResult,
+    versions: Mapping[str, str],
+) -> dict[str, Any]:
+    """The content of training_config.json (JSON-ready)."""
+    labels = list(prepared.labels)
+    excluded = dict(data.stats.excluded) if data.stats is not None else {}
+    last_eval = result.last_eval
+    return {
+        "format": _CONFIG_FORMAT,
+        "created_at": datetime.now(UTC).isoformat(),
+        "job_id": spec.job_id,
+        "task": data.task.value,
+        "base_model": spec.base_model,
+        "tokenizer_id": prepared.tokenizer_id,
+        "labels": labels,
+        "id2label": {str(i): label for i, label in enumerate(labels)},
+        "label2id": {label: i for i, label in enumerate(labels)},
+        "dataset": {
+            **_plain(dataclasses.asdict(spec.dataset)),
+            "fingerprint": data.fingerprint,
+            "train_rows": len(data.train),
+            "validation_rows": len(data.validation),
+            "excluded_classes": excluded,
+        },
+        "hyperparameters": {
+            "lora": _plain(dataclasses.asdict(spec.lora)),
+            "training": _plain(dataclasses.asdict(spec.training)),
+            "balancing": _plain(dataclasses.asdict(spec.balancing)),
+            "max_eval_samples": spec.max_eval_samples,
+            "max_new_tokens": spec.max_new_tokens,
+        },
+        "parameters": {
+            "trainable": prepared.trainable_parameters,
+            "total": prepared.total_parameters,
+        },
+        "result": {
+            "train_seconds": result.train_seconds,
+            "steps": result.steps,
+            "final_loss": _finite_or_none(result.final_loss),
+            "samples_per_second": result.samples_per_second,
+            "eval_loss": _finite_or_none(last_eval.eval_loss) if last_eval else None,
+        },
+        "versions": dict(versions),
+    }
+
+
+@dataclasses.dataclass
+class LoadedAdapter:
+    """A saved adapter on its base, ready for inference (unpacks as a 4-tuple)."""
+
+    model: PeftModel
+    tokenizer: Any
+    labels: tuple[str, ...]
+    task: Task
+
+    def __iter__(self) -> Any:
+        return iter((self.model, self.tokenizer, self.labels, self.task))
+
+
+def load_adapter_for_inference(
+    adapter_dir: Path | str, device: torch.device | str | None = None
+) -> LoadedAdapter:
+    """Load the base named in `training_config.json` with the saved adapter (and head).
+
+    Unpacks as `(model, tokenizer, labels, task)`. The model is in eval mode. The base is
+    quantised to 4 bits again when the adapter was trained that way, so the layers the
+    adapter learnt on are the ones it runs on.
+
+    Raises:
+        InvalidArgument: the folder holds no training_config.json / adapter, or the base
+            model cannot be found (field "adapter_dir" / "base_model").
+    """
+    folder = Path(adapter_dir)
+    config_path = folder / TRAINING_CONFIG_FILE
+    if not config_path.is_file() or not (folder / "adapter_config.json").is_file():
+        raise InvalidArgument(
+            f"{folder} holds no saved adapter (adapter_config.json and {TRAINING_CONFIG_FILE})",
+            field="adapter_dir",
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        task = Task(config["task"])
+        labels = tuple(str(label) for label in config.get("labels", ()))
+        base_model = str(config["base_model"])
+        quantize_4bit = bool(config["hyperparameters"]["training"].get("quantize_4bit", False))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InvalidArgument(
+            f"{config_path} cannot be read: {err}", field="adapter_dir"
+        ) from err
+    target = torch.device(device) if device is not None else default_device()
+    has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    base, tokenizer = load_base_model(
+        base_model,
+        task,
+        labels,
+        device=target,
+        quantize_4bit=quantize_4bit,
+        tokenizer_path=str(folder) if has_tokenizer else None,
+    )
+    model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
+    _match_head_dtype(model, task)
+    model.eval()
+    return LoadedAdapter(model=model, tokenizer=tokenizer, labels=labels, task=task)
+
+
+def predict_labels(
+    loaded: LoadedAdapter,
+    texts: Sequence[str],
+    *,
+    max_length: int = 512,
+    batch_size: int = 16,
+) -> list[str]:
+    """Label names a saved classification adapter predicts for `texts`."""
+    if loaded.task is not Task.CLASSIFICATION:
+        raise InvalidArgument("the adapter was trained for generation", field="adapter_dir")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    device = next(model.parameters()).device
+    dtype = autocast_dtype(device)
+    predictions: list[str] = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            encoded = tokenizer(
+                list(texts[start : start + batch_size]), truncation=True, max_length=max_length
+            )
+            rows = [
+                EncodedExample(input_ids=ids, attention_mask=mask, label_id=0)
+                for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)
+            ]
+            batch = collate(rows, int(tokenizer.pad_token_id), Task.CLASSIFICATION)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                ).logits
+            predictions.extend(loaded.labels[i] for i in logits.argmax(-1).tolist())
+    return predictions
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def _match_head_dtype(model: PeftModel, task: Task) -> None:
+    """Give the loaded head the backbone's dtype (bfloat16 on CUDA), so no autocast is needed."""
+    if task is not Task.CLASSIFICATION:
+        return
+    dtype = model.get_input_embeddings().weight.dtype
+    base = model.get_base_model()
+    for name in HEAD_NAMES:
+        head = getattr(base, name, None)
+        if isinstance(head, nn.Module):
+            head.to(dtype)
+
+
+def _class_weights_document(stats: ClassStats) -> dict[str, Any]:
+    try:
+        from services.trainer.core.data import class_weights_json
+    except ImportError:  # pragma: no cover - data.py ships with this module
+        return {
+            "labels": {
+                label: {"count": count, "weight": stats.weights.get(label)}
+                for label, count in stats.counts.items()
+            },
+            "excluded": dict(stats.excluded),
+        }
+    return class_weights_json(stats)
+
+
+def _plain(value: Any) -> Any:
+    """dataclasses.asdict output made JSON-ready (enums as values, tuples as lists)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _write_json(path: Path, content: Mapping[str, Any]) -> None:
+    """Write atomically: a reader (the optimizer, a user) never sees half a file."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(temporary, path)

@@ -1,0 +1,539 @@
+"""The training loop: LoRA steps with balancing, progress events, cancellation, evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, RandomSampler, Sampler
+
+from services.common.errors import InvalidArgument
+from services.trainer.core.balancing import FocalLoss, class_weights, weighted_sampler
+from services.trainer.core.models import PreparedModel, autocast_dtype
+from services.trainer.core.tokenize import IGNORE_INDEX, collate, collate_prompts
+from services.trainer.core.types import (
+    Cancelled,
+    EncodedData,
+    EncodedExample,
+    EvaluationEvent,
+    JobSpec,
+    NanLoss,
+    PreparedData,
+    ProgressEvent,
+    RunContext,
+    Task,
+)
+
+__all__ = [
+    "DEFAULT_GENERATION_EVAL_SAMPLES",
+    "TENSORBOARD_KEY",
+    "LengthGroupedBatchSampler",
+    "LoopResult",
+    "ScalarLogger",
+    "build_train_loader",
+    "train",
+]
+
+logger = logging.getLogger(__name__)
+
+# Generation evaluates on this many validation rows when the job says 0: greedy decoding
+# is far slower than a forward pass, and the evaluator scores a sample anyway.
+DEFAULT_GENERATION_EVAL_SAMPLES = 64
+# `RunContext.extra[TENSORBOARD_KEY]` may hold a ScalarLogger (artifacts.TensorBoardLogger).
+TENSORBOARD_KEY = "tensorboard"
+_MAX_GRAD_NORM = 1.0
+_Amp = Callable[[], contextlib.AbstractContextManager[Any]]
+# Batches sorted together by length: large enough to cut most padding, small enough that
+# the order stays random across the epoch.
+_GROUP_BATCHES = 50
+
+
+class ScalarLogger(Protocol):
+    """Where the loop writes scalar curves (TensorBoard in production)."""
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        """Record `value` of the curve `tag` at optimizer step `step`."""
+        ...
+
+
+@dataclass(frozen=True)
+class LoopResult:
+    """What a finished training run reports."""
+
+    train_seconds: float  # wall time of the whole loop, evaluations included
+    steps: int  # optimizer steps taken
+    final_loss: float  # mean training loss over the last epoch
+    last_eval: EvaluationEvent | None
+    samples_per_second: float  # training rows per second of training steps (no evaluation)
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of similar length drawn from any index sampler, in random order.
+
+    The indices the inner sampler yields (a seeded shuffle or the weighted sampler, so
+    class balancing is untouched) are cut into groups of `batch_size * group_batches`,
+    each group sorted by length and split into batches; the batches are then shuffled.
+    Similar lengths mean little padding, which is most of the speed-up HF Trainer's
+    `group_by_length` gives. The longest batch goes first so an out-of-memory error
+    surfaces in the first step, not an hour in.
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler[int],
+        lengths: Sequence[int],
+        batch_size: int,
+        generator: torch.Generator,
+        group_batches: int = _GROUP_BATCHES,
+    ) -> None:
+        self.sampler = sampler
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.generator = generator
+        self.group_batches = group_batches
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        indices = list(iter(self.sampler))
+        group = self.batch_size * self.group_batches
+        batches: list[list[int]] = []
+        for start in range(0, len(indices), group):
+            chunk = sorted(indices[start : start + group], key=lambda i: -self.lengths[i])
+            batches.extend(
+                chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)
+            )
+        order = torch.randperm(len(batches), generator=self.generator).tolist()
+        batches = [batches[i] for i in order]
+        if batches:
+            longest = max(range(len(batches)), key=lambda b: max(self.lengths[i] for i in batches[b]))
+            batches.insert(0, batches.pop(longest))
+        yield from batches
+
+
+def build_train_loader(
+    examples: Sequence[EncodedExample],
+    task: Task,
+    pad_token_id: int,
+    batch_size: int,
+    seed: int,
+    *,
+    n_classes: int = 0,
+    use_weighted_sampler: bool = False,
+) -> DataLoader[EncodedExample]:
+    """The training DataLoader: seeded shuffle (or class-balanced draws), length-grouped.
+
+    With `use_weighted_sampler` (classification) the rows are drawn by
+    `balancing.weighted_sampler`, so every class comes up equally often; it is the
+    loader's `batch_sampler.sampler`.
+    """
+    index_sampler: Sampler[int]
+    if use_weighted_sampler and task is Task.CLASSIFICATION:
+        index_sampler = weighted_sampler([e.label_id for e in examples], n_classes, seed)
+    else:
+        index_sampler = RandomSampler(examples, generator=torch.Generator().manual_seed(seed))
+    batch_sampler = LengthGroupedBatchSampler(
+        index_sampler,
+        [len(e.input_ids) for e in examples],
+        batch_size,
+        # A separate stream for batch order, so the draws above stay what balancing made.
+        generator=torch.Generator().manual_seed(seed + 1),
+    )
+
+    def collate_batch(batch: list[EncodedExample]) -> dict[str, torch.Tensor]:
+        return collate(batch, pad_token_id, task)
+
+    return DataLoader(
+        examples,  # type: ignore[arg-type]  # any Sequence indexes like a map-style Dataset
+        batch_sampler=batch_sampler,
+        collate_fn=collate_batch,
+    )
+
+
+def train(
+    prepared: PreparedModel,
+    data: PreparedData,
+    encoded: EncodedData,
+    spec: JobSpec,
+    ctx: RunContext,
+    *,
+    scalar_logger: ScalarLogger | None = None,
+) -> LoopResult:
+    """Train the prepared adapter on `encoded.train`, evaluating at the end of each epoch.
+
+    Emits a ProgressEvent every `ctx.progress_every_steps` optimizer steps (and at the last
+    step) and an EvaluationEvent per epoch. Curves go to `scalar_logger`, or to
+    `ctx.extra["tensorboard"]` when no logger is passed.
+
+    Raises:
+        Cancelled: `ctx.should_stop()` turned true (checked before every optimizer step
+            and between evaluation batches).
+        NanLoss: the loss or the gradient norm stopped being finite.
+        InvalidArgument: there is nothing to train on.
+        torch.cuda.OutOfMemoryError: propagated as is; optimizer state and gradients are
+            freed on the way out.
+    """
+    started = time.perf_counter()
+    if not encoded.train:
+        raise InvalidArgument("the training split is empty", field="dataset")
+    scalars = scalar_logger if scalar_logger is not None else ctx.extra.get(TENSORBOARD_KEY)
+    model = prepared.model
+    device = prepared.device
+    task = prepared.task
+    training = spec.training
+    pad_id = int(prepared.tokenizer.pad_token_id)
+    torch.manual_seed(training.seed)
+
+    loader = build_train_loader(
+        encoded.train,
+        task,
+        pad_id,
+        training.batch_size,
+        training.seed,
+        n_classes=len(data.labels),
+        use_weighted_sampler=spec.balancing.use_weighted_sampler,
+    )
+    accumulation = max(1, training.gradient_accumulation)
+    batches_per_epoch = len(loader)
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+    total_steps = steps_per_epoch * training.num_epochs
+    loss_fn = _classification_loss(prepared, data, spec) if task is Task.CLASSIFICATION else None
+
+    from transformers import get_linear_schedule_with_warmup
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer: torch.optim.Optimizer | None = torch.optim.AdamW(
+        trainable, lr=training.learning_rate, weight_decay=training.weight_decay
+    )
+    scheduler: Any = get_linear_schedule_with_warmup(
+        optimizer, round(training.warmup_ratio * total_steps), total_steps
+    )
+    amp = _autocast(device)
+
+    step = 0
+    train_time = 0.0
+    train_samples = 0
+    window_losses: list[float] = []
+    window_samples = 0
+    window_started = time.perf_counter()
+    epoch_losses: list[float] = []
+    last_eval: EvaluationEvent | None = None
+    try:
+        for epoch in range(training.num_epochs):
+            model.train()
+            epoch_losses = []
+            batches = iter(loader)
+            done_batches = 0
+            while True:
+                group = list(islice(batches, accumulation))
+                if not group:
+                    break
+                if ctx.should_stop():
+                    raise Cancelled(f"cancelled before step {step + 1} of {total_steps}")
+                step_started = time.perf_counter()
+                assert optimizer is not None
+                loss_value, samples = _optimizer_step(
+                    model, group, task, loss_fn, amp, device, optimizer, trainable
+                )
+                step += 1
+                done_batches += len(group)
+                elapsed = time.perf_counter() - step_started
+                train_time += elapsed
+                train_samples += samples
+                window_losses.append(loss_value)
+                epoch_losses.append(loss_value)
+                window_samples += samples
+                learning_rate = float(optimizer.param_groups[0]["lr"])
+                if scalars is not None:
+                    scalars.scalar("train/loss", loss_value, step)
+                    scalars.scalar("train/learning_rate", learning_rate, step)
+                if step % max(1, ctx.progress_every_steps) == 0 or step == total_steps:
+                    now = time.perf_counter()
+                    rate = window_samples / max(now - window_started, 1e-9)
+                    ctx.emit(
+                        ProgressEvent(
+                            epoch=epoch + done_batches / batches_per_epoch,
+                            step=step,
+                            total_steps=total_steps,
+                            loss=sum(window_losses) / len(window_losses),
+                            learning_rate=learning_rate,
+                            samples_per_second=rate,
+                        )
+                    )
+                    if scalars is not None:
+                        scalars.scalar("train/samples_per_second", rate, step)
+                    window_losses, window_samples, window_started = [], 0, now
+                # The scheduler's lr of the step just taken was reported above; advance now.
+                scheduler.step()
+            last_eval = _evaluate(prepared, data, encoded, spec, ctx, epoch + 1, step, amp)
+            if last_eval is not None:
+                ctx.emit(last_eval)
+                if scalars is not None:
+                    scalars.scalar("eval/loss", last_eval.eval_loss, step)
+            window_started = time.perf_counter()  # evaluation time is not training throughput
+    finally:
+        # Free the optimizer state and gradients whether training ended, failed or ran out
+        # of memory: the job manager may retry or load another base in this process.
+        model.zero_grad(set_to_none=True)
+        optimizer = None
+        scheduler = None
+        del trainable
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    model.eval()
+    final_loss = sum(epoch_losses) / len(epoch_losses) if epoch_losses else float("nan")
+    return LoopResult(
+        train_seconds=time.perf_counter() - started,
+        steps=step,
+        final_loss=final_loss,
+        last_eval=last_eval,
+        samples_per_second=train_samples / train_time if train_time > 0 else 0.0,
+    )
+
+
+# ---- one step ------------------------------------------------------------------------------
+
+
+def _optimizer_step(
+    model: torch.nn.Module,
+    group: list[dict[str, torch.Tensor]],
+    task: Task,
+    loss_fn: FocalLoss | None,
+    amp: _Amp,
+    device: torch.device,
+    optimizer: torch.optim.Optimizer,
+    trainable: list[torch.nn.Parameter],
+) -> tuple[float, int]:
+    """Forward and backward over the accumulation group, clip, step. Returns (loss, rows)."""
+    samples = sum(int(batch["input_ids"].shape[0]) for batch in group)
+    if task is Task.GENERATION:
+        # Token-level mean over the whole group (what `num_items_in_batch` does in HF), so
+        # accumulation gives the same loss as one big batch.
+        denominator = float(sum(_response_tokens(batch["labels"]) for batch in group))
+    total = torch.zeros((), device=device)
+    for batch in group:
+        inputs = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        with amp():
+            if task is Task.CLASSIFICATION:
+                assert loss_fn is not None
+                logits = _classification_logits(model, inputs)
+                # Each micro-batch's mean weighted by its share of the group's rows.
+                loss = loss_fn(logits, inputs["labels"]) * (inputs["labels"].shape[0] / samples)
+            else:
+                loss = _causal_lm_loss_sum(model, inputs) / max(denominator, 1.0)
+        loss.backward()  # type: ignore[no-untyped-call]
+        total += loss.detach().float()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, _MAX_GRAD_NORM)
+    # One device sync per step for both checks (and the value progress reports).
+    loss_value, norm_value = torch.stack([total, grad_norm.detach().float().to(device)]).tolist()
+    if not math.isfinite(loss_value):
+        raise NanLoss(f"the training loss became {loss_value}; lower the learning rate")
+    if not math.isfinite(norm_value):
+        raise NanLoss(f"the gradient norm became {norm_value}; lower the learning rate")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss_value), samples
+
+
+def _classification_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits: torch.Tensor = model(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+    ).logits
+    return logits
+
+
+def _causal_lm_loss_sum(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over the response tokens (labels != -100).
+
+    Computed here rather than by the model: only the response positions are upcast to
+    float32 (a full (batch, length, vocab) float copy is the largest tensor of a step
+    with a 150k vocabulary), and no keyword such as `num_items_in_batch` has to make it
+    through PEFT and transformers' signatures.
+    """
+    logits: torch.Tensor = model(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+    ).logits
+    shift_labels = inputs["labels"][:, 1:]
+    selected = shift_labels != IGNORE_INDEX
+    predicted = logits[:, :-1][selected].float()
+    return F.cross_entropy(predicted, shift_labels[selected], reduction="sum")
+
+
+def _response_tokens(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _classification_loss(prepared: PreparedModel, data: PreparedData, spec: JobSpec) -> FocalLoss:
+    weight = None
+    if spec.balancing.use_class_weights and data.stats is not None:
+        weight = torch.tensor(class_weights(data.stats.counts, data.labels), dtype=torch.float32)
+    return FocalLoss(spec.balancing.focal_gamma, weight=weight).to(prepared.device)
+
+
+def _autocast(device: torch.device) -> _Amp:
+    """A factory of fresh autocast contexts (bfloat16 on CUDA; none on the CPU)."""
+    dtype = autocast_dtype(device)
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---- evaluation ----------------------------------------------------------------------------
+
+
+def _evaluate(
+    prepared: PreparedModel,
+    data: PreparedData,
+    encoded: EncodedData,
+    spec: JobSpec,
+    ctx: RunContext,
+    epoch: int,
+    step: int,
+    amp: _Amp,
+) -> EvaluationEvent | None:
+    """Validation loss and predictions on up to `max_eval_samples` rows (None: no rows)."""
+    limit = spec.max_eval_samples
+    if limit <= 0:
+        limit = len(encoded.validation) if prepared.task is Task.CLASSIFICATION else (
+            DEFAULT_GENERATION_EVAL_SAMPLES
+        )
+    rows = list(encoded.validation[:limit])
+    raw = list(data.validation[: len(rows)])
+    if not rows:
+        return None
+    model = prepared.model
+    model.eval()
+    batch_size = max(1, spec.training.batch_size * 2)  # no activations kept: room for more
+    try:
+        with torch.inference_mode():
+            if prepared.task is Task.CLASSIFICATION:
+                eval_loss, predictions = _evaluate_classification(
+                    prepared, rows, batch_size, ctx, amp
+                )
+                references = [example.label for example in raw]
+                return EvaluationEvent(
+                    epoch=float(epoch),
+                    step=step,
+                    eval_loss=eval_loss,
+                    predictions=predictions,
+                    references=references,
+                    labels=list(data.labels),
+                )
+            eval_loss = _generation_loss(prepared, rows, batch_size, ctx, amp)
+            outputs = _generate(prepared, rows, batch_size, spec.max_new_tokens, ctx, amp)
+            return EvaluationEvent(
+                epoch=float(epoch),
+                step=step,
+                eval_loss=eval_loss,
+                predictions=outputs,
+                references=[example.target for example in raw],
+                prompts=[example.prompt for example in raw],
+            )
+    finally:
+        model.train()
+
+
+def _length_order(rows: Sequence[EncodedExample], key: str = "input_ids") -> list[int]:
+    """Row indices, longest first: batches of similar length pad little."""
+    return sorted(range(len(rows)), key=lambda i: -len(getattr(rows[i], key)))
+
+
+def _evaluate_classification(
+    prepared: PreparedModel,
+    rows: Sequence[EncodedExample],
+    batch_size: int,
+    ctx: RunContext,
+    amp: _Amp,
+) -> tuple[float, list[str]]:
+    """Mean cross-entropy (unweighted, gamma 0: comparable across the trials of a study,
+    whatever balancing each one uses) and the argmax label of every row."""
+    pad_id = int(prepared.tokenizer.pad_token_id)
+    predicted_ids = [0] * len(rows)
+    loss_sum = 0.0
+    order = _length_order(rows)
+    for start in range(0, len(order), batch_size):
+        if ctx.should_stop():
+            raise Cancelled("cancelled during evaluation")
+        indices = order[start : start + batch_size]
+        batch = collate([rows[i] for i in indices], pad_id, Task.CLASSIFICATION)
+        inputs = {key: value.to(prepared.device) for key, value in batch.items()}
+        with amp():
+            logits = _classification_logits(prepared.model, inputs).float()
+        loss_sum += float(F.cross_entropy(logits, inputs["labels"], reduction="sum"))
+        for index, label_id in zip(indices, logits.argmax(-1).tolist(), strict=True):
+            predicted_ids[index] = int(label_id)
+    labels = prepared.labels
+    return loss_sum / len(rows), [labels[i] for i in predicted_ids]
+
+
+def _generation_loss(
+    prepared: PreparedModel,
+    rows: Sequence[EncodedExample],
+    batch_size: int,
+    ctx: RunContext,
+    amp: _Amp,
+) -> float:
+    pad_id = int(prepared.tokenizer.pad_token_id)
+    loss_sum = 0.0
+    tokens = 0
+    order = _length_order(rows)
+    for start in range(0, len(order), batch_size):
+        if ctx.should_stop():
+            raise Cancelled("cancelled during evaluation")
+        batch = collate([rows[i] for i in order[start : start + batch_size]], pad_id, Task.GENERATION)
+        inputs = {key: value.to(prepared.device) for key, value in batch.items()}
+        with amp():
+            loss_sum += float(_causal_lm_loss_sum(prepared.model, inputs))
+        tokens += _response_tokens(inputs["labels"])
+    return loss_sum / tokens if tokens else 0.0
+
+
+def _generate(
+    prepared: PreparedModel,
+    rows: Sequence[EncodedExample],
+    batch_size: int,
+    max_new_tokens: int,
+    ctx: RunContext,
+    amp: _Amp,
+) -> list[str]:
+    """Greedy continuations of every row's prompt, without the prompt and special tokens.
+
+    Prompts are left-padded (a decoder appends after the last column); rows are batched
+    by prompt length so short prompts do not wait behind padding.
+    """
+    tokenizer = prepared.tokenizer
+    pad_id = int(tokenizer.pad_token_id)
+    outputs = [""] * len(rows)
+    order = _length_order(rows, "prompt_ids")
+    for start in range(0, len(order), batch_size):
+        if ctx.should_stop():
+            raise Cancelled("cancelled during evaluation")
+        indices = order[start : start + batch_size]
+        batch = collate_prompts([rows[i].prompt_ids for i in indices], pad_id)
+        inputs = {key: value.to(prepared.device) for key, value in batch.items()}
+        with amp():
+            generated = prepared.model.generate(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                max_new_tokens=max(1, max_new_tokens),
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        continuations = generated[:, inputs["input_ids"].shape[1] :]
+        texts = tokenizer.batch_decode(continuations, skip_special_tokens=True)
+        for index, text in zip(indices, texts, strict=True):
+            outputs[index] = str(text).strip()
+    return outputs

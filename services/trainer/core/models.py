@@ -1,0 +1,591 @@
+"""Base models for training jobs: loading (optionally 4-bit), one cached base, a fresh LoRA per job."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import platform
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from services.common.errors import InvalidArgument
+from services.trainer.core.types import JobSpec, LoraSpec, Task
+
+__all__ = [
+    "HEAD_NAMES",
+    "BaseModelCache",
+    "PreparedModel",
+    "autocast_dtype",
+    "cuda_broken",
+    "default_device",
+    "device_info",
+    "linear_module_names",
+    "load_base_model",
+    "validate_lora",
+]
+
+logger = logging.getLogger(__name__)
+
+# Attribute names of the classification head in transformers' *ForSequenceClassification
+# models (`score` for decoders such as Qwen / Llama, `classifier` for encoders such as BERT).
+# PEFT's SEQ_CLS task type puts exactly these into `modules_to_save`, so the head trains and
+# lands in the adapter file.
+HEAD_NAMES: tuple[str, ...] = ("score", "classifier")
+# Never quantised, never a LoRA target: the heads above and the LM head of causal models.
+# Passing `llm_int8_skip_modules` replaces transformers' default skip list (which holds
+# `lm_head`), so it must be named here too.
+_UNQUANTISED_MODULES: tuple[str, ...] = ("lm_head", *HEAD_NAMES)
+_ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class PreparedModel:
+    """A base model with a fresh LoRA adapter (and head), ready for one job.
+
+    Valid until the next `BaseModelCache.acquire` or `release`: the cache reuses the same
+    base for the next job and takes this job's adapter off it.
+    """
+
+    model: PeftModel
+    tokenizer: Any  # a transformers tokenizer (PreTrainedTokenizerBase)
+    device: torch.device
+    task: Task
+    labels: tuple[str, ...]  # classification: index = class id; generation: ()
+    trainable_parameters: int
+    total_parameters: int
+    tokenizer_id: str  # the path or hub name the tokenizer came from (tokenisation cache key)
+    load_seconds: float  # time spent loading the base for this job; 0.0 when it was reused
+    base_reused: bool
+
+
+@dataclass(frozen=True)
+class _BaseKey:
+    """What decides whether the cached base can serve a job.
+
+    The number of labels is not part of it: the head is rebuilt for every job anyway (a
+    fresh, seeded head is part of "fresh per job"), so building it at the job's shape
+    costs nothing and keeps a multi-gigabyte backbone loaded across studies.
+    """
+
+    base_model: str
+    task: Task
+    quantize_4bit: bool
+    dtype: torch.dtype
+    device: str
+
+
+@dataclass
+class _Loaded:
+    key: _BaseKey
+    model: nn.Module  # the transformers model, without PEFT layers between jobs
+    tokenizer: Any
+
+
+def default_device() -> torch.device:
+    """The first CUDA device when there is one, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The mixed-precision dtype for this device: bfloat16 on CUDA that has it, else none (fp32).
+
+    float16 is not offered: it would need a gradient scaler, and GPUs without bfloat16 are
+    rare enough that plain float32 is the safer fallback.
+    """
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def validate_lora(spec: LoraSpec) -> None:
+    """Check the adapter's shape before a job is accepted (no model needed).
+
+    Raises:
+        InvalidArgument: rank < 1, alpha <= 0 (or not finite), dropout outside [0, 1), or an
+            empty target module name.
+    """
+    if spec.rank < 1:
+        raise InvalidArgument(f"must be at least 1, got {spec.rank}", field="hyperparameters.lora.rank")
+    if not (math.isfinite(spec.alpha) and spec.alpha > 0):
+        raise InvalidArgument(
+            f"must be a finite number > 0, got {spec.alpha}", field="hyperparameters.lora.alpha"
+        )
+    if not (0.0 <= spec.dropout < 1.0):
+        raise InvalidArgument(
+            f"must lie in [0, 1), got {spec.dropout}", field="hyperparameters.lora.dropout"
+        )
+    if any(not name.strip() for name in spec.target_modules):
+        raise InvalidArgument(
+            "module names must not be empty", field="hyperparameters.lora.target_modules"
+        )
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Sorted leaf names of the linear layers LoRA may target (heads excluded).
+
+    `bnb.nn.Linear4bit` subclasses `nn.Linear`, so quantised layers are listed too; GPT-2
+    style `Conv1D` layers count as linear, as they do for PEFT.
+    """
+    linear_types: tuple[type[nn.Module], ...] = (nn.Linear, *_conv1d_types())
+    names: set[str] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, linear_types) or _under_head(name):
+            continue
+        names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def device_info(device: torch.device | None = None) -> dict[str, Any]:
+    """Device string, name and memory figures (bytes) for GetTrainerStatus; zeros on the CPU."""
+    device = device or default_device()
+    if device.type != "cuda":
+        return {
+            "device": "cpu",
+            "device_name": platform.processor() or platform.machine() or "cpu",
+            "memory_allocated_bytes": 0,
+            "memory_reserved_bytes": 0,
+            "memory_total_bytes": 0,
+        }
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        return {
+            "device": f"cuda:{index}",
+            "device_name": torch.cuda.get_device_name(index),
+            "memory_allocated_bytes": int(torch.cuda.memory_allocated(index)),
+            "memory_reserved_bytes": int(torch.cuda.memory_reserved(index)),
+            "memory_total_bytes": int(torch.cuda.get_device_properties(index).total_memory),
+        }
+    except RuntimeError:
+        # A broken CUDA context must not break the status RPC; cuda_broken() reports it.
+        return {
+            "device": f"cuda:{index}",
+            "device_name": "unavailable",
+            "memory_allocated_bytes": 0,
+            "memory_reserved_bytes": 0,
+            "memory_total_bytes": 0,
+        }
+
+
+def cuda_broken() -> bool:
+    """True when CUDA was in use but a trivial operation now fails (only a restart fixes it).
+
+    After a device-side assert or an illegal memory access the CUDA context is poisoned:
+    every later kernel raises. A process that never touched CUDA is never "broken".
+    """
+    if not torch.cuda.is_initialized():
+        return False
+    try:
+        if not torch.cuda.is_available():
+            return True
+        probe = torch.ones(1, device="cuda")
+        probe.add_(1)
+        torch.cuda.synchronize()
+        return float(probe.item()) != 2.0
+    except Exception:
+        logger.exception("CUDA probe failed")
+        return True
+
+
+def load_base_model(
+    name: str,
+    task: Task,
+    labels: Sequence[str] = (),
+    *,
+    device: torch.device | str | None = None,
+    quantize_4bit: bool = False,
+    dtype: torch.dtype | None = None,
+    tokenizer_path: str | None = None,
+) -> tuple[nn.Module, Any]:
+    """Load a transformers base model and its tokenizer, with padding set up for `task`.
+
+    Classification loads `AutoModelForSequenceClassification` with `len(labels)` outputs,
+    generation `AutoModelForCausalLM`. `quantize_4bit` loads the linear layers as NF4
+    (double quantisation; compute in bfloat16 on CUDA, float32 on the CPU) and never the
+    heads. `tokenizer_path` defaults to `name` (a saved adapter carries its own).
+
+    Raises:
+        InvalidArgument: `name` is empty, not found (locally or on the hub), not a model
+            transformers can load, or its tokenizer has neither a pad nor an EOS token.
+    """
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+    )
+
+    target = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = torch.float32 if quantize_4bit else (autocast_dtype(target) or torch.float32)
+    if not name.strip():
+        raise InvalidArgument("must not be empty", field="base_model")
+    try:
+        AutoConfig.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or name)
+    except (OSError, ValueError) as err:
+        raise _not_found(name, err) from err
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quantize_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if target.type == "cuda" else torch.float32,
+            llm_int8_skip_modules=list(_UNQUANTISED_MODULES),
+        )
+        # bitsandbytes quantises while placing the weights: load straight onto the device.
+        kwargs["device_map"] = {"": str(target)}
+    try:
+        if task is Task.CLASSIFICATION:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                name,
+                num_labels=len(labels),
+                id2label=dict(enumerate(labels)),
+                label2id={label: i for i, label in enumerate(labels)},
+                **kwargs,
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _not_found(name, err) from err
+    if not quantize_4bit:
+        model.to(target)
+    _set_padding(model, tokenizer, task, name)
+    return model, tokenizer
+
+
+class BaseModelCache:
+    """Keeps one loaded base model between jobs and hands out a fresh adapter per job.
+
+    The key is (base model, task, 4-bit, dtype, device). A job with the same key reuses
+    the loaded weights: the previous job's LoRA layers are taken off with PEFT's
+    `unload()` (no merge, so the base weights are never written), and a new seeded head
+    and LoRA adapter are put on. A job with another key releases the old model first.
+
+    Thread-safe: `acquire` and `release` may be called from any thread, one at a time.
+    """
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self._device = torch.device(device) if device is not None else default_device()
+        self._lock = threading.RLock()
+        self._loaded: _Loaded | None = None
+        self._peft: PeftModel | None = None
+        self._load_seconds = 0.0
+
+    @property
+    def device(self) -> torch.device:
+        """Where models are loaded."""
+        return self._device
+
+    @property
+    def loaded_base_model(self) -> str:
+        """The base model now in memory, or "" when none is."""
+        with self._lock:
+            return self._loaded.key.base_model if self._loaded else ""
+
+    @property
+    def load_seconds(self) -> float:
+        """Seconds the most recent load took (a reused base does not reset it)."""
+        return self._load_seconds
+
+    def acquire(self, spec: JobSpec, labels: Sequence[str]) -> PreparedModel:
+        """Return the job's model: the (cached or newly loaded) base with a fresh adapter.
+
+        Head and LoRA initialisation depend only on `spec.training.seed`: the result is
+        tensor-for-tensor what a fresh load with the same spec gives.
+
+        Raises:
+            InvalidArgument: the base model cannot be found or loaded, the LoRA settings
+                are out of range, a target module does not exist, or a classification job
+                has fewer than two labels.
+        """
+        validate_lora(spec.lora)
+        task = spec.dataset.task
+        if task is Task.CLASSIFICATION and len(labels) < 2:
+            raise InvalidArgument(
+                f"classification needs at least 2 labels, got {len(labels)}", field="dataset"
+            )
+        key = _BaseKey(
+            base_model=spec.base_model,
+            task=task,
+            quantize_4bit=spec.training.quantize_4bit,
+            dtype=self._load_dtype(spec.training.quantize_4bit),
+            device=str(self._device),
+        )
+        with self._lock:
+            reused = self._loaded is not None and self._loaded.key == key
+            if reused:
+                try:
+                    self._strip_adapter()
+                except Exception:  # noqa: BLE001 - a base we cannot clean is reloaded
+                    logger.exception("could not take the last adapter off; reloading the base")
+                    reused = False
+            if not reused:
+                self._release_locked()
+                started = time.perf_counter()
+                self._loaded = self._load(key, labels)
+                self._load_seconds = time.perf_counter() - started
+                logger.info(
+                    "loaded base model %s (%s, 4-bit=%s) in %.1f s",
+                    key.base_model,
+                    task.value,
+                    key.quantize_4bit,
+                    self._load_seconds,
+                )
+            loaded = self._loaded
+            assert loaded is not None
+            try:
+                peft_model = self._prepare(loaded, spec, tuple(labels))
+            except BaseException:
+                # A half-injected adapter must not leak into the next job: start over.
+                self._release_locked()
+                raise
+            self._peft = peft_model
+            trainable, total = peft_model.get_nb_trainable_parameters()
+            return PreparedModel(
+                model=peft_model,
+                tokenizer=loaded.tokenizer,
+                device=self._device,
+                task=task,
+                labels=tuple(labels) if task is Task.CLASSIFICATION else (),
+                trainable_parameters=int(trainable),
+                total_parameters=int(total),
+                tokenizer_id=spec.base_model,
+                load_seconds=0.0 if reused else self._load_seconds,
+                base_reused=reused,
+            )
+
+    def release(self) -> None:
+        """Free the cached model (and the accelerator memory it held)."""
+        with self._lock:
+            self._release_locked()
+
+    # ---- internals ---------------------------------------------------------------------
+
+    def _load_dtype(self, quantize_4bit: bool) -> torch.dtype:
+        # 4-bit: the non-quantised parts end up float32 (prepare_model_for_kbit_training).
+        if quantize_4bit:
+            return torch.float32
+        return autocast_dtype(self._device) or torch.float32
+
+    def _release_locked(self) -> None:
+        if self._loaded is None and self._peft is None:
+            return
+        name = self._loaded.key.base_model if self._loaded else ""
+        self._peft = None
+        self._loaded = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        logger.info("released base model %s", name)
+
+    def _strip_adapter(self) -> None:
+        """Take the previous job's LoRA layers (and head wrapper) off the cached base."""
+        assert self._loaded is not None
+        if self._peft is not None:
+            # unload() without merging puts each original base layer back as it was; the
+            # adapter's weights and the trained head copy go away with the wrappers.
+            self._loaded.model = self._peft.unload()
+            self._peft = None
+        if any(isinstance(module, BaseTunerLayer) for module in self._loaded.model.modules()):
+            # Should not happen; if it does, the only safe base is a freshly loaded one.
+            raise RuntimeError("adapter layers survived unload(); refusing to reuse the base")
+
+    def _load(self, key: _BaseKey, labels: Sequence[str]) -> _Loaded:
+        model, tokenizer = load_base_model(
+            key.base_model,
+            key.task,
+            labels,
+            device=self._device,
+            quantize_4bit=key.quantize_4bit,
+            dtype=key.dtype,
+        )
+        model.requires_grad_(False)
+        if key.quantize_4bit:
+            # Casts norms / embeddings to fp32 and turns on gradient checkpointing, once per
+            # load (it changes the base, idempotently: a second call finds fp32 already).
+            # Non-reentrant checkpointing needs no forward hook on the input embeddings.
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=True,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        return _Loaded(key=key, model=model, tokenizer=tokenizer)
+
+    def _prepare(self, loaded: _Loaded, spec: JobSpec, labels: tuple[str, ...]) -> PeftModel:
+        model = loaded.model
+        lora = spec.lora
+        targets = _resolve_targets(model, lora.target_modules)
+        # Everything random from here on (head, LoRA A) depends on the job's seed only.
+        torch.manual_seed(spec.training.seed)
+        if spec.dataset.task is Task.CLASSIFICATION:
+            _replace_head(model, labels, self._device)
+        config = LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=targets,
+            use_rslora=lora.use_rslora,
+            use_dora=lora.use_dora,
+            bias="none",
+            task_type=(
+                TaskType.SEQ_CLS if spec.dataset.task is Task.CLASSIFICATION else TaskType.CAUSAL_LM
+            ),
+        )
+        peft_model = get_peft_model(model, config)
+        assert isinstance(peft_model, PeftModel)
+        return peft_model
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def _not_found(name: str, err: BaseException) -> InvalidArgument:
+    reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    return InvalidArgument(
+        f"'{name}' not found (a local folder or a Hugging Face hub name): {reason}",
+        field="base_model",
+    )
+
+
+def _conv1d_types() -> tuple[type[nn.Module], ...]:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - present in every supported transformers
+        return ()
+    return (Conv1D,)
+
+
+def _under_head(module_name: str) -> bool:
+    first = module_name.split(".", 1)[0]
+    return first in _UNQUANTISED_MODULES
+
+
+def _resolve_targets(model: nn.Module, requested: Sequence[str]) -> list[str] | str:
+    """PEFT's `target_modules`: "all-linear" for none, else the names, checked against the model."""
+    if not requested or [name.lower() for name in requested] == [_ALL_LINEAR]:
+        return _ALL_LINEAR
+    valid = linear_module_names(model)
+    module_names = [name for name, _ in model.named_modules() if not _under_head(name)]
+    unknown = [
+        target
+        for target in requested
+        if target not in valid
+        and not any(name == target or name.endswith("." + target) for name in module_names)
+    ]
+    if unknown:
+        raise InvalidArgument(
+            f"unknown module(s) {unknown}; this model's linear layers are: {', '.join(valid)} "
+            f"(or leave empty for all of them)",
+            field="hyperparameters.lora.target_modules",
+        )
+    # A name that exists but is no linear layer (e.g. "self_attn") would make PEFT fail later.
+    not_linear = [t for t in requested if t not in valid and not _is_linear_path(model, t)]
+    if not_linear:
+        raise InvalidArgument(
+            f"{not_linear} are not linear layers; choose from: {', '.join(valid)}",
+            field="hyperparameters.lora.target_modules",
+        )
+    return list(requested)
+
+
+def _is_linear_path(model: nn.Module, target: str) -> bool:
+    linear_types: tuple[type[nn.Module], ...] = (nn.Linear, *_conv1d_types())
+    return any(
+        isinstance(module, linear_types)
+        for name, module in model.named_modules()
+        if name == target or name.endswith("." + target)
+    )
+
+
+def _set_padding(model: nn.Module, tokenizer: Any, task: Task, name: str) -> None:
+    """Give the tokenizer a pad token and the model its id; right padding for training.
+
+    Decoder classifiers pool on the last token that is not `config.pad_token_id`, so the
+    id must be set and must be the one the collator pads with. A distinct pad token is
+    preferred; falling back to EOS is safe only because training and inference pad the
+    same way (a trailing EOS in the text would then be skipped by pooling).
+    """
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise InvalidArgument(
+                f"the tokenizer of '{name}' has neither a pad nor an EOS token", field="base_model"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info(
+            "%s: no pad token; padding with EOS (%s); decoder classifiers then pool on the "
+            "last non-EOS token",
+            name,
+            tokenizer.eos_token,
+        )
+    tokenizer.padding_side = "right"
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.pad_token_id = tokenizer.pad_token_id
+    generation_config = getattr(model, "generation_config", None)
+    if task is Task.GENERATION and generation_config is not None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _replace_head(model: nn.Module, labels: tuple[str, ...], device: torch.device) -> None:
+    """Put a freshly initialised head of `len(labels)` outputs on a classification model.
+
+    Every linear layer of the head is re-created (normal(0, initializer_range), zero bias:
+    transformers' own init for a head missing from a checkpoint) in float32 on the CPU, so
+    the values depend on the seed alone and not on the device's random generator; only the
+    output layer changes shape. Float32 because the head is trained in full (AdamW on
+    bfloat16 weights loses small updates); autocast handles the mixed dtypes on CUDA.
+    """
+    head_name = next((n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)), None)
+    if head_name is None:
+        raise InvalidArgument(
+            f"{type(model).__name__} has no classification head named {' or '.join(HEAD_NAMES)}",
+            field="base_model",
+        )
+    config: Any = model.config
+    std = float(getattr(config, "initializer_range", None) or 0.02)
+    old_head: nn.Module = getattr(model, head_name)
+    n_labels = len(labels)
+
+    def fresh(linear: nn.Linear, out_features: int) -> nn.Linear:
+        layer = nn.Linear(linear.in_features, out_features, bias=linear.bias is not None)
+        nn.init.normal_(layer.weight, mean=0.0, std=std)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+        return layer.to(device)
+
+    if isinstance(old_head, nn.Linear):
+        new_head: nn.Module = fresh(old_head, n_labels)
+    else:
+        # A composite head (e.g. RoBERTa's dense + out_proj): rebuild each linear layer in
+        # order; the last one is the output layer.
+        new_head = old_head
+        linears = [(n, m) for n, m in old_head.named_modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise InvalidArgument(
+                f"the head '{head_name}' of {type(model).__name__} has no linear layer",
+                field="base_model",
+            )
+        for index, (sub_name, linear) in enumerate(linears):
+            out = n_labels if index == len(linears) - 1 else linear.out_features
+            parent_name, _, leaf = sub_name.rpartition(".")
+            parent = old_head.get_submodule(parent_name) if parent_name else old_head
+            setattr(parent, leaf, fresh(linear, out))
+    new_head.requires_grad_(False)  # PEFT's modules_to_save copy is the trainable one
+    setattr(model, head_name, new_head)
+    if hasattr(model, "num_labels"):
+        model.num_labels = n_labels
+    config.num_labels = n_labels
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
