@@ -47,7 +47,8 @@ def _fail(err: BaseException) -> typer.Exit:
         return typer.Exit(2)
     if isinstance(err, grpc.aio.AioRpcError):
         errors.print(f"[red]error ({err.code().name}):[/red] {err.details()}")
-        return typer.Exit(1)
+        # Bad input is the caller's to fix (2); anything else may pass on a retry (1).
+        return typer.Exit(2 if err.code() == grpc.StatusCode.INVALID_ARGUMENT else 1)
     raise err
 
 

@@ -255,11 +255,11 @@ def load_adapter_for_inference(
         base_model = str(config["base_model"])
         quantize_4bit = bool(config["hyperparameters"]["training"].get("quantize_4bit", False))
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise InvalidArgument(
-            f"{config_path} cannot be read: {err}", field="adapter_dir"
-        ) from err
+        raise InvalidArgument(f"{config_path} cannot be read: {err}", field="adapter_dir") from err
     target = torch.device(device) if device is not None else default_device()
-    has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    has_tokenizer = any(
+        (folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")
+    )
     base, tokenizer = load_base_model(
         base_model,
         task,

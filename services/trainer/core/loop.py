@@ -116,7 +116,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         order = torch.randperm(len(batches), generator=self.generator).tolist()
         batches = [batches[i] for i in order]
         if batches:
-            longest = max(range(len(batches)), key=lambda b: max(self.lengths[i] for i in batches[b]))
+            longest = max(
+                range(len(batches)), key=lambda b: max(self.lengths[i] for i in batches[b])
+            )
             batches.insert(0, batches.pop(longest))
         yield from batches
 
@@ -405,8 +407,10 @@ def _evaluate(
     """Validation loss and predictions on up to `max_eval_samples` rows (None: no rows)."""
     limit = spec.max_eval_samples
     if limit <= 0:
-        limit = len(encoded.validation) if prepared.task is Task.CLASSIFICATION else (
-            DEFAULT_GENERATION_EVAL_SAMPLES
+        limit = (
+            len(encoded.validation)
+            if prepared.task is Task.CLASSIFICATION
+            else (DEFAULT_GENERATION_EVAL_SAMPLES)
         )
     rows = list(encoded.validation[:limit])
     raw = list(data.validation[: len(rows)])
@@ -491,7 +495,9 @@ def _generation_loss(
     for start in range(0, len(order), batch_size):
         if ctx.should_stop():
             raise Cancelled("cancelled during evaluation")
-        batch = collate([rows[i] for i in order[start : start + batch_size]], pad_id, Task.GENERATION)
+        batch = collate(
+            [rows[i] for i in order[start : start + batch_size]], pad_id, Task.GENERATION
+        )
         inputs = {key: value.to(prepared.device) for key, value in batch.items()}
         with amp():
             loss_sum += float(_causal_lm_loss_sum(prepared.model, inputs))

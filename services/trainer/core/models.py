@@ -1,4 +1,4 @@
-"""Base models for training jobs: loading (optionally 4-bit), one cached base, a fresh LoRA per job."""
+"""Base models for training: loading (optionally 4-bit), one cached base, a fresh LoRA per job."""
 
 from __future__ import annotations
 
@@ -114,7 +114,9 @@ def validate_lora(spec: LoraSpec) -> None:
             empty target module name.
     """
     if spec.rank < 1:
-        raise InvalidArgument(f"must be at least 1, got {spec.rank}", field="hyperparameters.lora.rank")
+        raise InvalidArgument(
+            f"must be at least 1, got {spec.rank}", field="hyperparameters.lora.rank"
+        )
     if not (math.isfinite(spec.alpha) and spec.alpha > 0):
         raise InvalidArgument(
             f"must be a finite number > 0, got {spec.alpha}", field="hyperparameters.lora.alpha"
@@ -190,7 +192,7 @@ def cuda_broken() -> bool:
         probe.add_(1)
         torch.cuda.synchronize()
         return float(probe.item()) != 2.0
-    except Exception:
+    except Exception:  # any failure of a trivial op means the context is gone
         logger.exception("CUDA probe failed")
         return True
 
@@ -328,7 +330,7 @@ class BaseModelCache:
             if reused:
                 try:
                     self._strip_adapter()
-                except Exception:  # noqa: BLE001 - a base we cannot clean is reloaded
+                except Exception:  # a base we cannot clean is reloaded, whatever went wrong
                     logger.exception("could not take the last adapter off; reloading the base")
                     reused = False
             if not reused:
@@ -433,7 +435,7 @@ class BaseModelCache:
             _replace_head(model, labels, self._device)
         config = LoraConfig(
             r=lora.rank,
-            lora_alpha=lora.alpha,
+            lora_alpha=lora.alpha,  # type: ignore[arg-type]  # annotated int; PEFT takes floats
             lora_dropout=lora.dropout,
             target_modules=targets,
             use_rslora=lora.use_rslora,
@@ -547,7 +549,9 @@ def _replace_head(model: nn.Module, labels: tuple[str, ...], device: torch.devic
     output layer changes shape. Float32 because the head is trained in full (AdamW on
     bfloat16 weights loses small updates); autocast handles the mixed dtypes on CUDA.
     """
-    head_name = next((n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)), None)
+    head_name = next(
+        (n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)), None
+    )
     if head_name is None:
         raise InvalidArgument(
             f"{type(model).__name__} has no classification head named {' or '.join(HEAD_NAMES)}",
@@ -585,7 +589,7 @@ def _replace_head(model: nn.Module, labels: tuple[str, ...], device: torch.devic
     new_head.requires_grad_(False)  # PEFT's modules_to_save copy is the trainable one
     setattr(model, head_name, new_head)
     if hasattr(model, "num_labels"):
-        model.num_labels = n_labels
+        setattr(model, "num_labels", n_labels)  # noqa: B010 - typed as a Module attribute
     config.num_labels = n_labels
     config.id2label = dict(enumerate(labels))
     config.label2id = {label: i for i, label in enumerate(labels)}

@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from services.trainer.core.types import (  # noqa: E402
+from services.trainer.core.types import (
     BalancingSpec,
     ClassStats,
     DatasetSpec,
@@ -27,9 +27,10 @@ from services.trainer.core.types import (  # noqa: E402
 )
 
 PAD, EOS, IM_START, UNK = "<|endoftext|>", "<|im_end|>", "<|im_start|>", "<unk>"
-WORDS = [f"w{i}" for i in range(48)] + (
-    "user assistant system good bad fine great awful okay yes no maybe the a is and".split()
-)
+WORDS = [f"w{i}" for i in range(48)] + [
+    *("user", "assistant", "system", "good", "bad", "fine", "great", "awful", "okay"),
+    *("yes", "no", "maybe", "the", "a", "is", "and"),
+]
 # Qwen-style turns, whitespace-separated because the tiny tokenizer splits on whitespace.
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "

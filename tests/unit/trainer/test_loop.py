@@ -93,7 +93,7 @@ def test_decoder_classifier_trains_with_focal_loss_weights_and_sampler(tiny_qwen
         max_eval_samples=5,
     )
     rows = sentiment_rows(24, seed=2)
-    rows = rows + [("w1 okay w2", "neutral"), ("okay w3", "neutral")]  # a rare class
+    rows = [*rows, ("w1 okay w2", "neutral"), ("okay w3", "neutral")]  # a rare class
     prepared = BaseModelCache("cpu").acquire(spec, ["negative", "neutral", "positive"])
     data, encoded = classification_data(rows[:20] + rows[24:], rows[20:24], prepared.tokenizer)
     recorder = Recorder()
@@ -326,9 +326,10 @@ def test_the_loader_groups_by_length_and_puts_the_longest_batch_first() -> None:
     assert sum(b.shape[0] for b in first_epoch) == 64
     second_epoch = [batch["input_ids"] for batch in loader]
     assert [b.shape for b in first_epoch] != [b.shape for b in second_epoch]  # reshuffled
-    again = [batch["input_ids"] for batch in build_train_loader(
-        examples, Task.CLASSIFICATION, 0, 8, seed=3, n_classes=1
-    )]
+    again = [
+        batch["input_ids"]
+        for batch in build_train_loader(examples, Task.CLASSIFICATION, 0, 8, seed=3, n_classes=1)
+    ]
     assert all(torch.equal(a, b) for a, b in zip(first_epoch, again, strict=True))  # seeded
 
 

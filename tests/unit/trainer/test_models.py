@@ -81,7 +81,11 @@ def test_explicit_targets_get_lora_and_others_do_not(tiny_qwen_dir: Path) -> Non
         tiny_qwen_dir, Task.GENERATION, lora=LoraSpec(rank=2, target_modules=("q_proj", "v_proj"))
     )
     prepared = BaseModelCache("cpu").acquire(spec, [])
-    adapted = {name.rsplit(".", 1)[-1] for name, m in prepared.model.named_modules() if hasattr(m, "lora_A")}
+    adapted = {
+        name.rsplit(".", 1)[-1]
+        for name, m in prepared.model.named_modules()
+        if hasattr(m, "lora_A")
+    }
     assert adapted == {"q_proj", "v_proj"}
 
 
@@ -145,7 +149,11 @@ def test_qlora_quantises_the_linear_layers_but_never_the_head(tiny_qwen_dir: Pat
     projections = [m.base_layer for m in base.modules() if hasattr(m, "lora_A")]
     assert len(projections) == 2 * len(QWEN_LINEAR)
     assert all(isinstance(layer, bnb.nn.Linear4bit) for layer in projections)
-    heads = [m for name, m in base.named_modules() if name.startswith("score") and isinstance(m, nn.Linear)]
+    heads = [
+        m
+        for name, m in base.named_modules()
+        if name.startswith("score") and isinstance(m, nn.Linear)
+    ]
     assert heads, "no score head"
     assert not any(isinstance(head, bnb.nn.Linear4bit) for head in heads)
     assert all(head.weight.dtype == torch.float32 for head in heads)

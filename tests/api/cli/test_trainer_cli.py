@@ -1,0 +1,158 @@
+"""`loratune prepare-data`, `train` and `evaluate-adapter`, the seed's three steps."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from services.cli.main import app
+from services.evaluator.core.bertscore import packaged_minilm_path
+
+runner = CliRunner()
+
+ROWS = (
+    [("Оплата аренды офиса за март", "20.01")] * 8
+    + [("Выплата заработной платы сотрудникам", "70.00")] * 6
+    + [("Уплата НДС за квартал", "68.02")] * 4
+    + [("Комиссия банка", "91.02")] * 2
+)
+
+
+def write_csv(path: Path) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["comment", "code"])
+        for i, (text, label) in enumerate(ROWS):
+            writer.writerow([f"{text} №{i}", label])
+    return path
+
+
+def test_prepare_data_prints_statistics_and_writes_the_split(tmp_path: Path) -> None:
+    data = write_csv(tmp_path / "payments.csv")
+    out = tmp_path / "prepared"
+    result = runner.invoke(
+        app,
+        [
+            "prepare-data",
+            "--dataset",
+            str(data),
+            "--text-field",
+            "comment",
+            "--label-field",
+            "code",
+            "--min-samples-per-class",
+            "3",
+            "--output",
+            str(out),
+        ],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    assert "imbalance ratio (largest / smallest class): 1.8" in result.output
+    assert "91.02" in result.output  # left out, and said so
+    weights = json.loads((out / "class_weights.json").read_text(encoding="utf-8"))
+    assert set(weights["labels"]) == {"20.01", "70.00", "68.02"}
+    train_rows = (out / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    assert any("Оплата аренды" in row for row in train_rows)
+
+
+def test_prepare_data_bad_field_is_a_clear_error(tmp_path: Path) -> None:
+    data = write_csv(tmp_path / "payments.csv")
+    result = runner.invoke(
+        app, ["prepare-data", "--dataset", str(data), "--output", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2
+    assert "dataset.text_field" in result.output and "comment" in result.output
+
+
+def test_train_then_evaluate_adapter(tmp_path: Path) -> None:
+    data = write_csv(tmp_path / "payments.csv")
+    adapter = tmp_path / "adapter"
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--dataset",
+            str(data),
+            "--text-field",
+            "comment",
+            "--label-field",
+            "code",
+            "--base-model",
+            packaged_minilm_path(),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--lr",
+            "0.005",
+            "--rank",
+            "4",
+            "--alpha",
+            "8",
+            "--max-seq-length",
+            "32",
+            "--output",
+            str(adapter),
+        ],
+        env={"COLUMNS": "200", "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.exit_code == 0, result.output
+    assert "adapter saved to" in result.output
+    assert (adapter / "adapter_model.safetensors").is_file()
+
+    report = tmp_path / "report"
+    result = runner.invoke(
+        app,
+        [
+            "evaluate-adapter",
+            "--adapter",
+            str(adapter),
+            "--dataset",
+            str(data),
+            "--text-field",
+            "comment",
+            "--label-field",
+            "code",
+            "--output",
+            str(report),
+        ],
+        env={"COLUMNS": "200", "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.exit_code == 0, result.output
+    assert "F1 macro" in result.output and "Per class" in result.output
+    for name in ("evaluation_results.json", "confusion_matrix.csv", "confusion_matrix.png"):
+        assert (report / name).is_file(), name
+    assert (report / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    with (report / "confusion_matrix.csv").open(encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][0] == "true \\ predicted" and len(rows) == len(rows[0])
+    assert sum(int(v) for row in rows[1:] for v in row[1:]) == len(ROWS)
+
+
+def test_train_reports_bad_hyperparameters(tmp_path: Path) -> None:
+    data = write_csv(tmp_path / "payments.csv")
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--dataset",
+            str(data),
+            "--text-field",
+            "comment",
+            "--label-field",
+            "code",
+            "--base-model",
+            packaged_minilm_path(),
+            "--rank",
+            "0",
+            "--output",
+            str(tmp_path / "x"),
+        ],
+        env={"HF_HUB_OFFLINE": "1"},
+    )
+    assert result.exit_code == 2
+    assert "hyperparameters.lora.rank" in result.output
