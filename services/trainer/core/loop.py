@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import math
 import time
@@ -18,7 +17,7 @@ from torch.utils.data import DataLoader, RandomSampler, Sampler
 
 from services.common.errors import InvalidArgument
 from services.trainer.core.balancing import FocalLoss, class_weights, weighted_sampler
-from services.trainer.core.models import PreparedModel, autocast_dtype
+from services.trainer.core.models import PreparedModel, autocast_dtype, free_accelerator_memory
 from services.trainer.core.tokenize import IGNORE_INDEX, collate, collate_prompts
 from services.trainer.core.types import (
     Cancelled,
@@ -132,6 +131,7 @@ def build_train_loader(
     *,
     n_classes: int = 0,
     use_weighted_sampler: bool = False,
+    pin_memory: bool = False,
 ) -> DataLoader[EncodedExample]:
     """The training DataLoader: seeded shuffle (or class-balanced draws), length-grouped.
 
@@ -159,6 +159,8 @@ def build_train_loader(
         examples,  # type: ignore[arg-type]  # any Sequence indexes like a map-style Dataset
         batch_sampler=batch_sampler,
         collate_fn=collate_batch,
+        # Page-locked batches let the copies to the GPU overlap with compute.
+        pin_memory=pin_memory,
     )
 
 
@@ -204,6 +206,7 @@ def train(
         training.seed,
         n_classes=len(data.labels),
         use_weighted_sampler=spec.balancing.use_weighted_sampler,
+        pin_memory=device.type == "cuda",
     )
     accumulation = max(1, training.gradient_accumulation)
     batches_per_epoch = len(loader)
@@ -290,9 +293,7 @@ def train(
         optimizer = None
         scheduler = None
         del trainable
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_accelerator_memory()
     model.eval()
     final_loss = sum(epoch_losses) / len(epoch_losses) if epoch_losses else float("nan")
     return LoopResult(
@@ -518,8 +519,19 @@ def _generate(
     Prompts are left-padded (a decoder appends after the last column); rows are batched
     by prompt length so short prompts do not wait behind padding.
     """
+    from transformers import GenerationConfig
+
     tokenizer = prepared.tokenizer
     pad_id = int(tokenizer.pad_token_id)
+    # An explicit config: a checkpoint's own (sampling temperature, top_p, ...) must not
+    # turn evaluation into sampling or fill the log with warnings about unused flags.
+    config = GenerationConfig(
+        max_new_tokens=max(1, max_new_tokens),
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad_id,
+        eos_token_id=_eos_ids(prepared),
+    )
     outputs = [""] * len(rows)
     order = _length_order(rows, "prompt_ids")
     for start in range(0, len(order), batch_size):
@@ -532,14 +544,23 @@ def _generate(
             generated = prepared.model.generate(
                 input_ids=inputs["input_ids"],
                 attention_mask=inputs["attention_mask"],
-                max_new_tokens=max(1, max_new_tokens),
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=pad_id,
-                eos_token_id=tokenizer.eos_token_id,
+                generation_config=config,
             )
         continuations = generated[:, inputs["input_ids"].shape[1] :]
         texts = tokenizer.batch_decode(continuations, skip_special_tokens=True)
         for index, text in zip(indices, texts, strict=True):
             outputs[index] = str(text).strip()
     return outputs
+
+
+def _eos_ids(prepared: PreparedModel) -> list[int]:
+    """Every id that ends a response: the checkpoint's EOS list (Qwen has two) and the tokenizer's."""
+    ids: list[int] = []
+    configured = getattr(prepared.model.get_base_model().generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.append(configured)
+    elif isinstance(configured, list | tuple):
+        ids.extend(int(i) for i in configured)
+    if prepared.tokenizer.eos_token_id is not None:
+        ids.append(int(prepared.tokenizer.eos_token_id))
+    return sorted(set(ids))

@@ -28,6 +28,7 @@ __all__ = [
     "cuda_broken",
     "default_device",
     "device_info",
+    "free_accelerator_memory",
     "linear_module_names",
     "load_base_model",
     "validate_lora",
@@ -175,6 +176,13 @@ def device_info(device: torch.device | None = None) -> dict[str, Any]:
             "memory_reserved_bytes": 0,
             "memory_total_bytes": 0,
         }
+
+
+def free_accelerator_memory() -> None:
+    """Collect garbage and hand cached CUDA blocks back (after a job, or an out-of-memory error)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def cuda_broken() -> bool:
@@ -387,9 +395,7 @@ class BaseModelCache:
         name = self._loaded.key.base_model if self._loaded else ""
         self._peft = None
         self._loaded = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_accelerator_memory()
         logger.info("released base model %s", name)
 
     def _strip_adapter(self) -> None:

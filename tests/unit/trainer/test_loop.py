@@ -427,3 +427,39 @@ def test_load_adapter_refuses_a_folder_without_an_adapter(tmp_path: Path) -> Non
     with pytest.raises(InvalidArgument) as caught:
         load_adapter_for_inference(tmp_path, "cpu")
     assert caught.value.field == "adapter_dir"
+
+
+# ---- CUDA (bf16 autocast, 4-bit on the GPU) ------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("quantize_4bit", [False, True])
+def test_classification_and_generation_train_on_cuda(
+    tiny_qwen_dir: Path, tmp_path: Path, quantize_4bit: bool
+) -> None:
+    cache = BaseModelCache("cuda")
+    training = TrainingSpec(
+        learning_rate=1e-2, num_epochs=1, batch_size=4, seed=2, quantize_4bit=quantize_4bit
+    )
+    cls_spec = make_spec(tiny_qwen_dir, Task.CLASSIFICATION, tmp_path, training=training)
+    prepared = cache.acquire(cls_spec, ["negative", "positive"])
+    rows = sentiment_rows(12)
+    data, encoded = classification_data(rows[:8], rows[8:], prepared.tokenizer)
+    result = train(prepared, data, encoded, cls_spec, _context(Recorder()))
+    assert result.last_eval is not None and math.isfinite(result.final_loss)
+    save_artifacts(prepared, data, cls_spec, result, tmp_path, None)
+    loaded = load_adapter_for_inference(tmp_path, "cuda")
+    assert len(predict_labels(loaded, ["w1 good", "bad w2"])) == 2
+
+    gen_spec = make_spec(tiny_qwen_dir, Task.GENERATION, training=training, max_new_tokens=3)
+    prepared = cache.acquire(gen_spec, [])
+    rows_g = echo_rows(12)
+    data, encoded = generation_data(rows_g[:8], rows_g[8:], prepared.tokenizer)
+    result = train(prepared, data, encoded, gen_spec, _context(Recorder()))
+    assert result.last_eval is not None and len(result.last_eval.predictions) == 4
+
+    again = cache.acquire(gen_spec, [])
+    fresh = BaseModelCache("cuda").acquire(gen_spec, [])
+    state, fresh_state = again.model.state_dict(), fresh.model.state_dict()
+    assert [k for k in fresh_state if not torch.equal(state[k], fresh_state[k])] == []
