@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from peft import PeftModel
@@ -215,17 +215,13 @@ def training_config(
     }
 
 
-@dataclasses.dataclass
-class LoadedAdapter:
-    """A saved adapter on its base, ready for inference (unpacks as a 4-tuple)."""
+class LoadedAdapter(NamedTuple):
+    """A saved adapter on its base, ready for inference."""
 
     model: PeftModel
     tokenizer: Any
-    labels: tuple[str, ...]
+    labels: tuple[str, ...]  # classification: index = class id; generation: ()
     task: Task
-
-    def __iter__(self) -> Any:
-        return iter((self.model, self.tokenizer, self.labels, self.task))
 
 
 def load_adapter_for_inference(

@@ -25,6 +25,7 @@ __all__ = [
     "BaseModelCache",
     "PreparedModel",
     "autocast_dtype",
+    "check_base_model",
     "cuda_broken",
     "default_device",
     "device_info",
@@ -130,6 +131,42 @@ def validate_lora(spec: LoraSpec) -> None:
         raise InvalidArgument(
             "module names must not be empty", field="hyperparameters.lora.target_modules"
         )
+
+
+def check_base_model(spec: JobSpec) -> None:
+    """Before accepting a job: the base model exists, fits the task, and has the LoRA targets.
+
+    Reads only the model's config and builds the architecture on the meta device (no
+    weights, no memory), so a typo in `base_model` or `target_modules` fails the request
+    rather than the job after a multi-gigabyte load.
+
+    Raises:
+        InvalidArgument: as `validate_lora`; `base_model` not found or not loadable for the
+            task; a target module the model does not have (the message lists the valid ones).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    validate_lora(spec.lora)
+    name = spec.base_model
+    if not name.strip():
+        raise InvalidArgument("must not be empty", field="base_model")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise _not_found(name, err) from err
+    task = spec.dataset.task
+    auto = (
+        AutoModelForSequenceClassification if task is Task.CLASSIFICATION else AutoModelForCausalLM
+    )
+    try:
+        with torch.device("meta"):
+            skeleton = auto.from_config(config)
+    except (ValueError, KeyError) as err:
+        raise InvalidArgument(
+            f"'{name}' ({type(config).__name__}) cannot be loaded for {task.value}: {err}",
+            field="base_model",
+        ) from err
+    _resolve_targets(skeleton, spec.lora.target_modules)
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -254,8 +291,12 @@ def load_base_model(
             bnb_4bit_compute_dtype=torch.bfloat16 if target.type == "cuda" else torch.float32,
             llm_int8_skip_modules=list(_UNQUANTISED_MODULES),
         )
-        # bitsandbytes quantises while placing the weights: load straight onto the device.
-        kwargs["device_map"] = {"": str(target)}
+        # bitsandbytes quantises while placing the weights: load straight onto the device
+        # (an explicit index: device maps want "cuda:0", not a bare "cuda").
+        placed = target
+        if target.type == "cuda" and target.index is None:
+            placed = torch.device("cuda", torch.cuda.current_device())
+        kwargs["device_map"] = {"": str(placed)}
     try:
         if task is Task.CLASSIFICATION:
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -355,8 +396,10 @@ class BaseModelCache:
                 )
             loaded = self._loaded
             assert loaded is not None
+            # Checked on the clean base before anything changes: a typo keeps the cache.
+            targets = _resolve_targets(loaded.model, spec.lora.target_modules)
             try:
-                peft_model = self._prepare(loaded, spec, tuple(labels))
+                peft_model = self._prepare(loaded, spec, tuple(labels), targets)
             except BaseException:
                 # A half-injected adapter must not leak into the next job: start over.
                 self._release_locked()
@@ -402,8 +445,9 @@ class BaseModelCache:
         """Take the previous job's LoRA layers (and head wrapper) off the cached base."""
         assert self._loaded is not None
         if self._peft is not None:
-            # unload() without merging puts each original base layer back as it was; the
-            # adapter's weights and the trained head copy go away with the wrappers.
+            # unload() without merging puts each original base layer back as it was and
+            # drops the LoRA weights. It leaves the trained copy of a classification head
+            # in the head's place; _prepare replaces that with a fresh seeded head.
             self._loaded.model = self._peft.unload()
             self._peft = None
         if any(isinstance(module, BaseTunerLayer) for module in self._loaded.model.modules()):
@@ -431,10 +475,15 @@ class BaseModelCache:
             )
         return _Loaded(key=key, model=model, tokenizer=tokenizer)
 
-    def _prepare(self, loaded: _Loaded, spec: JobSpec, labels: tuple[str, ...]) -> PeftModel:
+    def _prepare(
+        self,
+        loaded: _Loaded,
+        spec: JobSpec,
+        labels: tuple[str, ...],
+        targets: list[str] | str,
+    ) -> PeftModel:
         model = loaded.model
         lora = spec.lora
-        targets = _resolve_targets(model, lora.target_modules)
         # Everything random from here on (head, LoRA A) depends on the job's seed only.
         torch.manual_seed(spec.training.seed)
         if spec.dataset.task is Task.CLASSIFICATION:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from pathlib import Path
@@ -10,17 +9,16 @@ from typing import Any
 
 import torch
 
-from services.common.errors import InvalidArgument
 from services.trainer import metrics
 from services.trainer.core.artifacts import TensorBoardLogger, check_output_dir, save_artifacts
 from services.trainer.core.data import prepare
 from services.trainer.core.loop import train
 from services.trainer.core.models import (
     BaseModelCache,
+    check_base_model,
     cuda_broken,
     device_info,
-    linear_module_names,
-    validate_lora,
+    free_accelerator_memory,
 )
 from services.trainer.core.tokenize import TokenizationCache
 from services.trainer.core.types import (
@@ -32,49 +30,10 @@ from services.trainer.core.types import (
     PreparedData,
     ProgressEvent,
     RunContext,
-    Task,
 )
 from services.trainer.core.validation import validate_parameters
 
 logger = logging.getLogger(__name__)
-
-
-def _base_config(name: str) -> Any:
-    """The base model's config, or INVALID_ARGUMENT naming base_model."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        raise InvalidArgument(
-            f"'{name}' was not found: give a local model folder or a Hugging Face hub name "
-            f"this machine can reach ({type(err).__name__})",
-            field="base_model",
-        ) from None
-
-
-def _check_target_modules(spec: JobSpec, config: Any, labels: int) -> None:
-    """Unknown target modules are refused before the job is accepted.
-
-    The model's layout is built on the meta device from its config: no weights are read.
-    """
-    if not spec.lora.target_modules:
-        return
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    with torch.device("meta"):
-        if spec.dataset.task is Task.CLASSIFICATION:
-            config.num_labels = max(labels, 2)
-            skeleton = AutoModelForSequenceClassification.from_config(config)
-        else:
-            skeleton = AutoModelForCausalLM.from_config(config)
-    valid = linear_module_names(skeleton)
-    unknown = [m for m in spec.lora.target_modules if m not in valid]
-    if unknown:
-        raise InvalidArgument(
-            f"{', '.join(unknown)} not in this model; valid linear modules: {', '.join(valid)}",
-            field="hyperparameters.lora.target_modules",
-        )
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -94,12 +53,9 @@ class LocalRunner:
     def validate(self, spec: JobSpec) -> PreparedData:
         """Parameters, output folder, base model, data and target modules, before acceptance."""
         validate_parameters(spec)
-        validate_lora(spec.lora)
         check_output_dir(spec.output_dir)
-        config = _base_config(spec.base_model)
-        data = prepare(spec.dataset, spec.balancing.min_samples_per_class)
-        _check_target_modules(spec, config, len(data.labels))
-        return data
+        check_base_model(spec)
+        return prepare(spec.dataset, spec.balancing.min_samples_per_class)
 
     def run(self, spec: JobSpec, prepared: Any, ctx: RunContext) -> CompletedEvent:
         """Loads (or reuses) the base, tokenises (or reuses), trains and saves the adapter."""
@@ -144,10 +100,9 @@ class LocalRunner:
         """OUT_OF_MEMORY frees the cached model so the next job starts from a clean device."""
         if is_out_of_memory(error):
             self._models.release()
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free_accelerator_memory()
             return FailureReason.OUT_OF_MEMORY
+        free_accelerator_memory()
         return FailureReason.INTERNAL
 
     def healthy(self) -> bool:

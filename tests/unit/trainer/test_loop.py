@@ -463,3 +463,33 @@ def test_classification_and_generation_train_on_cuda(
     fresh = BaseModelCache("cuda").acquire(gen_spec, [])
     state, fresh_state = again.model.state_dict(), fresh.model.state_dict()
     assert [k for k in fresh_state if not torch.equal(state[k], fresh_state[k])] == []
+
+
+def test_a_qlora_generation_adapter_reloads_with_the_same_logits(
+    tiny_qwen_dir: Path, tmp_path: Path
+) -> None:
+    spec = make_spec(
+        tiny_qwen_dir,
+        Task.GENERATION,
+        tmp_path,
+        training=TrainingSpec(learning_rate=1e-2, num_epochs=1, batch_size=4, quantize_4bit=True),
+        max_new_tokens=2,
+    )
+    prepared = BaseModelCache("cpu").acquire(spec, [])
+    rows = echo_rows(10, seed=5)
+    data, encoded = generation_data(rows[:8], rows[8:], prepared.tokenizer)
+    result = train(prepared, data, encoded, spec, _context(Recorder()))
+    save_artifacts(prepared, data, spec, result, tmp_path)
+    assert not (tmp_path / "class_weights.json").exists()
+    config = json.loads((tmp_path / "training_config.json").read_text())
+    assert config["hyperparameters"]["training"]["quantize_4bit"] is True
+    assert set(config["versions"]) >= {"torch", "transformers", "peft", "bitsandbytes"}
+
+    inputs = torch.tensor([list(encoded.validation[0].input_ids)])
+    with torch.inference_mode():
+        before = prepared.model(input_ids=inputs).logits
+    model, _tokenizer, labels, task = load_adapter_for_inference(tmp_path, "cpu")
+    assert task is Task.GENERATION and labels == ()
+    with torch.inference_mode():
+        after = model(input_ids=inputs).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)

@@ -13,6 +13,7 @@ from services.common.errors import InvalidArgument
 from services.trainer.core.loop import train
 from services.trainer.core.models import (
     BaseModelCache,
+    check_base_model,
     cuda_broken,
     device_info,
     linear_module_names,
@@ -58,14 +59,17 @@ def test_unknown_target_module_lists_the_models_linear_layers(tiny_qwen_dir: Pat
     spec = make_spec(
         tiny_qwen_dir, Task.CLASSIFICATION, lora=LoraSpec(target_modules=("q_proj", "qkv"))
     )
+    cache = BaseModelCache("cpu")
     with pytest.raises(InvalidArgument) as caught:
-        BaseModelCache("cpu").acquire(spec, ["a", "b"])
+        cache.acquire(spec, ["a", "b"])
     error = caught.value
     assert error.field == "hyperparameters.lora.target_modules"
     assert "qkv" in error.message
     for name in QWEN_LINEAR:
         assert name in error.message
     assert "score" not in error.message  # the head is trained whole, never a LoRA target
+    # A typo costs no reload: the next job gets the base that is already loaded.
+    assert cache.acquire(make_spec(tiny_qwen_dir, Task.CLASSIFICATION), ["a", "b"]).base_reused
 
 
 def test_a_module_that_is_not_linear_is_refused(tiny_qwen_dir: Path) -> None:
@@ -263,3 +267,24 @@ def test_linear_module_names_of_bert_exclude_the_classifier(minilm_dir: Path) ->
     names = linear_module_names(model)
     assert {"query", "key", "value", "dense"} <= set(names)
     assert "classifier" not in names
+
+
+def test_check_base_model_refuses_bad_names_before_any_weights_load(
+    tiny_qwen_dir: Path, tmp_path: Path
+) -> None:
+    check_base_model(make_spec(tiny_qwen_dir, Task.CLASSIFICATION))
+    check_base_model(
+        make_spec(tiny_qwen_dir, Task.GENERATION, lora=LoraSpec(target_modules=("q_proj",)))
+    )
+    with pytest.raises(InvalidArgument) as caught:
+        check_base_model(
+            make_spec(tiny_qwen_dir, Task.GENERATION, lora=LoraSpec(target_modules=("c_attn",)))
+        )
+    assert caught.value.field == "hyperparameters.lora.target_modules"
+    assert "gate_proj" in caught.value.message
+    with pytest.raises(InvalidArgument) as caught:
+        check_base_model(make_spec(tmp_path / "missing", Task.GENERATION))
+    assert caught.value.field == "base_model"
+    with pytest.raises(InvalidArgument) as caught:
+        check_base_model(make_spec(tiny_qwen_dir, Task.GENERATION, lora=LoraSpec(rank=0)))
+    assert caught.value.field == "hyperparameters.lora.rank"

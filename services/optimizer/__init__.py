@@ -1,0 +1,1 @@
+"""The optimizer: Optuna studies over trainer pods, restart-safe."""

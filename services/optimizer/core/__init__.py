@@ -1,0 +1,1 @@
+"""The optimizer's domain: search space, studies, dispatch (no gRPC)."""

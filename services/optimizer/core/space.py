@@ -1,0 +1,232 @@
+"""The search space: documented defaults, validation, and trial parameters -> hyperparameters."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from services.common.defaults import TrainingDefaults
+from services.common.errors import InvalidArgument
+
+ATTENTION_MODULES = {
+    # Decoder models (Qwen, Llama, Mistral, ...) and BERT-like encoders name them differently.
+    "decoder": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "bert": ("query", "key", "value"),
+}
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    """A float dimension."""
+
+    low: float
+    high: float
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What the sampler may vary; a field with one value is fixed.
+
+    Defaults (documented in the README): rank {8, 16, 32, 64}; alpha = rank x {1, 2};
+    dropout 0-0.1; learning rate 1e-5..5e-4 log (generation) or 5e-5..2e-3 log
+    (classification, whose new head learns from scratch); epochs {2, 3, 4}; target
+    modules attention-only or all linear layers; rsLoRA on / off; for classification
+    focal gamma 0-3, class weights on / off, weighted sampler on / off.
+    """
+
+    rank: tuple[int, ...] = (8, 16, 32, 64)
+    alpha_multiplier: tuple[float, ...] = (1.0, 2.0)
+    dropout: FloatRange = FloatRange(0.0, 0.1)
+    learning_rate: FloatRange = FloatRange(1e-5, 5e-4, log=True)
+    num_epochs: tuple[int, ...] = (2, 3, 4)
+    target_modules: tuple[str, ...] = ("attention", "all-linear")
+    use_rslora: tuple[bool, ...] = (False, True)
+    batch_size: tuple[int, ...] = ()  # empty = LORA_BATCH_SIZE, fixed
+    focal_gamma: FloatRange = FloatRange(0.0, 3.0)
+    use_class_weights: tuple[bool, ...] = (True, False)
+    use_weighted_sampler: tuple[bool, ...] = (False, True)
+    # Module names per choice of target_modules ("all-linear" = empty = every linear layer).
+    module_sets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def default_space(classification: bool) -> SearchSpace:
+    """The documented default space for the task."""
+    if classification:
+        return SearchSpace(learning_rate=FloatRange(5e-5, 2e-3, log=True))
+    return SearchSpace()
+
+
+def _check_range(name: str, value: FloatRange, minimum: float = 0.0) -> None:
+    if not (math.isfinite(value.low) and math.isfinite(value.high)):
+        raise InvalidArgument("bounds must be finite numbers", field=f"search_space.{name}")
+    if value.low > value.high:
+        raise InvalidArgument(
+            f"is inverted (low {value.low:g} > high {value.high:g})", field=f"search_space.{name}"
+        )
+    if value.low < minimum or (value.log and value.low <= 0):
+        raise InvalidArgument(
+            f"low must be {'> 0 for a log scale' if value.log else f'>= {minimum:g}'} "
+            f"(got {value.low:g})",
+            field=f"search_space.{name}",
+        )
+
+
+def validate(space: SearchSpace) -> None:
+    """Raises InvalidArgument naming the first bad dimension."""
+    for name, values in (
+        ("rank", space.rank),
+        ("alpha_multiplier", space.alpha_multiplier),
+        ("num_epochs", space.num_epochs),
+        ("target_modules", space.target_modules),
+        ("use_rslora", space.use_rslora),
+        ("use_class_weights", space.use_class_weights),
+        ("use_weighted_sampler", space.use_weighted_sampler),
+    ):
+        if not values:
+            raise InvalidArgument("needs at least one choice", field=f"search_space.{name}")
+    if any(r < 1 for r in space.rank):
+        raise InvalidArgument("ranks must be >= 1", field="search_space.rank")
+    if any(m <= 0 for m in space.alpha_multiplier):
+        raise InvalidArgument("multipliers must be > 0", field="search_space.alpha_multiplier")
+    if any(e < 1 for e in space.num_epochs):
+        raise InvalidArgument("epochs must be >= 1", field="search_space.num_epochs")
+    if any(b < 1 for b in space.batch_size):
+        raise InvalidArgument("batch sizes must be >= 1", field="search_space.batch_size")
+    _check_range("dropout", space.dropout)
+    if space.dropout.high >= 1:
+        raise InvalidArgument("high must be < 1", field="search_space.dropout")
+    _check_range("learning_rate", space.learning_rate)
+    if space.learning_rate.low <= 0:
+        raise InvalidArgument("low must be > 0", field="search_space.learning_rate")
+    _check_range("focal_gamma", space.focal_gamma)
+    known = {"attention", "all-linear", *space.module_sets}
+    for choice in space.target_modules:
+        if choice not in known:
+            raise InvalidArgument(
+                f"unknown choice '{choice}' (known: {', '.join(sorted(known))})",
+                field="search_space.target_modules",
+            )
+
+
+def _suggest_float(trial: Any, name: str, value: FloatRange) -> float:
+    if value.low == value.high:
+        return value.low
+    return float(trial.suggest_float(name, value.low, value.high, log=value.log))
+
+
+def _suggest_choice(trial: Any, name: str, values: Sequence[Any]) -> Any:
+    return values[0] if len(values) == 1 else trial.suggest_categorical(name, list(values))
+
+
+@dataclass(frozen=True)
+class TrialParameters:
+    """One trial's hyperparameters, as the trainer takes them."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+    use_rslora: bool
+    learning_rate: float
+    num_epochs: int
+    batch_size: int
+    focal_gamma: float
+    use_class_weights: bool
+    use_weighted_sampler: bool
+
+    def as_log_dict(self) -> dict[str, Any]:
+        """The parameters in the form of the users' log lines."""
+        return {
+            "rank": self.rank,
+            "lora_alpha": self.alpha,
+            "dropout": round(self.dropout, 4),
+            "learning_rate": float(f"{self.learning_rate:.3g}"),
+            "epochs": self.num_epochs,
+            "target_modules": list(self.target_modules) or "all-linear",
+            "use_rslora": self.use_rslora,
+        }
+
+
+def suggest(
+    trial: Any,
+    space: SearchSpace,
+    defaults: TrainingDefaults,
+    classification: bool,
+    architecture: str,
+) -> TrialParameters:
+    """Asks an Optuna trial for every dimension of `space` and builds its parameters."""
+    rank = int(_suggest_choice(trial, "rank", space.rank))
+    multiplier = float(_suggest_choice(trial, "alpha_multiplier", space.alpha_multiplier))
+    modules_choice = str(_suggest_choice(trial, "target_modules", space.target_modules))
+    params = TrialParameters(
+        rank=rank,
+        alpha=rank * multiplier,
+        dropout=_suggest_float(trial, "dropout", space.dropout),
+        target_modules=modules_for(modules_choice, space, architecture),
+        use_rslora=bool(_suggest_choice(trial, "use_rslora", space.use_rslora)),
+        learning_rate=_suggest_float(trial, "learning_rate", space.learning_rate),
+        num_epochs=int(_suggest_choice(trial, "num_epochs", space.num_epochs)),
+        batch_size=int(_suggest_choice(trial, "batch_size", space.batch_size))
+        if space.batch_size
+        else defaults.lora_batch_size,
+        focal_gamma=defaults.focal_loss_gamma,
+        use_class_weights=defaults.use_class_weights,
+        use_weighted_sampler=defaults.use_weighted_sampler,
+    )
+    if classification:
+        params = replace(
+            params,
+            focal_gamma=_suggest_float(trial, "focal_gamma", space.focal_gamma),
+            use_class_weights=bool(
+                _suggest_choice(trial, "use_class_weights", space.use_class_weights)
+            ),
+            use_weighted_sampler=bool(
+                _suggest_choice(trial, "use_weighted_sampler", space.use_weighted_sampler)
+            ),
+        )
+    return params
+
+
+def modules_for(choice: str, space: SearchSpace, architecture: str) -> tuple[str, ...]:
+    """Module names of a target-modules choice for the base model's architecture."""
+    if choice == "all-linear":
+        return ()
+    if choice in space.module_sets:
+        return tuple(space.module_sets[choice])
+    return ATTENTION_MODULES["bert" if architecture == "bert" else "decoder"]
+
+
+def default_trial(
+    space: SearchSpace, defaults: TrainingDefaults, classification: bool
+) -> dict[str, Any]:
+    """The first trial's parameters: the environment's defaults, clipped into the space."""
+
+    def nearest(values: Sequence[Any], wanted: Any) -> Any:
+        return wanted if wanted in values else values[0]
+
+    def clip(value: FloatRange, wanted: float) -> float:
+        return min(max(wanted, value.low), value.high)
+
+    params: dict[str, Any] = {
+        "rank": nearest(space.rank, defaults.lora_rank),
+        "alpha_multiplier": nearest(space.alpha_multiplier, 2.0),
+        "dropout": clip(space.dropout, defaults.lora_dropout),
+        "learning_rate": clip(space.learning_rate, defaults.lora_learning_rate),
+        "num_epochs": nearest(space.num_epochs, defaults.lora_num_epochs),
+        "target_modules": nearest(space.target_modules, "all-linear"),
+        "use_rslora": nearest(space.use_rslora, False),
+    }
+    if classification:
+        params |= {
+            "focal_gamma": clip(space.focal_gamma, defaults.focal_loss_gamma),
+            "use_class_weights": nearest(space.use_class_weights, defaults.use_class_weights),
+            "use_weighted_sampler": nearest(
+                space.use_weighted_sampler, defaults.use_weighted_sampler
+            ),
+        }
+    if space.batch_size:
+        params["batch_size"] = nearest(space.batch_size, defaults.lora_batch_size)
+    return params
