@@ -1,0 +1,136 @@
+"""gRPC adapters of the optimizer's ports, with a channel per address."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+from loratune.common.v1 import common_pb2
+from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
+from loratune.judge.v1 import judge_pb2, judge_pb2_grpc
+from loratune.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from services.common.client import ClientSettings, create_channel
+from services.common.errors import Unavailable
+from services.common.rpc_errors import error_from_rpc
+
+START_TIMEOUT = 120.0  # validation loads the dataset and the model's config
+STATUS_TIMEOUT = 5.0
+
+
+class Channels:
+    """One long-lived channel per address."""
+
+    def __init__(self, settings: ClientSettings) -> None:
+        self._settings = settings
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        """The channel to `address`, created on first use."""
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = create_channel(address, self._settings)
+            self._channels[address] = channel
+        return channel
+
+    async def close(self) -> None:
+        """Closes every channel."""
+        for channel in self._channels.values():
+            await channel.close(None)
+        self._channels.clear()
+
+
+class GrpcTrainers:
+    """TrainerService over gRPC."""
+
+    def __init__(self, channels: Channels) -> None:
+        self._channels = channels
+
+    def _stub(self, address: str) -> trainer_pb2_grpc.TrainerServiceAsyncStub:
+        return trainer_pb2_grpc.TrainerServiceStub(self._channels.get(address))  # type: ignore[return-value]
+
+    async def start(self, address: str, request: trainer_pb2.StartTrainingRequest) -> None:
+        """Starts the job on the trainer at `address`."""
+        try:
+            await self._stub(address).StartTraining(request, timeout=START_TIMEOUT)
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err, f"trainer {address}") from None
+
+    async def watch(self, address: str, job_id: str) -> AsyncIterator[trainer_pb2.TrainingEvent]:
+        """The job's events, replayed from the first."""
+        call = self._stub(address).WatchTraining(trainer_pb2.WatchTrainingRequest(job_id=job_id))
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err, f"trainer {address}") from None
+        finally:
+            call.cancel()
+
+    async def cancel(self, address: str, job_id: str) -> None:
+        """Asks the trainer to stop the job; failures are ignored (the trial ends anyway)."""
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self._stub(address).CancelTraining(
+                trainer_pb2.CancelTrainingRequest(job_id=job_id), timeout=STATUS_TIMEOUT
+            )
+
+    async def status(self, address: str) -> trainer_pb2.GetTrainerStatusResponse | None:
+        """The trainer's status, or None when unreachable."""
+        try:
+            response: trainer_pb2.GetTrainerStatusResponse = await self._stub(
+                address
+            ).GetTrainerStatus(trainer_pb2.GetTrainerStatusRequest(), timeout=STATUS_TIMEOUT)
+        except grpc.aio.AioRpcError:
+            return None
+        return response
+
+
+class GrpcEvaluator:
+    """EvaluatorService over gRPC."""
+
+    def __init__(self, channels: Channels, address: str) -> None:
+        self._channels = channels
+        self._address = address
+
+    async def evaluate(self, request: evaluator_pb2.EvaluateRequest) -> common_pb2.EvaluationResult:
+        """Scores one evaluation point."""
+        if not self._address:
+            raise Unavailable("no evaluator configured (set LORATUNE_EVALUATOR_ADDRESS)")
+        stub = evaluator_pb2_grpc.EvaluatorServiceStub(self._channels.get(self._address))
+        try:
+            response = await stub.Evaluate(request, timeout=600)
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err, "evaluator") from None
+        result: common_pb2.EvaluationResult = response.result
+        return result
+
+
+class GrpcJudgeCatalog:
+    """JudgeGatewayService.ListJudgeModels over gRPC."""
+
+    def __init__(self, channels: Channels, address: str) -> None:
+        self._channels = channels
+        self._address = address
+
+    async def model_ids(self) -> list[str]:
+        """Registered judge ids."""
+        if not self._address:
+            raise Unavailable("no judge gateway configured (set LORATUNE_JUDGE_ADDRESS)")
+        stub = judge_pb2_grpc.JudgeGatewayServiceStub(self._channels.get(self._address))
+        try:
+            reply = await stub.ListJudgeModels(judge_pb2.ListJudgeModelsRequest(), timeout=10)
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err, "judge gateway") from None
+        return [m.id for m in reply.models]
+
+
+class StaticTrainers:
+    """A fixed list of trainer addresses (LORATUNE_TRAINERS)."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self._addresses = list(addresses)
+
+    async def addresses(self) -> list[str]:
+        """The configured addresses."""
+        return list(self._addresses)
