@@ -1,0 +1,246 @@
+"""OptimizerService over gRPC: a whole study on real trainers and a real evaluator (tiny, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from loratune.common.v1 import common_pb2
+from loratune.optimizer.v1 import optimizer_pb2, optimizer_pb2_grpc
+from services.common.client import ClientSettings
+from services.common.config import CommonSettings
+from services.common.defaults import TrainingDefaults
+from services.common.server import RunningServer, start_server
+from services.evaluator.config import EvaluatorSettings
+from services.evaluator.main import build_evaluator
+from services.evaluator.main import service_definition as evaluator_definition
+from services.optimizer.config import OptimizerSettings
+from services.optimizer.main import build_optimizer
+from services.optimizer.main import service_definition as optimizer_definition
+from services.trainer.config import TrainerSettings
+from services.trainer.main import build_manager
+from services.trainer.main import service_definition as trainer_definition
+from tests.unit.trainer.conftest import build_tiny_qwen
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+@pytest.fixture
+def sentiment(tmp_path: Path) -> Path:
+    words = ["good", "great", "bad", "awful"]
+    rows = [
+        {"text": f"w{i % 7} {words[i % 4]} w{i % 5}", "label": "pos" if i % 4 < 2 else "neg"}
+        for i in range(24)
+    ]
+    path = tmp_path / "sentiment.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+class Stack:
+    """Trainers, an evaluator and an optimizer, each its own server on loopback."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.servers: list[RunningServer] = []
+        self.trainers: list[RunningServer] = []
+        self.optimizer: RunningServer | None = None
+        self.channel: grpc.aio.Channel | None = None
+
+    async def start(self, n_trainers: int = 1) -> optimizer_pb2_grpc.OptimizerServiceAsyncStub:
+        common = CommonSettings()
+        for i in range(n_trainers):
+            settings = TrainerSettings(
+                artifact_root=self.root / "runs", trainer_progress_every_steps=2
+            )
+            server = await start_server(
+                [trainer_definition(build_manager(settings), settings, TrainingDefaults())],
+                common,
+                host="127.0.0.1",
+                metrics_port=None,
+            )
+            self.trainers.append(server)
+        evaluator = await start_server(
+            [evaluator_definition(build_evaluator(EvaluatorSettings()))],
+            common,
+            host="127.0.0.1",
+            metrics_port=None,
+        )
+        self.servers += [*self.trainers, evaluator]
+        settings = OptimizerSettings(
+            trainers=",".join(t.address for t in self.trainers),
+            evaluator_address=evaluator.address,
+            artifact_root=self.root / "runs",
+            poll_seconds=0.2,
+        )
+        optimizer, channels = build_optimizer(settings, TrainingDefaults(), ClientSettings())
+        self.optimizer = await start_server(
+            [optimizer_definition(optimizer, channels)],
+            common,
+            host="127.0.0.1",
+            metrics_port=None,
+        )
+        self.servers.insert(0, self.optimizer)
+        self.channel = grpc.aio.insecure_channel(self.optimizer.address)
+        return optimizer_pb2_grpc.OptimizerServiceStub(self.channel)  # type: ignore[return-value]
+
+    async def stop(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+        for server in self.servers:
+            await server.stop(2)
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    s = Stack(tmp_path)
+    yield s
+    await s.stop()
+
+
+def study_request(dataset: Path, base_model: Path, **kw: Any) -> optimizer_pb2.CreateStudyRequest:
+    request = optimizer_pb2.CreateStudyRequest(
+        project_id=123,
+        fine_tuning_params=optimizer_pb2.FineTuningParams(
+            base_model_name=str(base_model), n_trials=kw.pop("n_trials", 5)
+        ),
+        dataset=common_pb2.DatasetSpec(
+            uri=str(dataset),
+            task_type=common_pb2.TASK_TYPE_CLASSIFICATION,
+            validation_fraction=0.25,
+            seed=5,
+        ),
+        search_space=optimizer_pb2.SearchSpace(
+            rank=[4, 8],
+            num_epochs=[2],
+            learning_rate=optimizer_pb2.FloatRange(low=1e-3, high=1e-2, log=True),
+        ),
+        training=common_pb2.TrainingParams(batch_size=4, max_seq_length=32),
+        **kw,
+    )
+    return request
+
+
+async def finish(stub: Any, study_id: str) -> list[optimizer_pb2.StudyEvent]:
+    events = []
+    async for event in stub.WatchStudy(
+        optimizer_pb2.WatchStudyRequest(study_id=study_id), timeout=300
+    ):
+        events.append(event)
+    return events
+
+
+async def test_whole_study_publishes_the_best_adapter(
+    stack: Stack, sentiment: Path, tiny_qwen: Path
+) -> None:
+    stub = await stack.start(n_trainers=1)
+    created = await stub.CreateStudy(study_request(sentiment, tiny_qwen, study_name="s1"))
+    study = created.study
+    assert study.study_id == "s1" and study.project_id == 123
+    assert study.fine_tuning_params.n_trials == 5
+    events = await finish(stub, "s1")
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[-1] == "study_finished"
+    assert {"trial_started", "trial_evaluated", "trial_finished"} <= set(kinds)
+    final = (await stub.GetStudy(optimizer_pb2.GetStudyRequest(study_id="s1"))).study
+    assert final.state == optimizer_pb2.STUDY_STATE_COMPLETED, final.failure_reason
+    assert final.trials_complete + final.trials_pruned == 5
+    assert final.objective_name == "f1_macro"
+    assert final.best_trial.HasField("objective")
+    best = Path(final.best_model_dir)
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "training_config.json",
+        "evaluation_results.json",
+        "class_weights.json",
+        "study.json",
+    ):
+        assert (best / name).is_file(), name
+    summary = json.loads((best / "study.json").read_text())
+    assert len(summary["trials"]) >= 5 and summary["best_trial"] == final.best_trial.number
+    trials = (await stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_id="s1"))).trials
+    finished = [
+        t
+        for t in trials
+        if t.state in (optimizer_pb2.TRIAL_STATE_COMPLETE, optimizer_pb2.TRIAL_STATE_PRUNED)
+    ]
+    assert len(finished) == 5
+    first = trials[0]
+    assert first.hyperparameters.lora.rank in (4, 8)
+    assert first.evaluation.objective_name == "f1_macro"
+    assert (Path(first.artifact_dir) / "evaluation_results.json").is_file()
+    studies = (await stub.ListStudies(optimizer_pb2.ListStudiesRequest(project_id=123))).studies
+    assert [s.study_id for s in studies] == ["s1"]
+    # Idempotent by name; different parameters under the same name are refused.
+    again = await stub.CreateStudy(study_request(sentiment, tiny_qwen, study_name="s1"))
+    assert again.study.study_id == "s1"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CreateStudy(study_request(sentiment, tiny_qwen, study_name="s1", n_trials=6))
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CancelStudy(optimizer_pb2.CancelStudyRequest(study_id="s1"))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_parallel_trainers_and_cancel(stack: Stack, sentiment: Path, tiny_qwen: Path) -> None:
+    stub = await stack.start(n_trainers=2)
+    await stub.CreateStudy(study_request(sentiment, tiny_qwen, study_name="par", n_trials=6))
+    await finish(stub, "par")
+    trials = (await stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_id="par"))).trials
+    assert {t.trainer for t in trials} == {t.address for t in stack.trainers}
+    await stub.CreateStudy(study_request(sentiment, tiny_qwen, study_name="stop", n_trials=100))
+    cancelled = (await stub.CancelStudy(optimizer_pb2.CancelStudyRequest(study_id="stop"))).study
+    assert cancelled.state == optimizer_pb2.STUDY_STATE_CANCELLED
+
+
+def _bad(
+    sentiment: Path, tiny_qwen: Path, tmp_path: Path
+) -> list[tuple[Any, str, grpc.StatusCode]]:
+    ok = study_request(sentiment, tiny_qwen)
+    bad_trials = study_request(sentiment, tiny_qwen, n_trials=3)
+    missing = study_request(tmp_path / "nope.jsonl", tiny_qwen)
+    no_model = study_request(sentiment, tmp_path / "no-model")
+    inverted = study_request(sentiment, tiny_qwen)
+    inverted.search_space.learning_rate.CopyFrom(optimizer_pb2.FloatRange(low=1e-2, high=1e-4))
+    empty_rank = study_request(sentiment, tiny_qwen)
+    empty_rank.search_space.target_modules.add(name="made-up")
+    sampler = study_request(sentiment, tiny_qwen, sampler="annealing")
+    pruner = study_request(sentiment, tiny_qwen, pruner="sometimes")
+    judge = study_request(sentiment, tiny_qwen)
+    judge.fine_tuning_params.use_llm_judge = True
+    del ok
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    return [
+        (bad_trials, "fine_tuning_params.n_trials", invalid),
+        (missing, "dataset.uri", invalid),
+        (no_model, "fine_tuning_params.base_model_name", invalid),
+        (inverted, "search_space.learning_rate", invalid),
+        (empty_rank, "search_space.target_modules", invalid),
+        (sampler, "sampler", invalid),
+        (pruner, "pruner", invalid),
+        (judge, "fine_tuning_params.use_llm_judge", invalid),
+    ]
+
+
+async def test_bad_input(stack: Stack, sentiment: Path, tiny_qwen: Path, tmp_path: Path) -> None:
+    stub = await stack.start(n_trainers=1)
+    for request, field, code in _bad(sentiment, tiny_qwen, tmp_path):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.CreateStudy(request)
+        assert caught.value.code() == code, (field, caught.value.details())
+        assert caught.value.details().startswith(field), (field, caught.value.details())
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetStudy(optimizer_pb2.GetStudyRequest(study_id="missing"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
