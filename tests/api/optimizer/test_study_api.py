@@ -60,7 +60,7 @@ class Stack:
 
     async def start(self, n_trainers: int = 1) -> optimizer_pb2_grpc.OptimizerServiceAsyncStub:
         common = CommonSettings()
-        for i in range(n_trainers):
+        for _ in range(n_trainers):
             settings = TrainerSettings(
                 artifact_root=self.root / "runs", trainer_progress_every_steps=2
             )
