@@ -19,7 +19,7 @@ from rich.table import Table
 from loratune.common.v1 import common_pb2
 from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from loratune.judge.v1 import judge_pb2, judge_pb2_grpc
-from services.cli import trainer_commands
+from services.cli import optimizer_commands, trainer_commands
 from services.cli.inputs import read_items
 from services.cli.render import render_evaluation
 from services.common.errors import LoratuneError
@@ -69,6 +69,14 @@ def serve_judge_gateway(port: PortOption = 50054, metrics_port: MetricsPortOptio
     from services.judge_gateway.main import main as judge_main
 
     raise typer.Exit(judge_main(port, _metrics_port(metrics_port)))
+
+
+@serve_app.command("optimizer")
+def serve_optimizer(port: PortOption = 50051, metrics_port: MetricsPortOption = 9091) -> None:
+    """Serve loratune.optimizer.v1.OptimizerService."""
+    from services.optimizer.main import main as optimizer_main
+
+    raise typer.Exit(optimizer_main(port, _metrics_port(metrics_port)))
 
 
 GatewayOption = Annotated[
@@ -264,6 +272,7 @@ def evaluate(
 
 
 trainer_commands.register(app, serve_app)
+optimizer_commands.register(app, serve_app)
 
 
 def main() -> None:

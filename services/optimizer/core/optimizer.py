@@ -802,6 +802,8 @@ class Optimizer:
         trial = optuna.Trial(study, study.get_trials(deepcopy=False)[number]._trial_id)
         last: common_pb2.EvaluationResult | None = None
         epoch_index = 0
+        # After a restart the replayed evaluations were reported before: not again.
+        reported = set(study.get_trials(deepcopy=False)[number].intermediate_values)
         judge = evaluator_pb2.JudgeOptions(
             enabled=self._meta(study)["fine_tuning_params"].get("useLlmJudge", False),
             judge_model_id=self._meta(study)["fine_tuning_params"].get("judgeModelId", ""),
@@ -809,8 +811,24 @@ class Optimizer:
         )
         if request.judge_sample_size:
             judge.sample_size = request.judge_sample_size
+        events = self._trainers.watch(address, job_id)
         try:
-            async for event in self._trainers.watch(address, job_id):
+            while True:
+                try:
+                    event = await anext(events, None)
+                except LoratuneError as err:
+                    # NOT_FOUND after a trainer restart, UNAVAILABLE or a broken stream when it
+                    # died: the trainer is gone for this trial; its parameters run again.
+                    metrics.DISPATCH_ERRORS.labels(reason="trainer_lost").inc()
+                    self._retry_trial(study, number, params, attempt, f"trainer lost: {err}")
+                    self._trial_finished(study, number, started, "fail")
+                    return
+                if event is None:
+                    self._retry_trial(
+                        study, number, params, attempt, f"trainer {address} stopped answering"
+                    )
+                    self._trial_finished(study, number, started, "fail")
+                    return
                 kind = event.WhichOneof("event")
                 if kind == "progress":
                     p = event.progress
@@ -827,7 +845,15 @@ class Optimizer:
                 elif kind == "evaluation":
                     epoch_index += 1
                     point = event.evaluation
-                    last = await self._evaluate(point, classification, judge)
+                    try:
+                        last = await self._evaluate(point, classification, judge)
+                    except LoratuneError as err:
+                        # The evaluator refused (a bad judge, bad input) or stayed away past the
+                        # retry budget: the study cannot be scored, so it stops with the reason.
+                        self._tell_fail(study, number, f"evaluation failed: {err}")
+                        self._set_meta(study, fatal=f"evaluation failed: {err}")
+                        await self._trainers.cancel(address, job_id)
+                        return
                     results.write_evaluation(trial_dir, last, epoch_index)
                     self._log_evaluation(number, params, last)
                     self._publish(
@@ -836,7 +862,8 @@ class Optimizer:
                             number=number, epoch=point.epoch, evaluation=last
                         ),
                     )
-                    trial.report(last.objective, epoch_index)
+                    if epoch_index not in reported:
+                        trial.report(last.objective, epoch_index)
                     if trial.should_prune():
                         await self._trainers.cancel(address, job_id)
                         study.tell(number, state=optuna.trial.TrialState.PRUNED)
@@ -853,20 +880,8 @@ class Optimizer:
                     self._job_failed(study, number, params, attempt, event.failed)
                     self._trial_finished(study, number, started, "fail")
                     return
-            # The stream ended without a final event: the trainer went away.
-            self._retry_trial(
-                study, number, params, attempt, f"trainer {address} stopped answering"
-            )
-        except (NotFound, Unavailable) as err:
-            # A restarted trainer knows no jobs; an unreachable one is gone for this trial.
-            metrics.DISPATCH_ERRORS.labels(reason="trainer_lost").inc()
-            self._retry_trial(study, number, params, attempt, f"trainer lost: {err}")
-            self._trial_finished(study, number, started, "fail")
-        except LoratuneError as err:
-            # The evaluator refused the evaluation (a bad judge, bad input): the study cannot go on.
-            self._tell_fail(study, number, str(err))
-            self._set_meta(study, fatal=f"evaluation failed: {err}")
-            await self._trainers.cancel(address, job_id)
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
 
     async def _evaluate(
         self,
