@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import json
 import logging
 import math
 import platform
@@ -10,6 +12,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,16 +25,23 @@ from services.trainer.core.types import JobSpec, LoraSpec, Task
 
 __all__ = [
     "HEAD_NAMES",
+    "POOLING_MEAN",
+    "POOLING_NATIVE",
     "BaseModelCache",
     "PreparedModel",
     "autocast_dtype",
     "check_base_model",
     "cuda_broken",
     "default_device",
+    "default_pooling",
     "device_info",
     "free_accelerator_memory",
+    "head_parameters",
     "linear_module_names",
     "load_base_model",
+    "masked_mean",
+    "pooling_of",
+    "use_mean_pooling",
     "validate_lora",
 ]
 
@@ -47,6 +57,16 @@ HEAD_NAMES: tuple[str, ...] = ("score", "classifier")
 # `lm_head`), so it must be named here too.
 _UNQUANTISED_MODULES: tuple[str, ...] = ("lm_head", *HEAD_NAMES)
 _ALL_LINEAR = "all-linear"
+
+# How a classifier turns token states into the one vector its head reads.
+# "mean": the attention-masked mean of the last hidden state (encoder classifiers by default:
+# sentence encoders such as all-MiniLM-L6-v2 were trained with it, and their [CLS] pooler is
+# not what their embeddings mean). "native": what transformers does (BERT's pooler on [CLS],
+# RoBERTa's first token, a decoder's last non-pad token).
+POOLING_MEAN = "mean"
+POOLING_NATIVE = "native"
+_POOLINGS = (POOLING_MEAN, POOLING_NATIVE)
+_POOLING_ATTR = "_loratune_pooling"
 
 
 @dataclass
@@ -67,6 +87,7 @@ class PreparedModel:
     tokenizer_id: str  # the path or hub name the tokenizer came from (tokenisation cache key)
     load_seconds: float  # time spent loading the base for this job; 0.0 when it was reused
     base_reused: bool
+    pooling: str = POOLING_NATIVE  # classification: POOLING_MEAN or POOLING_NATIVE
 
 
 @dataclass(frozen=True)
@@ -251,6 +272,7 @@ def load_base_model(
     quantize_4bit: bool = False,
     dtype: torch.dtype | None = None,
     tokenizer_path: str | None = None,
+    pooling: str | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load a transformers base model and its tokenizer, with padding set up for `task`.
 
@@ -258,6 +280,10 @@ def load_base_model(
     generation `AutoModelForCausalLM`. `quantize_4bit` loads the linear layers as NF4
     (double quantisation; compute in bfloat16 on CUDA, float32 on the CPU) and never the
     heads. `tokenizer_path` defaults to `name` (a saved adapter carries its own).
+
+    `pooling` (classification): POOLING_MEAN or POOLING_NATIVE; None = `default_pooling`,
+    i.e. mean pooling for encoder classifiers. Training and `load_adapter_for_inference`
+    both load through here, so a saved adapter runs with the pooling it was trained with.
 
     Raises:
         InvalidArgument: `name` is empty, not found (locally or on the hub), not a model
@@ -313,7 +339,172 @@ def load_base_model(
     if not quantize_4bit:
         model.to(target)
     _set_padding(model, tokenizer, task, name)
+    if task is Task.CLASSIFICATION:
+        chosen = pooling if pooling is not None else default_pooling(name, model)
+        if chosen not in _POOLINGS:
+            raise ValueError(f"pooling must be one of {_POOLINGS}, got {chosen!r}")
+        if chosen == POOLING_MEAN:
+            use_mean_pooling(model)
     return model, tokenizer
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters of the classification head (`score` / `classifier`).
+
+    Under PEFT that is the head's `modules_to_save` copy; the frozen original is left out.
+    Empty for a model without a head (generation).
+    """
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    params: list[nn.Parameter] = []
+    for name in HEAD_NAMES:
+        head = getattr(base, name, None)
+        if isinstance(head, nn.Module):
+            params.extend(p for p in head.parameters() if p.requires_grad)
+    return params
+
+
+# ---- pooling of encoder classifiers ----------------------------------------------------------
+
+
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean of `hidden` (N, L, H) over the positions where `attention_mask` (N, L) is 1.
+
+    Summed in float32 and returned in `hidden`'s dtype; a row without any attended
+    position gives zeros. No mask = every position counts.
+    """
+    if attention_mask is None:
+        return hidden.float().mean(dim=1).to(hidden.dtype)
+    if attention_mask.dim() != 2 or attention_mask.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"expected a (batch, length) attention mask for hidden states {tuple(hidden.shape)}, "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask.to(device=hidden.device, dtype=torch.float32).unsqueeze(-1)
+    summed = (hidden.float() * mask).sum(dim=1)
+    return (summed / mask.sum(dim=1).clamp_min(1.0)).to(hidden.dtype)
+
+
+def pooling_of(model: nn.Module) -> str:
+    """POOLING_MEAN when `use_mean_pooling` was applied to `model` (or the base under a PEFT
+    wrapper), else POOLING_NATIVE."""
+    for candidate in (model, getattr(model, "get_base_model", lambda: None)()):
+        if isinstance(candidate, nn.Module) and getattr(candidate, _POOLING_ATTR, None):
+            return str(getattr(candidate, _POOLING_ATTR))
+    return POOLING_NATIVE
+
+
+def default_pooling(name: str, model: nn.Module) -> str:
+    """The pooling a classification job uses on this base model.
+
+    Decoder classifiers (head `score`, or `config.is_decoder`) keep transformers' pooling
+    on the last non-pad token. Encoder classifiers (head `classifier`) pool by the mean,
+    unless the model is a sentence-transformers model whose pooling config says it was
+    trained on the [CLS] token only (e.g. BGE): then its native [CLS] pooling stays.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "is_decoder", False) or not isinstance(
+        getattr(model, "classifier", None), nn.Module
+    ):
+        return POOLING_NATIVE
+    trained_with = _sentence_transformers_pooling(name) or {}
+    cls_only = bool(trained_with.get("pooling_mode_cls_token")) and not bool(
+        trained_with.get("pooling_mode_mean_tokens")
+    )
+    return POOLING_NATIVE if cls_only else POOLING_MEAN
+
+
+def use_mean_pooling(model: nn.Module) -> None:
+    """Make an encoder classifier classify from the attention-masked mean of the last hidden state.
+
+    A forward hook on the backbone (`model.<base_model_prefix>`) puts the mean where the
+    head reads: into `pooler_output` for heads on a pooler (BERT: the pooler's dense + tanh
+    is taken off, so it is neither computed nor a LoRA target), else into the first
+    position of `last_hidden_state` (RoBERTa, XLM-R, DistilBERT, ELECTRA, DeBERTa, MPNet
+    heads read token 0). Idempotent. The hook lives on the base, so it survives PEFT
+    wrapping and `unload()`.
+
+    Raises:
+        ValueError: the model has no backbone under `base_model_prefix`.
+    """
+    if pooling_of(model) == POOLING_MEAN:
+        return
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
+    backbone = getattr(model, prefix, None) if prefix else None
+    if not isinstance(backbone, nn.Module) or backbone is model:
+        raise ValueError(f"{type(model).__name__} has no backbone to pool: cannot mean-pool")
+    into_pooler = isinstance(getattr(backbone, "pooler", None), nn.Module)
+    if into_pooler:
+        setattr(backbone, "pooler", None)  # noqa: B010 - a submodule, typed as Tensor | Module
+    backbone.register_forward_hook(_MeanPoolingHook(into_pooler), with_kwargs=True)
+    setattr(model, _POOLING_ATTR, POOLING_MEAN)
+
+
+class _MeanPoolingHook:
+    """Forward hook of an encoder backbone: the masked mean where the head reads its input."""
+
+    def __init__(self, into_pooler_output: bool) -> None:
+        self.into_pooler_output = into_pooler_output
+
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> Any:
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            mask = args[1]  # forward(input_ids, attention_mask, ...) called positionally
+        hidden = getattr(output, "last_hidden_state", None)
+        if not isinstance(hidden, torch.Tensor) or not dataclasses.is_dataclass(output):
+            raise TypeError(
+                f"mean pooling needs the backbone's output with `last_hidden_state`, got "
+                f"{type(output).__name__}"
+            )
+        pooled = masked_mean(hidden, mask)
+        fields = {field.name: getattr(output, field.name) for field in dataclasses.fields(output)}
+        if self.into_pooler_output:
+            fields["pooler_output"] = pooled
+        else:
+            fields["last_hidden_state"] = torch.cat([pooled.unsqueeze(1), hidden[:, 1:]], dim=1)
+        output_type: Any = type(output)
+        return output_type(**fields)
+
+
+def _sentence_transformers_pooling(name: str) -> dict[str, Any] | None:
+    """The `Pooling` module's config of a sentence-transformers model folder, if it has one.
+
+    Looks in a local folder, or in the hub cache for a hub name (never the network).
+    """
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return _read_pooling_config(folder)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        modules = try_to_load_from_cache(name, "modules.json")
+        if isinstance(modules, str):
+            return _read_pooling_config(Path(modules).parent)
+    except Exception:  # a missing or odd cache is no reason to fail a job
+        logger.debug("no sentence-transformers config for %s in the hub cache", name)
+    return None
+
+
+def _read_pooling_config(folder: Path) -> dict[str, Any] | None:
+    candidates = [folder / "1_Pooling"]
+    try:
+        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+        candidates = [
+            folder / str(module.get("path", ""))
+            for module in modules
+            if str(module.get("type", "")).endswith(".Pooling")
+        ] + candidates
+    except (OSError, ValueError, AttributeError):
+        pass
+    for candidate in candidates:
+        try:
+            config = json.loads((candidate / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict):
+            return config
+    return None
 
 
 class BaseModelCache:
@@ -417,6 +608,7 @@ class BaseModelCache:
                 tokenizer_id=spec.base_model,
                 load_seconds=0.0 if reused else self._load_seconds,
                 base_reused=reused,
+                pooling=pooling_of(loaded.model) if task is Task.CLASSIFICATION else POOLING_NATIVE,
             )
 
     def release(self) -> None:
