@@ -1,0 +1,930 @@
+"""Optimizer commands of the CLI: up, demo-data, tune, studies, trials, watch, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections import Counter
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import grpc
+import typer
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from loratune.common.v1 import common_pb2
+from loratune.optimizer.v1 import optimizer_pb2, optimizer_pb2_grpc
+from services.common.client import ClientSettings, create_channel
+from services.common.config import CommonSettings
+from services.common.errors import LoratuneError
+from services.common.logging import configure_logging
+from services.common.server import RunningServer, ServiceDefinition
+
+logger = logging.getLogger(__name__)
+
+console = Console()
+errors = Console(stderr=True)
+
+T = TypeVar("T")
+
+TASKS = {
+    "classification": common_pb2.TASK_TYPE_CLASSIFICATION,
+    "generation": common_pb2.TASK_TYPE_GENERATION,
+}
+# Status codes that mean the request itself was wrong: retrying it unchanged cannot help.
+CALLER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+    }
+)
+CALLER_ERROR_NAMES = frozenset(code.name for code in CALLER_ERRORS)
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+NO_ADDRESS = (
+    "no optimizer address: pass --optimizer HOST:PORT or set LORATUNE_OPTIMIZER_ADDRESS "
+    "(`loratune up` starts one)"
+)
+
+OptimizerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--optimizer",
+        envvar="LORATUNE_OPTIMIZER_ADDRESS",
+        help="Optimizer address host:port (env LORATUNE_OPTIMIZER_ADDRESS).",
+    ),
+]
+StudyArgument = Annotated[str, typer.Argument(help="The study id.")]
+
+
+# ---- the four services in one process --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    """Where the embedded services listen and keep their state.
+
+    Ports 0 bind free ports. ``metrics_port_base`` None serves no metrics; otherwise the
+    optimizer, trainer, evaluator and judge gateway serve them on base, base+1, base+2
+    and base+3 (0 = each a free port). ``trainers`` > 1 starts more trainers on free ports.
+    """
+
+    host: str = "127.0.0.1"
+    optimizer_port: int = 0
+    trainer_port: int = 0
+    evaluator_port: int = 0
+    judge_port: int = 0
+    metrics_port_base: int | None = None
+    artifact_root: Path = Path("./runs")
+    trainers: int = 1
+
+
+class LocalStack:
+    """Judge gateway, evaluator, trainer(s) and optimizer, each its own gRPC server here.
+
+    The optimizer reaches the others over gRPC exactly as in a cluster; only the
+    addresses are loopback ones.
+    """
+
+    def __init__(
+        self, options: StackOptions, common: CommonSettings, client: ClientSettings
+    ) -> None:
+        self.options = options
+        self._common = common
+        self._client = client
+        self.servers: dict[str, RunningServer] = {}
+        self.trainers: list[RunningServer] = []
+        self.storage_url = ""
+
+    def _metrics_port(self, offset: int) -> int | None:
+        base = self.options.metrics_port_base
+        if base is None:
+            return None
+        return 0 if base == 0 else base + offset
+
+    def _dial(self, server: RunningServer) -> str:
+        """The address to call a server on: a wildcard bind is reached over loopback."""
+        host = "127.0.0.1" if server.host in WILDCARD_HOSTS else server.host
+        return f"[{host}]:{server.port}" if ":" in host else f"{host}:{server.port}"
+
+    @property
+    def optimizer_address(self) -> str:
+        """Where clients reach the optimizer."""
+        return self._dial(self.servers["optimizer"])
+
+    async def start(self) -> None:
+        """Starts the four services; on a failure stops the ones already started."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(0)
+            raise
+
+    async def _start(self) -> None:
+        from services.common.defaults import TrainingDefaults
+        from services.common.server import start_server
+        from services.evaluator.config import EvaluatorSettings
+        from services.evaluator.main import build_evaluator
+        from services.evaluator.main import service_definition as evaluator_definition
+        from services.judge_gateway.config import JudgeSettings
+        from services.judge_gateway.main import build_gateway
+        from services.judge_gateway.main import service_definition as judge_definition
+        from services.optimizer.config import OptimizerSettings
+        from services.optimizer.main import build_optimizer
+        from services.optimizer.main import service_definition as optimizer_definition
+        from services.trainer.config import TrainerSettings
+        from services.trainer.main import build_manager
+        from services.trainer.main import service_definition as trainer_definition
+
+        o = self.options
+        root = o.artifact_root.resolve()
+        defaults = TrainingDefaults()
+
+        async def serve(
+            name: str, definition: ServiceDefinition, port: int, offset: int
+        ) -> RunningServer:
+            server = await start_server(
+                [definition],
+                self._common,
+                host=o.host,
+                port=port,
+                metrics_port=self._metrics_port(offset),
+            )
+            self.servers[name] = server
+            return server
+
+        judge = await serve(
+            "judge gateway", judge_definition(build_gateway(JudgeSettings())), o.judge_port, 3
+        )
+        trainer_settings = TrainerSettings(artifact_root=root)
+        for i in range(max(o.trainers, 1)):
+            definition = trainer_definition(
+                build_manager(trainer_settings), trainer_settings, defaults
+            )
+            if i == 0:
+                self.trainers.append(await serve("trainer", definition, o.trainer_port, 1))
+                continue
+            # More trainers take free ports and no metrics port: the process has one
+            # registry, which every metrics port already serves.
+            server = await start_server(
+                [definition], self._common, host=o.host, port=0, metrics_port=None
+            )
+            self.servers[f"trainer {i + 1}"] = server
+            self.trainers.append(server)
+        evaluator_settings = EvaluatorSettings(judge_address=self._dial(judge))
+        await serve(
+            "evaluator",
+            evaluator_definition(build_evaluator(evaluator_settings, self._client)),
+            o.evaluator_port,
+            2,
+        )
+        settings = OptimizerSettings(
+            trainers=",".join(self._dial(t) for t in self.trainers),
+            evaluator_address=self._dial(self.servers["evaluator"]),
+            judge_address=self._dial(judge),
+            artifact_root=root,
+        )
+        self.storage_url = settings.storage()
+        optimizer, channels = build_optimizer(settings, defaults, self._client)
+        await serve("optimizer", optimizer_definition(optimizer, channels), o.optimizer_port, 0)
+
+    def table(self) -> Table:
+        """The services' addresses, optimizer first."""
+        table = Table(title="loratune services")
+        for column in ("service", "gRPC address", "metrics"):
+            table.add_column(column)
+        order = ["optimizer", *(n for n in self.servers if n.startswith("trainer"))]
+        order += ["evaluator", "judge gateway"]
+        for name in order:
+            server = self.servers.get(name)
+            if server is None:
+                continue
+            metrics = (
+                f"http://{self._dial(server).rsplit(':', 1)[0]}:{server.metrics_port}/metrics"
+                if server.metrics_port is not None
+                else "-"
+            )
+            table.add_row(name, self._dial(server), metrics)
+        return table
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops the optimizer first (its studies stay resumable), then the others."""
+        optimizer = self.servers.pop("optimizer", None)
+        if optimizer is not None:
+            await optimizer.stop(grace)
+        others = list(self.servers.values())
+        self.servers.clear()
+        await asyncio.gather(*(s.stop(grace) for s in others), return_exceptions=True)
+
+
+def _stack_settings(*, embedded: bool) -> tuple[CommonSettings, ClientSettings]:
+    """Server and client settings: from the environment for `up`; plain loopback for `tune`.
+
+    A stack `tune` starts for itself is private to this process, so it serves no token,
+    TLS or reflection even where the environment configures them for other servers.
+    """
+    if embedded:
+        common = CommonSettings(
+            reflection=False, auth_token=None, tls_cert=None, tls_key=None, tls_client_ca=None
+        )
+        return common, ClientSettings()
+    return CommonSettings(), ClientSettings.from_env()
+
+
+# ---- errors and small helpers ----------------------------------------------------------
+
+
+def _fail(err: BaseException) -> typer.Exit:
+    """Prints an error with its status code; 2 when the request was wrong, else 1."""
+    if isinstance(err, LoratuneError):
+        errors.print(f"[red]error ({err.code}):[/red] {err}")
+        return typer.Exit(2 if err.code in CALLER_ERROR_NAMES else 1)
+    if isinstance(err, grpc.aio.AioRpcError):
+        errors.print(f"[red]error ({err.code().name}):[/red] {err.details()}")
+        return typer.Exit(2 if err.code() in CALLER_ERRORS else 1)
+    raise err
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except (LoratuneError, grpc.aio.AioRpcError) as err:
+        raise _fail(err) from None
+
+
+def _require(address: str | None) -> str:
+    if not address:
+        errors.print(f"[red]error:[/red] {NO_ADDRESS}")
+        raise typer.Exit(2)
+    return address
+
+
+def _ints(value: str, option: str) -> list[int]:
+    try:
+        numbers = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        numbers = []
+    if not numbers or min(numbers) < 0:
+        errors.print(
+            f"[red]error:[/red] {option}: expected comma-separated whole numbers, not {value!r}"
+        )
+        raise typer.Exit(2)
+    return numbers
+
+
+def _float_range(value: str, option: str) -> optimizer_pb2.FloatRange:
+    try:
+        low, high = (float(v) for v in value.split(","))
+    except ValueError:
+        errors.print(f"[red]error:[/red] {option}: expected LOW,HIGH, not {value!r}")
+        raise typer.Exit(2) from None
+    return optimizer_pb2.FloatRange(low=low, high=high, log=True)
+
+
+def _quiet_libraries() -> None:
+    """Keeps transformers' load reports, progress bars and deprecation notes off the display."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@contextlib.asynccontextmanager
+async def _connect(
+    address: str | None, stack_options: StackOptions | None = None
+) -> AsyncIterator[optimizer_pb2_grpc.OptimizerServiceAsyncStub]:
+    """A stub of the optimizer at `address`, or of a whole stack started here for the call."""
+    if address:
+        async with create_channel(address, ClientSettings.from_env()) as channel:
+            yield optimizer_pb2_grpc.OptimizerServiceStub(channel)  # type: ignore[misc]
+        return
+    configure_logging("plain", "WARNING")
+    _quiet_libraries()
+    common, client = _stack_settings(embedded=True)
+    stack = LocalStack(stack_options or StackOptions(), common, client)
+    with console.status("starting the optimizer, trainer, evaluator and judge gateway"):
+        await stack.start()
+    try:
+        async with create_channel(stack.optimizer_address, client) as channel:
+            yield optimizer_pb2_grpc.OptimizerServiceStub(channel)  # type: ignore[misc]
+    finally:
+        await stack.stop(5)
+
+
+# ---- rendering ---------------------------------------------------------------------------
+
+
+def _state(value: int, enum: Any, prefix: str) -> str:
+    return str(enum.Name(value)).removeprefix(prefix)
+
+
+def trial_state(value: int) -> str:
+    """COMPLETE, PRUNED, FAIL, RUNNING or WAITING."""
+    return _state(value, optimizer_pb2.TrialState, "TRIAL_STATE_")
+
+
+def study_state(value: int) -> str:
+    """QUEUED, RUNNING, COMPLETED, CANCELLED or FAILED."""
+    return _state(value, optimizer_pb2.StudyState, "STUDY_STATE_")
+
+
+def _modules(modules: Sequence[str]) -> str:
+    from services.optimizer.core.space import ATTENTION_MODULES
+
+    if not modules:
+        return "all-linear"
+    if tuple(modules) in ATTENTION_MODULES.values():
+        return "attention"
+    return ",".join(modules)
+
+
+def _key_params(trial: optimizer_pb2.Trial) -> str:
+    h = trial.hyperparameters
+    return (
+        f"rank={h.lora.rank} lr={h.training.learning_rate:.2g} "
+        f"epochs={h.training.num_epochs} {_modules(h.lora.target_modules)}"
+    )
+
+
+def trials_table(study: optimizer_pb2.Study, trials: Sequence[optimizer_pb2.Trial]) -> Table:
+    """One row a trial: state, the key hyperparameters, the objective (fits 80 columns)."""
+    classification = study.dataset.task_type == common_pb2.TASK_TYPE_CLASSIFICATION
+    objective = study.objective_name or "objective"
+    caption = "* best, rs = rsLoRA"
+    if classification:
+        caption += ", γ = focal gamma, cw = class weights, ws = weighted sampler"
+    table = Table(
+        title=f"Trials of {study.study_id}",
+        caption=caption,
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    columns = ["#", "state", "rank", "α", "lr", "ep", "modules"]
+    if classification:
+        columns += ["γ", "cw", "ws"]
+    columns.append(objective)
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("#", objective) else "left")
+    best = study.best_trial.number if study.best_trial.HasField("objective") else None
+    for t in trials:
+        h = t.hyperparameters
+        row = [
+            str(t.number) + ("*" if t.number == best else " "),
+            trial_state(t.state),
+            str(h.lora.rank) + (" rs" if h.lora.use_rslora else ""),
+            f"{h.lora.alpha:g}",
+            f"{h.training.learning_rate:.1e}",
+            str(h.training.num_epochs),
+            _modules(h.lora.target_modules),
+        ]
+        if classification:
+            b = h.balancing
+            row += [
+                f"{b.focal_gamma:.1f}",
+                "on" if b.use_class_weights else "-",
+                "on" if b.use_weighted_sampler else "-",
+            ]
+        row.append(f"{t.objective:.4f}" if t.HasField("objective") else "-")
+        table.add_row(*row)
+    return table
+
+
+def _note(trial: optimizer_pb2.Trial) -> str:
+    """Why a trial failed, and which attempt of its parameters it was."""
+    note = trial.failure_reason
+    if trial.attempt > 1:
+        note = f"attempt {trial.attempt}" + (f"; {note}" if note else "")
+    return note
+
+
+def render_result(study: optimizer_pb2.Study, trials: Sequence[optimizer_pb2.Trial]) -> None:
+    """The trials table, the study's outcome and where its best adapter is."""
+    console.print(trials_table(study, trials))
+    for trial in trials:
+        note = _note(trial)
+        if note:
+            console.print(f"trial {trial.number}: {note}")
+    state = study_state(study.state)
+    counts = (
+        f"{study.trials_complete} complete, {study.trials_pruned} pruned, "
+        f"{study.trials_failed} failed"
+    )
+    console.print(f"study {study.study_id}: {state} ({counts})")
+    if study.failure_reason and state != "COMPLETED":
+        console.print(f"[yellow]reason:[/yellow] {study.failure_reason}")
+    if study.best_trial.HasField("objective"):
+        console.print(
+            f"best: trial {study.best_trial.number}, "
+            f"{study.objective_name} = {study.best_trial.objective:.4f}"
+        )
+    if study.best_model_dir:
+        console.print(f"best adapter published to [bold]{study.best_model_dir}[/bold]")
+
+
+class StudyProgress:
+    """What a study's event stream has said so far: trials done, best, running trials."""
+
+    def __init__(self, study: optimizer_pb2.Study, trials: Sequence[optimizer_pb2.Trial]) -> None:
+        self.study_id = study.study_id
+        self.total = study.fine_tuning_params.n_trials
+        self.objective_name = study.objective_name or "objective"
+        self.states: dict[int, int] = {}
+        self.objectives: dict[int, float] = {}
+        self.running: dict[int, str] = {}
+        self.final: optimizer_pb2.Study | None = None
+        for trial in trials:
+            self._record(trial)
+
+    def _record(self, trial: optimizer_pb2.Trial) -> None:
+        self.states[trial.number] = trial.state
+        if trial.HasField("objective") and trial.state == optimizer_pb2.TRIAL_STATE_COMPLETE:
+            self.objectives[trial.number] = trial.objective
+        if trial.state == optimizer_pb2.TRIAL_STATE_RUNNING:
+            self.running.setdefault(trial.number, "starting")
+        else:
+            self.running.pop(trial.number, None)
+
+    @property
+    def done(self) -> int:
+        """Trials that count toward n_trials: complete and pruned."""
+        finished = (optimizer_pb2.TRIAL_STATE_COMPLETE, optimizer_pb2.TRIAL_STATE_PRUNED)
+        return sum(1 for s in self.states.values() if s in finished)
+
+    def best_text(self) -> str:
+        """'best 0.7312 (#2)', or 'no trial complete yet'."""
+        if not self.objectives:
+            return "no trial complete yet"
+        number = max(self.objectives, key=lambda n: self.objectives[n])
+        return f"best {self.objective_name} {self.objectives[number]:.4f} (#{number})"
+
+    def running_text(self) -> str:
+        """The running trials' epoch and loss."""
+        return "; ".join(f"#{n} {text}" for n, text in sorted(self.running.items()))
+
+    def apply(self, event: optimizer_pb2.StudyEvent) -> str | None:
+        """Takes one event in; returns a line worth printing above the progress bar."""
+        kind = event.WhichOneof("event")
+        if kind == "trial_started":
+            trial = event.trial_started.trial
+            self._record(trial)
+            return f"trial {trial.number} started on {trial.trainer}: {_key_params(trial)}"
+        if kind == "trial_progress":
+            p = event.trial_progress
+            self.running[p.number] = (
+                f"epoch {p.epoch:.2f} step {p.step}/{p.total_steps} loss {p.loss:.4f}"
+            )
+            return None
+        if kind == "trial_evaluated":
+            e = event.trial_evaluated
+            return (
+                f"trial {e.number} epoch {e.epoch:.0f}: "
+                f"{e.evaluation.objective_name or self.objective_name} "
+                f"{e.evaluation.objective:.4f}"
+            )
+        if kind == "trial_finished":
+            trial = event.trial_finished.trial
+            self._record(trial)
+            line = f"trial {trial.number} {trial_state(trial.state)}"
+            if trial.HasField("objective"):
+                line += f": {self.objective_name} {trial.objective:.4f}"
+            if trial.failure_reason:
+                line += f" ({trial.failure_reason})"
+            return line
+        if kind == "study_finished":
+            self.final = event.study_finished.study
+            best = self.final.best_trial
+            if best.HasField("objective"):
+                self.objectives.setdefault(best.number, best.objective)
+            return None
+        return None
+
+
+async def follow_study(
+    stub: optimizer_pb2_grpc.OptimizerServiceAsyncStub, study_id: str
+) -> optimizer_pb2.Study:
+    """Shows a study's live progress until it finishes; returns the finished study."""
+    study = (await stub.GetStudy(optimizer_pb2.GetStudyRequest(study_id=study_id))).study
+    trials = (await stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_id=study_id))).trials
+    state = StudyProgress(study, trials)
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(bar_width=24),
+        TextColumn("{task.completed}/{task.total} trials"),
+        TextColumn("{task.fields[best]}"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[running]}"),
+    )
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task(
+            study_id,
+            total=state.total,
+            completed=state.done,
+            best=state.best_text(),
+            running=state.running_text(),
+        )
+        async for event in stub.WatchStudy(optimizer_pb2.WatchStudyRequest(study_id=study_id)):
+            line = state.apply(event)
+            if line:
+                progress.console.print(line)
+            progress.update(
+                bar, completed=state.done, best=state.best_text(), running=state.running_text()
+            )
+            if state.final is not None:
+                break
+    if state.final is not None:
+        return state.final
+    # The stream ended without the final event (the optimizer went away): say where it is.
+    return (await stub.GetStudy(optimizer_pb2.GetStudyRequest(study_id=study_id))).study
+
+
+async def _finish(
+    stub: optimizer_pb2_grpc.OptimizerServiceAsyncStub, study_id: str
+) -> optimizer_pb2.Study:
+    """Follows the study to its end, then prints its trials table and outcome."""
+    final = await follow_study(stub, study_id)
+    trials = (await stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_id=study_id))).trials
+    render_result(final, trials)
+    return final
+
+
+def _exit_code(study: optimizer_pb2.Study) -> int:
+    return 0 if study.state == optimizer_pb2.STUDY_STATE_COMPLETED else 1
+
+
+# ---- commands ----------------------------------------------------------------------------
+
+
+async def _serve_stack(options: StackOptions) -> int:
+    """Runs the stack until SIGTERM / SIGINT (as services.common.server.serve does)."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+
+    def on_signal(signum: signal.Signals) -> None:
+        if stop_requested.is_set():
+            logger.info("%s received again; already stopping", signum.name)
+            return
+        logger.info("%s received; stopping", signum.name)
+        stop_requested.set()
+
+    handled: list[signal.Signals] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(signum, on_signal, signum)
+            handled.append(signum)
+        except (NotImplementedError, RuntimeError):
+            logger.debug("cannot handle %s here", signum.name)
+    common, client = _stack_settings(embedded=False)
+    stack = LocalStack(options, common, client)
+    try:
+        await stack.start()
+        try:
+            console.print(stack.table())
+            console.print(f"storage: {stack.storage_url}")
+            console.print(f"artifacts: {options.artifact_root.resolve()}")
+            console.print(
+                f"submit a study: loratune tune --optimizer {stack.optimizer_address} "
+                "--dataset FILE --task classification   (Ctrl-C stops all services)"
+            )
+            await stop_requested.wait()
+        finally:
+            await stack.stop()
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+    return 0
+
+
+def _class_table(rows: Sequence[tuple[str, str]]) -> tuple[Table, str]:
+    counts = Counter(label for _, label in rows)
+    table = Table(title="Classes")
+    for column in ("label", "rows", "share"):
+        table.add_column(column, justify="left" if column == "label" else "right")
+    for label, count in counts.most_common():
+        table.add_row(label, str(count), f"{count / len(rows):.1%}")
+    top_label, top = counts.most_common(1)[0]
+    smallest = sorted(counts.items(), key=lambda kv: (kv[1], kv[0]))[:5]
+    summary = (
+        f"{len(rows)} rows, {len(counts)} classes; top class {top_label}: {top} rows "
+        f"({top / len(rows):.1%}); smallest classes: "
+        + ", ".join(f"{label} ({count})" for label, count in smallest)
+    )
+    return table, summary
+
+
+def register(app: typer.Typer, serve_app: typer.Typer) -> None:
+    """Adds the optimizer's user-facing commands to the `loratune` app."""
+    del serve_app  # `serve optimizer` is registered with the other services' serve commands
+
+    @app.command("up")
+    def up(
+        host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
+        optimizer_port: Annotated[int, typer.Option("--optimizer-port")] = 50051,
+        trainer_port: Annotated[int, typer.Option("--trainer-port")] = 50052,
+        evaluator_port: Annotated[int, typer.Option("--evaluator-port")] = 50053,
+        judge_port: Annotated[int, typer.Option("--judge-port")] = 50054,
+        metrics_port_base: Annotated[
+            int,
+            typer.Option(
+                "--metrics-port-base",
+                help="Metrics on base..base+3 (optimizer, trainer, evaluator, judge); -1 = off.",
+            ),
+        ] = 9091,
+        artifact_root: Annotated[
+            Path,
+            typer.Option(
+                "--artifact-root",
+                envvar="LORATUNE_ARTIFACT_ROOT",
+                help="Trial folders, published models and the SQLite storage.",
+            ),
+        ] = Path("./runs"),
+    ) -> None:
+        """Run all four services in this process on loopback until Ctrl-C / SIGTERM."""
+        common = CommonSettings()
+        configure_logging(common.log_format, common.log_level)
+        options = StackOptions(
+            host=host,
+            optimizer_port=optimizer_port,
+            trainer_port=trainer_port,
+            evaluator_port=evaluator_port,
+            judge_port=judge_port,
+            metrics_port_base=None if metrics_port_base < 0 else metrics_port_base,
+            artifact_root=artifact_root,
+        )
+        try:
+            code = asyncio.run(_serve_stack(options))
+        except (RuntimeError, OSError) as err:
+            errors.print(f"[red]error:[/red] {err}")
+            raise typer.Exit(1) from None
+        raise typer.Exit(code)
+
+    @app.command("demo-data")
+    def demo_data(
+        output: Annotated[Path, typer.Option("--output", "-o", help="CSV or JSONL file.")] = Path(
+            "demo/payments.csv"
+        ),
+        seed: Annotated[int, typer.Option("--seed")] = 7,
+        scale: Annotated[
+            float, typer.Option("--scale", help="Multiplies the large classes' rows.", min=0.05)
+        ] = 1.0,
+    ) -> None:
+        """Write the synthetic, long-tailed dataset of Russian payment comments."""
+        from services.cli.demo_data import generate, write
+
+        rows = generate(seed=seed, scale=scale)
+        write(output, rows)
+        table, summary = _class_table(rows)
+        console.print(table)
+        console.print(summary)
+        console.print(f"wrote {output} (columns text, label)")
+
+    @app.command("tune")
+    def tune(
+        dataset: Annotated[Path, typer.Option("--dataset", help="Training data, JSONL or CSV.")],
+        task: Annotated[str, typer.Option("--task", help="classification or generation.")],
+        base_model: Annotated[
+            str | None, typer.Option("--base-model", help="Hub name or folder; LORA_MODEL_NAME.")
+        ] = None,
+        n_trials: Annotated[
+            int | None, typer.Option("--n-trials", help="5..100; default LORA_N_TRIALS.")
+        ] = None,
+        judge: Annotated[
+            str | None,
+            typer.Option("--judge", help="Add this LLM judge to the objective (generation)."),
+        ] = None,
+        text_field: Annotated[str, typer.Option("--text-field")] = "",
+        label_field: Annotated[str, typer.Option("--label-field")] = "",
+        prompt_field: Annotated[str, typer.Option("--prompt-field")] = "",
+        target_field: Annotated[str, typer.Option("--target-field")] = "",
+        validation: Annotated[
+            Path | None, typer.Option("--validation", help="Validation file; else a split.")
+        ] = None,
+        validation_fraction: Annotated[
+            float,
+            typer.Option("--validation-fraction", help="Split off for validation; 0 = 0.1."),
+        ] = 0.0,
+        project_id: Annotated[int, typer.Option("--project-id")] = 0,
+        study_name: Annotated[
+            str | None, typer.Option("--study-name", help="The same name again is idempotent.")
+        ] = None,
+        max_parallel: Annotated[
+            int, typer.Option("--max-parallel", help="Trials at once; 0 = every idle trainer.")
+        ] = 0,
+        epochs: Annotated[
+            str | None, typer.Option("--epochs", help="Epoch counts to search, e.g. 2,3.")
+        ] = None,
+        ranks: Annotated[
+            str | None, typer.Option("--ranks", help="LoRA ranks to search, e.g. 8,16.")
+        ] = None,
+        learning_rate: Annotated[
+            str | None, typer.Option("--learning-rate", help="LOW,HIGH, searched on a log scale.")
+        ] = None,
+        max_seq_length: Annotated[int, typer.Option("--max-seq-length")] = 0,
+        batch_size: Annotated[int, typer.Option("--batch-size")] = 0,
+        sampler: Annotated[str, typer.Option("--sampler", help="tpe, random or gp.")] = "",
+        pruner: Annotated[
+            str, typer.Option("--pruner", help="median, hyperband, successive_halving, none.")
+        ] = "",
+        seed: Annotated[int, typer.Option("--seed")] = 42,
+        optimizer: OptimizerOption = None,
+        artifact_root: Annotated[
+            Path,
+            typer.Option(
+                "--artifact-root",
+                help="Without --optimizer: where the embedded services keep their state.",
+            ),
+        ] = Path("./runs"),
+    ) -> None:
+        """Search hyperparameters: submit a study and follow it to the best adapter.
+
+        Without --optimizer (or LORATUNE_OPTIMIZER_ADDRESS) the four services start in this
+        process for the study, as `loratune up` would, and stop when it ends.
+        """
+        if task not in TASKS:
+            errors.print(
+                f"[red]error:[/red] --task must be classification or generation, not {task!r}"
+            )
+            raise typer.Exit(2)
+        if n_trials is not None and n_trials <= 0:
+            # 0 on the wire means "the default"; the server checks every other value.
+            errors.print(
+                "[red]error:[/red] fine_tuning_params.n_trials (--n-trials): "
+                f"must be between 5 and 100 (got {n_trials})"
+            )
+            raise typer.Exit(2)
+        request = optimizer_pb2.CreateStudyRequest(
+            project_id=project_id,
+            fine_tuning_params=optimizer_pb2.FineTuningParams(
+                use_llm_judge=judge is not None,
+                judge_model_id=judge or "",
+                base_model_name=base_model or "",
+                n_trials=n_trials or 0,
+            ),
+            dataset=common_pb2.DatasetSpec(
+                uri=str(dataset.resolve()),
+                task_type=TASKS[task],
+                text_field=text_field,
+                label_field=label_field,
+                prompt_field=prompt_field,
+                target_field=target_field,
+                validation_uri=str(validation.resolve()) if validation else "",
+                validation_fraction=validation_fraction,
+                seed=seed,
+            ),
+            max_parallel_trials=max(max_parallel, 0),
+            study_name=study_name or "",
+            sampler=sampler,
+            pruner=pruner,
+            training=common_pb2.TrainingParams(
+                batch_size=max(batch_size, 0), max_seq_length=max(max_seq_length, 0)
+            ),
+        )
+        if epochs:
+            request.search_space.num_epochs.extend(_ints(epochs, "--epochs"))
+        if ranks:
+            request.search_space.rank.extend(_ints(ranks, "--ranks"))
+        if learning_rate:
+            request.search_space.learning_rate.CopyFrom(
+                _float_range(learning_rate, "--learning-rate")
+            )
+        if batch_size:
+            request.search_space.batch_size.append(batch_size)
+
+        async def go() -> optimizer_pb2.Study:
+            stack = None if optimizer else StackOptions(artifact_root=artifact_root)
+            async with _connect(optimizer, stack) as stub:
+                created = (await stub.CreateStudy(request)).study
+                console.print(
+                    f"study [bold]{created.study_id}[/bold]: "
+                    f"{created.fine_tuning_params.n_trials} trials of "
+                    f"{created.fine_tuning_params.base_model_name} "
+                    f"({study_state(created.state)})"
+                )
+                if stack is not None:
+                    await _say_other_active(stub, created.study_id)
+                return await _finish(stub, created.study_id)
+
+        try:
+            final = _run(go())
+        except KeyboardInterrupt:
+            errors.print(
+                "interrupted: the study stays in storage"
+                + (
+                    "; it goes on in the optimizer"
+                    if optimizer
+                    else f" and resumes with `loratune up --artifact-root {artifact_root}`"
+                )
+            )
+            raise typer.Exit(130) from None
+        raise typer.Exit(_exit_code(final))
+
+    @app.command("studies")
+    def studies(
+        project_id: Annotated[int, typer.Option("--project-id", help="0 = every project.")] = 0,
+        optimizer: OptimizerOption = None,
+    ) -> None:
+        """List studies, newest first."""
+        address = _require(optimizer)
+
+        async def go() -> list[optimizer_pb2.Study]:
+            async with _connect(address) as stub:
+                reply = await stub.ListStudies(
+                    optimizer_pb2.ListStudiesRequest(project_id=project_id)
+                )
+                return list(reply.studies)
+
+        found = _run(go())
+        if not found:
+            console.print("no studies" + (f" of project {project_id}" if project_id else ""))
+            return
+        table = Table(title="Studies", box=box.SIMPLE_HEAD, show_edge=False)
+        for column in ("study", "project", "state", "trials", "best", "created", "best adapter"):
+            table.add_column(column)
+        for s in found:
+            n = s.fine_tuning_params.n_trials
+            done = s.trials_complete + s.trials_pruned
+            trials = f"{done}/{n}" + (f" ({s.trials_failed} failed)" if s.trials_failed else "")
+            best = (
+                f"{s.objective_name} {s.best_trial.objective:.4f} (#{s.best_trial.number})"
+                if s.best_trial.HasField("objective")
+                else "-"
+            )
+            created = s.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+            table.add_row(
+                s.study_id,
+                str(s.project_id),
+                study_state(s.state),
+                trials,
+                best,
+                created,
+                s.best_model_dir or "-",
+            )
+        console.print(table)
+
+    @app.command("trials")
+    def trials(study: StudyArgument, optimizer: OptimizerOption = None) -> None:
+        """A study's trials: state, key hyperparameters, objective."""
+        address = _require(optimizer)
+
+        async def go() -> tuple[optimizer_pb2.Study, list[optimizer_pb2.Trial]]:
+            async with _connect(address) as stub:
+                found = (await stub.GetStudy(optimizer_pb2.GetStudyRequest(study_id=study))).study
+                listed = await stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_id=study))
+                return found, list(listed.trials)
+
+        found, listed = _run(go())
+        render_result(found, listed)
+
+    @app.command("watch")
+    def watch(study: StudyArgument, optimizer: OptimizerOption = None) -> None:
+        """Follow a study's live progress to its end, then print its trials."""
+        address = _require(optimizer)
+
+        async def go() -> optimizer_pb2.Study:
+            async with _connect(address) as stub:
+                return await _finish(stub, study)
+
+        try:
+            final = _run(go())
+        except KeyboardInterrupt:
+            errors.print("stopped watching; the study goes on")
+            raise typer.Exit(130) from None
+        raise typer.Exit(_exit_code(final))
+
+    @app.command("cancel")
+    def cancel(study: StudyArgument, optimizer: OptimizerOption = None) -> None:
+        """Cancel a queued or running study and its running jobs."""
+        address = _require(optimizer)
+
+        async def go() -> optimizer_pb2.Study:
+            async with _connect(address) as stub:
+                reply = await stub.CancelStudy(optimizer_pb2.CancelStudyRequest(study_id=study))
+                return reply.study
+
+        cancelled = _run(go())
+        console.print(f"study {cancelled.study_id}: {study_state(cancelled.state)}")
+
+
+async def _say_other_active(stub: optimizer_pb2_grpc.OptimizerServiceAsyncStub, mine: str) -> None:
+    """Warns when studies of earlier runs resumed beside this one: they share the trainer."""
+    reply = await stub.ListStudies(optimizer_pb2.ListStudiesRequest())
+    active = (optimizer_pb2.STUDY_STATE_QUEUED, optimizer_pb2.STUDY_STATE_RUNNING)
+    others = [s.study_id for s in reply.studies if s.state in active and s.study_id != mine]
+    if others:
+        console.print(
+            f"[yellow]note:[/yellow] unfinished studies from earlier runs resumed too and share "
+            f"the trainer: {', '.join(others)}"
+        )

@@ -1,0 +1,115 @@
+"""`loratune up` as a process, a study submitted by `loratune tune --optimizer`, then Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.unit.trainer.conftest import build_tiny_qwen
+
+OPTIMIZER = "loratune.optimizer.v1.OptimizerService"
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def wait_serving(address: str, service: str, proc: subprocess.Popen[str], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            assert proc.poll() is None, "loratune up exited before serving"
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, f"{service} never became SERVING"
+            time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_up_serves_a_study_from_tune_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    model = build_tiny_qwen(tmp_path / "tiny-qwen3")
+    words = ["good", "great", "bad", "awful"]
+    data = tmp_path / "sentiment.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"text": f"w{i % 7} {words[i % 4]}", "label": "pos" if i % 4 < 2 else "neg"})
+            + "\n"
+            for i in range(24)
+        )
+    )
+    root = tmp_path / "runs"
+    optimizer, trainer, evaluator, judge = free_ports(4)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        LORATUNE_GRACE_PERIOD_SECONDS="5",
+        COLUMNS="200",
+    )
+    env.pop("LORATUNE_OPTIMIZER_ADDRESS", None)
+    up = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "services.cli.main", "up"),
+            *("--optimizer-port", str(optimizer), "--trainer-port", str(trainer)),
+            *("--evaluator-port", str(evaluator), "--judge-port", str(judge)),
+            *("--metrics-port-base", "-1", "--artifact-root", str(root)),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    address = f"127.0.0.1:{optimizer}"
+    try:
+        wait_serving(address, OPTIMIZER, up, 60)
+        tune = subprocess.run(
+            [
+                *(sys.executable, "-m", "services.cli.main", "tune"),
+                *("--optimizer", address, "--dataset", str(data), "--task", "classification"),
+                *("--base-model", str(model), "--n-trials", "5", "--study-name", "e2e"),
+                *("--epochs", "1", "--ranks", "4", "--learning-rate", "1e-3,1e-2"),
+                *("--max-seq-length", "16", "--batch-size", "4", "--validation-fraction", "0.25"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert tune.returncode == 0, tune.stdout + tune.stderr
+        published = root / "models" / "e2e"
+        assert f"best adapter published to {published.resolve()}" in tune.stdout
+        assert "Trials of e2e" in tune.stdout and "study e2e: COMPLETED" in tune.stdout
+        assert (published / "adapter_model.safetensors").is_file()
+        assert (root / "optuna.db").is_file()
+        up.send_signal(signal.SIGINT)
+        output, _ = up.communicate(timeout=60)
+    except BaseException:
+        up.kill()
+        print(up.communicate()[0])
+        raise
+    assert up.returncode == 0, output
+    for port in (optimizer, trainer, evaluator, judge):
+        assert f"127.0.0.1:{port}" in output  # the table of addresses
+    assert "SIGINT received; stopping" in output
