@@ -40,11 +40,13 @@ from services.trainer.core.types import (
 __all__ = [
     "DEFAULT_GENERATION_EVAL_SAMPLES",
     "HEAD_LR_MULTIPLIER",
+    "HEAD_MIN_LEARNING_RATE",
     "TENSORBOARD_KEY",
     "LengthGroupedBatchSampler",
     "LoopResult",
     "ScalarLogger",
     "build_train_loader",
+    "head_learning_rate",
     "parameter_groups",
     "train",
 ]
@@ -59,8 +61,10 @@ TENSORBOARD_KEY = "tensorboard"
 _MAX_GRAD_NORM = 1.0
 # A classification head starts from random weights and must learn the whole mapping, while
 # the LoRA matrices only nudge pretrained layers: at the LoRA's learning rate the head is the
-# bottleneck (measured on bench/banking77_longtail.py). It trains at this multiple of it.
+# bottleneck (measured on bench/banking77_longtail.py). It trains at this multiple of the
+# adapter's learning rate, and at least at HEAD_MIN_LEARNING_RATE.
 HEAD_LR_MULTIPLIER = 10.0
+HEAD_MIN_LEARNING_RATE = 5e-3
 _Amp = Callable[[], contextlib.AbstractContextManager[Any]]
 # Batches sorted together by length: large enough to cut most padding, small enough that
 # the order stays random across the epoch.
@@ -319,11 +323,18 @@ def train(
     )
 
 
+def head_learning_rate(learning_rate: float) -> float:
+    """The classification head's peak learning rate for an adapter trained at `learning_rate`:
+    `HEAD_LR_MULTIPLIER` times it, and at least `HEAD_MIN_LEARNING_RATE` (never below the
+    adapter's own)."""
+    return max(learning_rate * HEAD_LR_MULTIPLIER, HEAD_MIN_LEARNING_RATE, learning_rate)
+
+
 def parameter_groups(
     model: torch.nn.Module, learning_rate: float, task: Task
 ) -> list[dict[str, Any]]:
     """AdamW's parameter groups: the adapter at `learning_rate`, a classification head at
-    `HEAD_LR_MULTIPLIER` times it.
+    `head_learning_rate(learning_rate)`.
 
     The adapter's group comes first, so `param_groups[0]["lr"]` is the learning rate the
     job asked for (what progress events and TensorBoard report).
@@ -336,7 +347,7 @@ def parameter_groups(
         {"params": [p for p in trainable if id(p) not in head_ids], "lr": learning_rate},
         {
             "params": [p for p in trainable if id(p) in head_ids],
-            "lr": learning_rate * HEAD_LR_MULTIPLIER,
+            "lr": head_learning_rate(learning_rate),
         },
     ]
     return [group for group in groups if group["params"]]
