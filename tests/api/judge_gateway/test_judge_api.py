@@ -135,7 +135,7 @@ async def test_429_retry_after_is_honoured(judge: Judge) -> None:
     reply = await judge.stub.ScoreResponses(score_request("gemini", [ITEM]))
     elapsed = time.monotonic() - started
     assert reply.scores[0].score == 70 and len(judge.gemini.requests) == 2
-    assert 1.0 <= elapsed < 3.0
+    assert 1.0 <= elapsed < 6.0
     after = metric(
         judge, "loratune_judge_retries_total", '{judge_model_id="gemini",reason="rate_limited"}'
     )
@@ -180,7 +180,7 @@ async def test_rate_limit_beyond_the_budget_is_resource_exhausted(start_judge: A
     started = time.monotonic()
     err = await rpc_error(judge.stub.ScoreResponses(score_request("gemini", [ITEM])))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert time.monotonic() - started < 3.5
+    assert time.monotonic() - started < 6.0
     assert 2 <= len(judge.gemini.requests) <= 3
 
 
@@ -307,7 +307,7 @@ async def test_slow_provider_within_caller_deadline(judge: Judge) -> None:
     started = time.monotonic()
     err = await rpc_error(judge.stub.ScoreResponses(score_request("gemini", [ITEM]), timeout=1.5))
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.monotonic() - started < 2.5
+    assert time.monotonic() - started < 4.5
 
 
 async def test_slow_provider_beyond_attempt_timeout(start_judge: Any) -> None:
