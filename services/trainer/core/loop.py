@@ -41,6 +41,7 @@ __all__ = [
     "DEFAULT_GENERATION_EVAL_SAMPLES",
     "HEAD_LR_MULTIPLIER",
     "HEAD_MIN_LEARNING_RATE",
+    "HEAD_ONLY_FRACTION",
     "TENSORBOARD_KEY",
     "LengthGroupedBatchSampler",
     "LoopResult",
@@ -65,6 +66,11 @@ _MAX_GRAD_NORM = 1.0
 # adapter's learning rate, and at least at HEAD_MIN_LEARNING_RATE.
 HEAD_LR_MULTIPLIER = 10.0
 HEAD_MIN_LEARNING_RATE = 5e-3
+# Linear probing, then fine-tuning (Kumar et al., 2022, "Fine-Tuning can Distort Pretrained
+# Features"): a random head's first gradients push the adapter in arbitrary directions, so a
+# classification run trains the head alone for this fraction of its optimizer steps before
+# the adapter joins. Those steps need no backward pass through the backbone.
+HEAD_ONLY_FRACTION = 0.0
 _Amp = Callable[[], contextlib.AbstractContextManager[Any]]
 # Batches sorted together by length: large enough to cut most padding, small enough that
 # the order stays random across the epoch.
@@ -242,6 +248,14 @@ def train(
         optimizer, round(training.warmup_ratio * total_steps), total_steps
     )
     amp = _autocast(device)
+    # The head-only phase: the adapter's parameters stop requiring gradients (so no backward
+    # runs through the backbone) and come back when the phase ends, or on the way out.
+    head_ids = {id(p) for p in head_parameters(model)} if task is Task.CLASSIFICATION else set()
+    adapter = [p for p in trainable if id(p) not in head_ids]
+    head_only_steps = int(HEAD_ONLY_FRACTION * total_steps) if head_ids and adapter else 0
+    if head_only_steps:
+        for parameter in adapter:
+            parameter.requires_grad_(False)
 
     step = 0
     train_time = 0.0
@@ -265,6 +279,9 @@ def train(
                 if ctx.should_stop():
                     raise Cancelled(f"cancelled before step {step + 1} of {total_steps}")
                 assert optimizer is not None
+                if step == head_only_steps:
+                    for parameter in adapter:
+                        parameter.requires_grad_(True)
                 loss_value, samples = _optimizer_step(
                     model, group, task, loss_fn, amp, device, optimizer, trainable
                 )
@@ -308,9 +325,11 @@ def train(
         # Free the optimizer state and gradients whether training ended, failed or ran out
         # of memory: the job manager may retry or load another base in this process.
         model.zero_grad(set_to_none=True)
+        for parameter in adapter:
+            parameter.requires_grad_(True)
         optimizer = None
         scheduler = None
-        del trainable
+        del trainable, adapter
         free_accelerator_memory()
     model.eval()
     final_loss = sum(epoch_losses) / len(epoch_losses) if epoch_losses else float("nan")
