@@ -102,7 +102,9 @@ class Reply:
         """Answers `then` (default: the default responder's reply) after `seconds`."""
 
         def render(fake: FakeServer, request: RecordedRequest) -> Reply:
-            return then if then is not None else fake.responder(request)
+            # The built-in reply, not `fake.responder`: a responder that itself answers
+            # `slow(...)` would otherwise render forever.
+            return then if then is not None else fake.default_reply(request)
 
         return cls(delay=seconds, render=render)
 
@@ -307,10 +309,17 @@ class FakeServer:
         if reply is None:
             reply = self._next_scripted() or self.responder(request)
         delay = 0.0
-        while reply.render is not None:
+        for _ in range(_MAX_RENDER_DEPTH):
+            if reply.render is None:
+                break
             delay += reply.delay
             reply = reply.render(self, request)
+        else:
+            raise RuntimeError(f"reply still rendering after {_MAX_RENDER_DEPTH} steps")
         return replace(reply, delay=delay + reply.delay)
+
+
+_MAX_RENDER_DEPTH = 16
 
 
 class _Handler(BaseHTTPRequestHandler):
