@@ -23,6 +23,7 @@ from services.trainer.core.models import (
     free_accelerator_memory,
     head_parameters,
 )
+from services.trainer.core.probe import PROBE_MAX_ROWS, linear_probe_head
 from services.trainer.core.tokenize import IGNORE_INDEX, collate, collate_prompts
 from services.trainer.core.types import (
     Cancelled,
@@ -42,6 +43,7 @@ __all__ = [
     "HEAD_LR_MULTIPLIER",
     "HEAD_MIN_LEARNING_RATE",
     "HEAD_ONLY_FRACTION",
+    "LINEAR_PROBE",
     "TENSORBOARD_KEY",
     "LengthGroupedBatchSampler",
     "LoopResult",
@@ -71,6 +73,9 @@ HEAD_MIN_LEARNING_RATE = 5e-3
 # classification run trains the head alone for this fraction of its optimizer steps before
 # the adapter joins. Those steps need no backward pass through the backbone.
 HEAD_ONLY_FRACTION = 0.0
+# Fit a fresh head's final linear layer on the frozen features before the first step
+# (probe.linear_probe_head): fine-tuning then starts from a logistic regression's solution.
+LINEAR_PROBE = True
 _Amp = Callable[[], contextlib.AbstractContextManager[Any]]
 # Batches sorted together by length: large enough to cut most padding, small enough that
 # the order stays random across the epoch.
@@ -233,6 +238,21 @@ def train(
     steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
     total_steps = steps_per_epoch * training.num_epochs
     loss_fn = _classification_loss(prepared, data, spec) if task is Task.CLASSIFICATION else None
+    amp = _autocast(device)
+    if task is Task.CLASSIFICATION and LINEAR_PROBE:
+        probed = linear_probe_head(
+            model,
+            _probe_batches(encoded.train, pad_id, training.batch_size, training.seed),
+            len(data.labels),
+            device,
+            class_weight=loss_fn.weight if loss_fn is not None else None,
+            amp=amp,
+            should_stop=ctx.should_stop,
+        )
+        if ctx.should_stop():
+            raise Cancelled("cancelled before the first step")
+        if probed is not None and scalars is not None:
+            scalars.scalar("train/probe_accuracy", probed.train_accuracy, 0)
 
     from transformers import get_linear_schedule_with_warmup
 
@@ -247,7 +267,6 @@ def train(
     scheduler: Any = get_linear_schedule_with_warmup(
         optimizer, round(training.warmup_ratio * total_steps), total_steps
     )
-    amp = _autocast(device)
     # The head-only phase: the adapter's parameters stop requiring gradients (so no backward
     # runs through the backbone) and come back when the phase ends, or on the way out.
     head_ids = {id(p) for p in head_parameters(model)} if task is Task.CLASSIFICATION else set()
@@ -424,6 +443,22 @@ def _optimizer_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(loss_value), samples
+
+
+def _probe_batches(
+    rows: Sequence[EncodedExample], pad_token_id: int, batch_size: int, seed: int
+) -> list[dict[str, torch.Tensor]]:
+    """The training rows (at most PROBE_MAX_ROWS, a seeded subset) in batches by length."""
+    order = list(range(len(rows)))
+    if len(order) > PROBE_MAX_ROWS:
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(order), generator=generator)[:PROBE_MAX_ROWS].tolist()
+    order.sort(key=lambda i: len(rows[i].input_ids))
+    size = max(batch_size, 32)
+    return [
+        collate([rows[i] for i in order[start : start + size]], pad_token_id, Task.CLASSIFICATION)
+        for start in range(0, len(order), size)
+    ]
 
 
 def _classification_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,189 @@
+"""Linear probing of a fresh head before fine-tuning: the fit, the head it sets, when it skips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from services.trainer.core import loop
+from services.trainer.core.models import BaseModelCache
+from services.trainer.core.probe import final_linear, fit_linear_probe, linear_probe_head
+from services.trainer.core.tokenize import collate
+from services.trainer.core.types import RunContext, Task, TrainingSpec
+from tests.unit.trainer.conftest import (
+    Recorder,
+    classification_data,
+    make_spec,
+    sentiment_rows,
+)
+
+
+def _blobs(n_per_class: tuple[int, ...], dim: int = 6, seed: int = 0) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 2.0, size=(len(n_per_class), dim))
+    x = np.concatenate(
+        [rng.normal(c, 1.5, size=(n, dim)) for c, n in zip(centres, n_per_class, strict=True)]
+    )
+    y = np.concatenate([np.full(n, k) for k, n in enumerate(n_per_class)])
+    return x.astype(np.float32), y
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_the_fit_is_scikit_learns_logistic_regression(balanced: bool) -> None:
+    x, y = _blobs((60, 25, 8))
+    n, k = len(y), 3
+    counts = np.bincount(y)
+    weight = torch.tensor(n / (k * counts), dtype=torch.float32) if balanced else None
+    w, b = fit_linear_probe(
+        torch.from_numpy(x), torch.from_numpy(y), k, class_weight=weight, max_iterations=500
+    )
+    assert b is not None
+    reference = LogisticRegression(
+        C=1.0, class_weight="balanced" if balanced else None, max_iter=5000, tol=1e-8
+    ).fit(x, y)
+    # Softmax logits are defined up to a per-row constant: compare centred logits.
+    ours = (torch.from_numpy(x) @ w.T + b).numpy()
+    theirs = reference.decision_function(x)
+    ours -= ours.mean(axis=1, keepdims=True)
+    theirs -= theirs.mean(axis=1, keepdims=True)
+    assert np.abs(ours - theirs).max() < 2e-2 * np.abs(theirs).max()
+    assert (ours.argmax(1) == reference.predict(x)).mean() >= 0.99
+
+
+def test_the_head_is_set_to_the_probe_and_then_predicts_what_it_fits(minilm_dir: Path) -> None:
+    spec = make_spec(minilm_dir, Task.CLASSIFICATION)
+    cache = BaseModelCache("cpu")
+    rows = sentiment_rows(32, seed=3)
+    prepared = cache.acquire(spec, ["negative", "positive"])
+    model = prepared.model
+    head = final_linear(model, 2)
+    assert head is not None and head.weight.requires_grad
+    before = head.weight.detach().clone()
+    _, encoded = classification_data(rows, rows[:2], prepared.tokenizer)
+    pad = int(prepared.tokenizer.pad_token_id)
+    batches = [collate(encoded.train[i : i + 8], pad, Task.CLASSIFICATION) for i in range(0, 32, 8)]
+    result = linear_probe_head(
+        model, batches, 2, prepared.device, class_weight=None, amp=loop._autocast(prepared.device)
+    )
+    assert result is not None and result.rows == 32
+    assert not torch.equal(before, head.weight)
+    model.eval()
+    with torch.no_grad():
+        logits = [
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            for b in batches
+        ]
+        predicted = torch.cat(logits).argmax(-1)
+    labels = torch.cat([b["labels"] for b in batches])
+    accuracy = float((predicted == labels).float().mean())
+    # The model now predicts with the probed head exactly what the probe reported.
+    assert accuracy == pytest.approx(result.train_accuracy)
+    assert accuracy >= 0.9  # one word decides the label: frozen MiniLM features separate it
+    cache.release()
+
+
+def test_a_stop_request_leaves_the_head_untouched(minilm_dir: Path) -> None:
+    spec = make_spec(minilm_dir, Task.CLASSIFICATION)
+    cache = BaseModelCache("cpu")
+    prepared = cache.acquire(spec, ["negative", "positive"])
+    rows = sentiment_rows(8)
+    _, encoded = classification_data(rows, rows[:2], prepared.tokenizer)
+    head = final_linear(prepared.model, 2)
+    assert head is not None
+    before = head.weight.detach().clone()
+    batch = collate(encoded.train, int(prepared.tokenizer.pad_token_id), Task.CLASSIFICATION)
+    result = linear_probe_head(
+        prepared.model,
+        [batch],
+        2,
+        prepared.device,
+        class_weight=None,
+        amp=loop._autocast(prepared.device),
+        should_stop=lambda: True,
+    )
+    assert result is None and torch.equal(before, head.weight)
+    cache.release()
+
+
+def test_a_decoder_head_over_every_position_is_left_as_it_is(tiny_qwen_dir: Path) -> None:
+    spec = make_spec(tiny_qwen_dir, Task.CLASSIFICATION)
+    cache = BaseModelCache("cpu")
+    prepared = cache.acquire(spec, ["negative", "positive"])
+    rows = sentiment_rows(8)
+    _, encoded = classification_data(rows, rows[:2], prepared.tokenizer)
+    # Qwen's `score` sees (batch, length, hidden), not one vector per row: no probe, and
+    # not even a forward pass spent finding that out.
+    assert final_linear(prepared.model, 2) is None
+    forwards = 0
+
+    def count(*_: object) -> None:
+        nonlocal forwards
+        forwards += 1
+
+    prepared.model.get_input_embeddings().register_forward_hook(count)
+    before = [p.detach().clone() for p in prepared.model.parameters()]
+    batch = collate(encoded.train, int(prepared.tokenizer.pad_token_id), Task.CLASSIFICATION)
+    result = linear_probe_head(
+        prepared.model,
+        [batch],
+        2,
+        prepared.device,
+        class_weight=None,
+        amp=loop._autocast(prepared.device),
+    )
+    assert result is None and forwards == 0
+    after = list(prepared.model.parameters())
+    assert all(torch.equal(b, a) for b, a in zip(before, after, strict=True))
+    cache.release()
+
+
+def test_training_starts_from_the_probe(minilm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the probe, the first epoch's evaluation is already right on a task the frozen
+    features separate; the probe's accuracy goes to TensorBoard at step 0."""
+    rows = sentiment_rows(48, seed=5)
+
+    def first_eval(probe: bool) -> tuple[float, dict[str, float]]:
+        monkeypatch.setattr(loop, "LINEAR_PROBE", probe)
+        spec = make_spec(
+            minilm_dir,
+            Task.CLASSIFICATION,
+            training=TrainingSpec(learning_rate=1e-5, num_epochs=1, batch_size=8, seed=7),
+        )
+        cache = BaseModelCache("cpu")
+        prepared = cache.acquire(spec, ["negative", "positive"])
+        data, encoded = classification_data(rows[:32], rows[32:], prepared.tokenizer)
+        recorder = Recorder()
+        scalars: dict[str, float] = {}
+
+        class Scalars:
+            def scalar(self, tag: str, value: float, step: int) -> None:
+                scalars.setdefault(tag, value)
+
+        result = loop.train(
+            prepared,
+            data,
+            encoded,
+            spec,
+            RunContext(emit=recorder.emit, should_stop=recorder.should_stop),
+            scalar_logger=Scalars(),
+        )
+        cache.release()
+        assert result.last_eval is not None
+        right = sum(
+            p == r
+            for p, r in zip(result.last_eval.predictions, result.last_eval.references, strict=True)
+        )
+        return right / len(result.last_eval.references), scalars
+
+    with_probe, scalars = first_eval(True)
+    assert "train/probe_accuracy" in scalars
+    assert with_probe >= 0.8
+    without_probe, scalars = first_eval(False)
+    assert "train/probe_accuracy" not in scalars
+    # At a tiny learning rate one epoch cannot train a random head (the head's own minimum
+    # rate, 5e-3, for 4 steps): it stays near chance where the probe is already right.
+    assert with_probe > without_probe
