@@ -313,6 +313,12 @@ def main() -> None:
         f"{loop.HEAD_ONLY_FRACTION:g})",
     )
     parser.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="ablation: no linear probe of the fresh head before fine-tuning (it then trains "
+        "at the head learning rate below)",
+    )
+    parser.add_argument(
         "--base-dropout",
         type=float,
         default=None,
@@ -346,6 +352,8 @@ def main() -> None:
             return model, tokenizer
 
         models.load_base_model = load_with_dropout  # type: ignore[assignment]
+    if args.no_probe:
+        loop.LINEAR_PROBE = False
     if args.head_only_fraction is not None:
         loop.HEAD_ONLY_FRACTION = args.head_only_fraction
     model_path = args.model or packaged_minilm_path()
@@ -361,9 +369,13 @@ def main() -> None:
     print(
         f"LoRA budget: {args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g}, "
         f"rank {args.rank}, max_seq_length {args.max_seq_length}, seed {args.seed}, "
-        f"{args.threads} threads; pooling {args.pooling}, head lr "
-        f"{loop.head_learning_rate(args.lr):g}, head alone for {loop.HEAD_ONLY_FRACTION:g} "
-        "of the steps"
+        f"{args.threads} threads; pooling {args.pooling}; "
+        + (
+            f"linear probe, then head lr {args.lr:g}"
+            if loop.LINEAR_PROBE
+            else f"no probe, head lr {loop.head_learning_rate(args.lr):g}"
+        )
+        + f"; head alone for {loop.HEAD_ONLY_FRACTION:g} of the steps"
     )
     scores: list[Score] = []
     if not args.no_baseline:

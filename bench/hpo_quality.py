@@ -6,7 +6,13 @@ same number of trials on the same trainer, base model and search space; the tabl
 the best macro-F1 each found and the total training time it spent (pruned trials stop
 early, which is where TPE + pruning saves time).
 
+Each search runs its own trainer, evaluator and optimizer in this process with
+`--threads` torch threads. `--only NAME` runs one search, so the two can run side by
+side as two processes on a machine with a core for each (the printed rows then combine
+into the table).
+
     HF_HUB_OFFLINE=1 .venv/bin/python bench/hpo_quality.py [--trials 8] [--epochs 2]
+        [--only tpe-pruned|random] [--threads 1]
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ from services.trainer.main import build_manager  # noqa: E402
 from services.trainer.main import service_definition as trainer_definition  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "banking77"
+# name, sampler, pruner
+SEARCHES = (("tpe-pruned", "tpe", "median"), ("random", "random", "none"))
 
 
 async def search(
@@ -123,14 +131,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--only", choices=[name for name, _, _ in SEARCHES], default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, sampler, pruner in (
-            ("tpe-pruned", "tpe", "median"),
-            ("random", "random", "none"),
-        ):
+        for name, sampler, pruner in SEARCHES:
+            if args.only is not None and name != args.only:
+                continue
             started = time.perf_counter()
             best, seconds, complete, pruned = asyncio.run(
                 search(name, sampler, pruner, args, Path(tmp) / name)

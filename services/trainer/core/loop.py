@@ -62,10 +62,11 @@ DEFAULT_GENERATION_EVAL_SAMPLES = 64
 # `RunContext.extra[TENSORBOARD_KEY]` may hold a ScalarLogger (artifacts.TensorBoardLogger).
 TENSORBOARD_KEY = "tensorboard"
 _MAX_GRAD_NORM = 1.0
-# A classification head starts from random weights and must learn the whole mapping, while
-# the LoRA matrices only nudge pretrained layers: at the LoRA's learning rate the head is the
-# bottleneck (measured on bench/banking77_longtail.py). It trains at this multiple of the
-# adapter's learning rate, and at least at HEAD_MIN_LEARNING_RATE.
+# A classification head that starts from random weights (a decoder's `score`, or any head
+# with LINEAR_PROBE off) must learn the whole mapping, while the LoRA matrices only nudge
+# pretrained layers: at the LoRA's learning rate the head is the bottleneck (measured on
+# bench/banking77_longtail.py). It trains at this multiple of the adapter's learning rate,
+# and at least at HEAD_MIN_LEARNING_RATE. A probed head trains at the adapter's rate.
 HEAD_LR_MULTIPLIER = 10.0
 HEAD_MIN_LEARNING_RATE = 5e-3
 # Linear probing, then fine-tuning (Kumar et al., 2022, "Fine-Tuning can Distort Pretrained
@@ -239,6 +240,7 @@ def train(
     total_steps = steps_per_epoch * training.num_epochs
     loss_fn = _classification_loss(prepared, data, spec) if task is Task.CLASSIFICATION else None
     amp = _autocast(device)
+    probed = None
     if task is Task.CLASSIFICATION and LINEAR_PROBE:
         probed = linear_probe_head(
             model,
@@ -258,7 +260,7 @@ def train(
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer | None = torch.optim.AdamW(
-        parameter_groups(model, training.learning_rate, task),
+        parameter_groups(model, training.learning_rate, task, head_probed=probed is not None),
         lr=training.learning_rate,
         weight_decay=training.weight_decay,
         # One fused kernel for all parameters on CUDA (the trainable ones are float32 there).
@@ -369,10 +371,13 @@ def head_learning_rate(learning_rate: float) -> float:
 
 
 def parameter_groups(
-    model: torch.nn.Module, learning_rate: float, task: Task
+    model: torch.nn.Module, learning_rate: float, task: Task, *, head_probed: bool = False
 ) -> list[dict[str, Any]]:
     """AdamW's parameter groups: the adapter at `learning_rate`, a classification head at
-    `head_learning_rate(learning_rate)`.
+    `head_learning_rate(learning_rate)`, or at `learning_rate` when the linear probe has
+    already fitted it (`head_probed`: fine-tuning then refines a solution, as in LP-FT;
+    measured on bench/banking77_longtail.py, probe + head at 10x: macro-F1 0.8825, probe
+    + head at the adapter's rate: 0.8854).
 
     The adapter's group comes first, so `param_groups[0]["lr"]` is the learning rate the
     job asked for (what progress events and TensorBoard report).
@@ -385,7 +390,7 @@ def parameter_groups(
         {"params": [p for p in trainable if id(p) not in head_ids], "lr": learning_rate},
         {
             "params": [p for p in trainable if id(p) in head_ids],
-            "lr": head_learning_rate(learning_rate),
+            "lr": learning_rate if head_probed else head_learning_rate(learning_rate),
         },
     ]
     return [group for group in groups if group["params"]]

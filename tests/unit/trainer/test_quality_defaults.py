@@ -176,6 +176,9 @@ def test_the_head_trains_at_a_higher_learning_rate_than_the_adapter(minilm_dir: 
     # Well above the floor the multiplier rules.
     assert head_learning_rate(2e-3) == pytest.approx(2e-3 * loop.HEAD_LR_MULTIPLIER)
     assert head_learning_rate(1.0) >= 1.0
+    # A head the linear probe has fitted is refined at the adapter's own rate.
+    probed = parameter_groups(prepared.model, 1e-4, Task.CLASSIFICATION, head_probed=True)
+    assert [g["lr"] for g in probed] == [1e-4, 1e-4]
 
 
 def test_generation_has_a_single_parameter_group(tiny_qwen_dir: Path) -> None:
