@@ -8,7 +8,9 @@ and the data tokenised on both sides:
 
 - ours: `services.trainer.core.loop.train(...)` on a model from `BaseModelCache.acquire`
   (the function `LocalRunner` calls; no gRPC, no job manager, no TensorBoard writer),
-  classification with plain cross-entropy (focal gamma 0, no class weights);
+  classification with plain cross-entropy (focal gamma 0, no class weights); for an
+  encoder classifier its time includes the linear probe that fits the fresh head before
+  the first step (one forward pass over the rows without gradients, then L-BFGS);
 - theirs: `Trainer(...).train()` on `AutoModel*.from_pretrained` + `get_peft_model`,
   `DataCollatorWithPadding` (classification) or `DataCollatorForSeq2Seq` (causal LM:
   it pads `labels` with -100), `report_to=[]`, no saving, no evaluation.
