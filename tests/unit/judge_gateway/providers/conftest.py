@@ -31,9 +31,13 @@ def fake_openai() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture
-def refused_url() -> str:
-    """An http URL on 127.0.0.1 where nothing listens: connecting is refused at once."""
+def refused_url() -> Iterator[str]:
+    """An http URL on 127.0.0.1 where nothing listens: connecting is refused at once.
+
+    The port stays bound (never listening) for the whole test: a port merely found free
+    may be taken by any other process's server before the test connects to it.
+    """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}"
