@@ -79,6 +79,35 @@ def serve_optimizer(port: PortOption = 50051, metrics_port: MetricsPortOption = 
     raise typer.Exit(optimizer_main(port, _metrics_port(metrics_port)))
 
 
+@app.command("console")
+def console_command(
+    port: Annotated[int, typer.Option("--port", help="HTTP port (0 = any free port).")] = 8080,
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "0.0.0.0",
+    optimizer: Annotated[
+        str | None,
+        typer.Option(
+            "--optimizer",
+            envvar="LORATUNE_OPTIMIZER_ADDRESS",
+            help="Optimizer address host:port (env LORATUNE_OPTIMIZER_ADDRESS).",
+        ),
+    ] = None,
+) -> None:
+    """Serve the web console: studies and trials, read from the optimizer."""
+    import asyncio
+
+    from services.common.logging import configure_logging
+    from services.console.main import serve_console
+
+    if not optimizer:
+        typer.echo(
+            "error: no optimizer address: pass --optimizer or set LORATUNE_OPTIMIZER_ADDRESS",
+            err=True,
+        )
+        raise typer.Exit(2)
+    configure_logging("plain", "INFO")
+    asyncio.run(serve_console(optimizer, host=host, port=port))
+
+
 GatewayOption = Annotated[
     str | None,
     typer.Option(
