@@ -21,6 +21,8 @@ K8S = Path(__file__).resolve().parents[3] / "deploy" / "k8s"
 SERVICES = ("optimizer", "trainer", "evaluator", "judge-gateway")
 # The providers' own variables, read by their SDKs / the judge registry.
 PROVIDER_VARIABLES = {"GEMINI_API_KEY", "GIGACHAT_CREDENTIALS"}
+# Read by the CLI and the console (typer options with envvar=...).
+CLI_VARIABLES = {"LORATUNE_OPTIMIZER_ADDRESS"}
 
 
 def _documents(path: Path) -> list[dict[str, Any]]:
@@ -50,7 +52,7 @@ def _container(deployment: dict[str, Any]) -> dict[str, Any]:
 
 
 def _known_variables() -> set[str]:
-    names = set(PROVIDER_VARIABLES)
+    names = PROVIDER_VARIABLES | CLI_VARIABLES
     for settings in (CommonSettings, OptimizerSettings, TrainerSettings, EvaluatorSettings):
         names |= {f"LORATUNE_{field.upper()}" for field in settings.model_fields}
     names |= {f"LORATUNE_JUDGE_{field.upper()}" for field in JudgeSettings.model_fields}
@@ -170,3 +172,24 @@ def test_the_study_job_uses_real_tune_options() -> None:
     for flag in (a for a in args if a.startswith("--")):
         assert flag in help_text, flag
     assert args[args.index("--optimizer") + 1] == "loratune-optimizer:50051"
+
+
+def test_the_console_asks_the_optimizer_service(manifests: list[dict[str, Any]]) -> None:
+    deployment = _find(manifests, "Deployment", "loratune-console")
+    container = _container(deployment)
+    args = container["args"]
+    assert args[0] == "console"
+    port = int(args[args.index("--port") + 1])
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": port}
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    host, grpc_port = env["LORATUNE_OPTIMIZER_ADDRESS"].rsplit(":", 1)
+    optimizer = _find(manifests, "Service", host)
+    assert int(grpc_port) in {p["port"] for p in optimizer["spec"]["ports"]}
+    help_text = CliRunner().invoke(app, ["console", "--help"]).output
+    assert "--port" in help_text and "--optimizer" in help_text
+    svc = _find(manifests, "Service", "loratune-console")
+    assert (
+        svc["spec"]["selector"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
