@@ -7,7 +7,9 @@ prepare the data, load the base model, tokenise, train one epoch (with the end-o
 evaluation on the validation split), save the adapter and its records.
 
 - warm: the trials are jobs on ONE manager, so the base model stays loaded (each job gets
-  a fresh adapter and head) and the tokenised dataset comes from the cache;
+  a fresh adapter and head), the tokenised dataset comes from the cache, and so do the
+  frozen features the linear probe fits a fresh encoder head on (inside the training
+  time: a warm job's `train_seconds` is shorter by that forward pass);
 - cold: each trial is a job on a NEW manager, so it loads the model and tokenises again,
   as a trainer restarted per trial (or a script per trial) would;
 - cold, new process: the same job on a new manager in a new Python process, timed from
@@ -297,9 +299,9 @@ async def main_async(args: argparse.Namespace) -> None:
             print(f"speed-up, warm vs new processes: {sum(process) / warm_total:.2f}x")
         train_share = sum(t.train_seconds for t in warm) / warm_total
         print(
-            f"(training and evaluation are {train_share:.0%} of a warm job; a warm trainer "
-            f"saves only the load and the tokenisation, {load_seconds:.2f} + "
-            f"{tokenise_seconds:.3f} s a job here)"
+            f"(training and evaluation are {train_share:.0%} of a warm job; besides the "
+            f"probe's cached features, inside training, a warm trainer saves the load and "
+            f"the tokenisation, {load_seconds:.2f} + {tokenise_seconds:.3f} s a job here)"
         )
 
 

@@ -23,7 +23,7 @@ from services.trainer.core.models import (
     free_accelerator_memory,
     head_parameters,
 )
-from services.trainer.core.probe import PROBE_MAX_ROWS, linear_probe_head
+from services.trainer.core.probe import PROBE_MAX_ROWS, ProbeFeatureCache, linear_probe_head
 from services.trainer.core.tokenize import IGNORE_INDEX, collate, collate_prompts
 from services.trainer.core.types import (
     Cancelled,
@@ -198,8 +198,13 @@ def train(
     ctx: RunContext,
     *,
     scalar_logger: ScalarLogger | None = None,
+    probe_cache: ProbeFeatureCache | None = None,
 ) -> LoopResult:
     """Train the prepared adapter on `encoded.train`, evaluating at the end of each epoch.
+
+    A fresh encoder head is first fitted by the linear probe (LINEAR_PROBE); with
+    `probe_cache`, the frozen features of an earlier job on the same base and rows are
+    reused instead of a forward pass.
 
     Emits a ProgressEvent every `ctx.progress_every_steps` optimizer steps (and at the last
     step) and an EvaluationEvent per epoch. Curves go to `scalar_logger`, or to
@@ -250,6 +255,8 @@ def train(
             class_weight=loss_fn.weight if loss_fn is not None else None,
             amp=amp,
             should_stop=ctx.should_stop,
+            cache=probe_cache,
+            cache_key=_probe_cache_key(prepared, data, encoded, spec),
         )
         if ctx.should_stop():
             raise Cancelled("cancelled before the first step")
@@ -448,6 +455,24 @@ def _optimizer_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(loss_value), samples
+
+
+def _probe_cache_key(
+    prepared: PreparedModel, data: PreparedData, encoded: EncodedData, spec: JobSpec
+) -> tuple[Any, ...]:
+    """Everything the probe's frozen features depend on (a fresh adapter changes nothing):
+    the base as loaded, its pooling, and the token ids and labels of the rows themselves."""
+    rows = encoded.train
+    return (
+        spec.base_model,
+        spec.training.quantize_4bit,
+        str(prepared.device),
+        prepared.pooling,
+        spec.lora.use_dora,
+        data.labels,
+        hash(tuple((e.input_ids, e.label_id) for e in rows)),
+        spec.training.seed if len(rows) > PROBE_MAX_ROWS else None,  # picks the subset
+    )
 
 
 def _probe_batches(

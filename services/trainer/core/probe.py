@@ -21,8 +21,10 @@ position before the last token is picked, is left as it is.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +35,13 @@ from torch import nn
 
 from services.trainer.core.models import head_parameters
 
-__all__ = ["ProbeResult", "final_linear", "fit_linear_probe", "linear_probe_head"]
+__all__ = [
+    "ProbeFeatureCache",
+    "ProbeResult",
+    "final_linear",
+    "fit_linear_probe",
+    "linear_probe_head",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +53,58 @@ PROBE_MAX_ROWS = 20_000
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """What the probe did: rows embedded, its accuracy on them, its wall time."""
+    """What the probe did: rows embedded, its accuracy on them, its wall time, and whether
+    the features came from the cache (no forward pass)."""
 
     rows: int
     train_accuracy: float
     seconds: float
+    cached: bool = False
+
+
+class ProbeFeatureCache:
+    """The frozen features of recent probes, so that later trials skip the forward pass.
+
+    A fresh LoRA adapter changes nothing before its first step (B = 0; dropout is off in
+    eval mode), so the features a probe sees depend only on the base model and the
+    tokenised rows: every trial of a study on a warm trainer probes the same matrix.
+    The caller's key must name all of that (the trainer's: base model, quantisation,
+    device, tokenizer, max length, dataset fingerprint, pooling, DoRA). Least recently
+    used entries go first; `clear()` when the base model is reloaded.
+    """
+
+    def __init__(self, entries: int = 2) -> None:
+        self._entries = max(entries, 0)
+        self._items: OrderedDict[Hashable, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(features, targets) stored under `key`, or None."""
+        with self._lock:
+            found = self._items.get(key)
+            if found is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return found
+
+    def put(self, key: Hashable, features: torch.Tensor, targets: torch.Tensor) -> None:
+        """Keep (features, targets) under `key`, dropping the least recently used."""
+        if self._entries == 0:
+            return
+        with self._lock:
+            self._items[key] = (features, targets)
+            self._items.move_to_end(key)
+            while len(self._items) > self._entries:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget every entry."""
+        with self._lock:
+            self._items.clear()
 
 
 def final_linear(model: nn.Module, n_classes: int) -> nn.Linear | None:
@@ -125,17 +180,68 @@ def linear_probe_head(
     class_weight: torch.Tensor | None,
     amp: Callable[[], Any],
     should_stop: Callable[[], bool] = lambda: False,
+    cache: ProbeFeatureCache | None = None,
+    cache_key: Hashable | None = None,
 ) -> ProbeResult | None:
     """Fit the head's final linear layer on the frozen features of `batches` (in place).
 
     `batches` are collated training batches with `labels`. Returns None (and changes
     nothing) when the model has no probe-able head. `should_stop` is checked between
     batches; when it turns true the probe is abandoned (the head is left as it was).
+    With `cache` and `cache_key`, features stored under the key are used instead of a
+    forward pass, and newly computed ones are stored.
     """
     head = final_linear(model, n_classes)
     if head is None:
         return None
     started = time.perf_counter()
+    use_cache = cache is not None and cache_key is not None
+    cached = cache.get(cache_key) if cache is not None and cache_key is not None else None
+    if cached is not None:
+        features, targets = cached
+    else:
+        embedded = _embed(model, head, batches, device, amp, should_stop)
+        if embedded is None:
+            return None
+        features, targets = embedded
+        if use_cache:
+            assert cache is not None
+            cache.put(cache_key, features, targets)
+    weight, bias = fit_linear_probe(
+        features, targets, n_classes, class_weight=class_weight, bias=head.bias is not None
+    )
+    with torch.no_grad():
+        head.weight.copy_(weight.to(head.weight.dtype))
+        if bias is not None and head.bias is not None:
+            head.bias.copy_(bias.to(head.bias.dtype))
+        logits = features @ weight.T + (0 if bias is None else bias)
+        accuracy = float((logits.argmax(-1) == targets).float().mean())
+    result = ProbeResult(
+        rows=int(targets.shape[0]),
+        train_accuracy=accuracy,
+        seconds=time.perf_counter() - started,
+        cached=cached is not None,
+    )
+    logger.info(
+        "linear probe of the head on %d rows%s: train accuracy %.3f in %.1f s",
+        result.rows,
+        " (cached features)" if result.cached else "",
+        result.train_accuracy,
+        result.seconds,
+    )
+    return result
+
+
+def _embed(
+    model: nn.Module,
+    head: nn.Linear,
+    batches: Sequence[dict[str, torch.Tensor]],
+    device: torch.device,
+    amp: Callable[[], Any],
+    should_stop: Callable[[], bool],
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(features, targets): what `head` receives for every row, in eval mode; None when
+    stopped or when the head sees more than one vector per row."""
     captured: list[torch.Tensor] = []
 
     def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -161,26 +267,4 @@ def linear_probe_head(
     finally:
         handle.remove()
         model.train(was_training)
-    features = torch.cat(captured)
-    targets = torch.cat(labels)
-    weight, bias = fit_linear_probe(
-        features, targets, n_classes, class_weight=class_weight, bias=head.bias is not None
-    )
-    with torch.no_grad():
-        head.weight.copy_(weight.to(head.weight.dtype))
-        if bias is not None and head.bias is not None:
-            head.bias.copy_(bias.to(head.bias.dtype))
-        logits = features @ weight.T + (0 if bias is None else bias)
-        accuracy = float((logits.argmax(-1) == targets).float().mean())
-    result = ProbeResult(
-        rows=int(targets.shape[0]),
-        train_accuracy=accuracy,
-        seconds=time.perf_counter() - started,
-    )
-    logger.info(
-        "linear probe of the head on %d rows: train accuracy %.3f in %.1f s",
-        result.rows,
-        result.train_accuracy,
-        result.seconds,
-    )
-    return result
+    return torch.cat(captured), torch.cat(labels)

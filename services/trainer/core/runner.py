@@ -20,6 +20,7 @@ from services.trainer.core.models import (
     device_info,
     free_accelerator_memory,
 )
+from services.trainer.core.probe import ProbeFeatureCache
 from services.trainer.core.tokenize import TokenizationCache
 from services.trainer.core.types import (
     CompletedEvent,
@@ -49,6 +50,7 @@ class LocalRunner:
     def __init__(self, tokenization_cache_entries: int = 8, device: str | None = None) -> None:
         self._models = BaseModelCache(device)
         self._tokens = TokenizationCache(max(tokenization_cache_entries, 1))
+        self._probe_features = ProbeFeatureCache(entries=2)
 
     def validate(self, spec: JobSpec) -> PreparedData:
         """Parameters, output folder, base model, data and target modules, before acceptance."""
@@ -72,6 +74,7 @@ class LocalRunner:
         model = self._models.acquire(spec, data.labels)
         if not model.base_reused:
             metrics.MODEL_LOAD_SECONDS.observe(model.load_seconds)
+            self._probe_features.clear()  # features of the old base must not outlive it
         hits = self._tokens.hits
         encoded = self._tokens.encode(
             data, model.tokenizer, model.tokenizer_id, spec.training.max_seq_length
@@ -92,7 +95,15 @@ class LocalRunner:
         )
         out_dir = Path(spec.output_dir)
         with TensorBoardLogger(out_dir / "logs") as board:
-            result = train(model, data, encoded, spec, _timed(ctx), scalar_logger=board)
+            result = train(
+                model,
+                data,
+                encoded,
+                spec,
+                _timed(ctx),
+                scalar_logger=board,
+                probe_cache=self._probe_features,
+            )
         save_artifacts(model, data, spec, result, out_dir)
         return CompletedEvent(artifact_dir=str(out_dir), train_seconds=result.train_seconds)
 
@@ -100,6 +111,7 @@ class LocalRunner:
         """OUT_OF_MEMORY frees the cached model so the next job starts from a clean device."""
         if is_out_of_memory(error):
             self._models.release()
+            self._probe_features.clear()
             free_accelerator_memory()
             return FailureReason.OUT_OF_MEMORY
         free_accelerator_memory()
@@ -116,8 +128,9 @@ class LocalRunner:
         return info
 
     def release(self) -> None:
-        """Drops the cached base model."""
+        """Drops the cached base model (and the probe features computed on it)."""
         self._models.release()
+        self._probe_features.clear()
 
 
 def _timed(ctx: RunContext) -> RunContext:

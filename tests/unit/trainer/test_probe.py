@@ -10,8 +10,14 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from services.trainer.core import loop
+from services.trainer.core import probe as probe_module
 from services.trainer.core.models import BaseModelCache
-from services.trainer.core.probe import final_linear, fit_linear_probe, linear_probe_head
+from services.trainer.core.probe import (
+    ProbeFeatureCache,
+    final_linear,
+    fit_linear_probe,
+    linear_probe_head,
+)
 from services.trainer.core.tokenize import collate
 from services.trainer.core.types import RunContext, Task, TrainingSpec
 from tests.unit.trainer.conftest import (
@@ -187,3 +193,63 @@ def test_training_starts_from_the_probe(minilm_dir: Path, monkeypatch: pytest.Mo
     # At a tiny learning rate one epoch cannot train a random head (the head's own minimum
     # rate, 5e-3, for 4 steps): it stays near chance where the probe is already right.
     assert with_probe > without_probe
+
+
+def test_a_second_job_reuses_the_frozen_features_and_gets_the_same_head(
+    minilm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh adapter changes nothing before its first step, so the next trial on the same
+    base and rows probes from cached features: no forward pass, the same fitted head."""
+    rows = sentiment_rows(24, seed=9)
+    spec = make_spec(
+        minilm_dir,
+        Task.CLASSIFICATION,
+        training=TrainingSpec(learning_rate=1e-3, num_epochs=1, batch_size=8, seed=7),
+    )
+    probed: list[tuple[probe_module.ProbeResult | None, torch.Tensor]] = []
+    real = loop.linear_probe_head
+
+    def spy(model: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        result = real(model, *args, **kwargs)  # type: ignore[arg-type]
+        head = final_linear(model, 2)
+        assert head is not None
+        probed.append((result, head.weight.detach().clone()))
+        return result
+
+    monkeypatch.setattr(loop, "linear_probe_head", spy)
+    cache = ProbeFeatureCache()
+    models = BaseModelCache("cpu")
+
+    def job(max_length: int = 32) -> None:
+        prepared = models.acquire(spec, ["negative", "positive"])
+        data, encoded = classification_data(rows[:16], rows[16:], prepared.tokenizer, max_length)
+        recorder = Recorder()
+        context = RunContext(emit=recorder.emit, should_stop=recorder.should_stop)
+        loop.train(prepared, data, encoded, spec, context, probe_cache=cache)
+
+    job()
+    job()
+    (first, first_head), (second, second_head) = probed
+    assert first is not None and not first.cached
+    assert second is not None and second.cached and second.rows == first.rows == 16
+    assert cache.hits == 1 and cache.misses == 1
+    assert second.train_accuracy == first.train_accuracy
+    torch.testing.assert_close(second_head, first_head, rtol=0, atol=1e-6)
+    # Other rows (here: another max length) are another key: computed, not reused.
+    job(max_length=6)
+    assert probed[2][0] is not None and not probed[2][0].cached
+    models.release()
+
+
+def test_the_feature_cache_keeps_the_most_recent_entries() -> None:
+    cache = ProbeFeatureCache(entries=2)
+    for key in ("a", "b", "c"):
+        cache.put(key, torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))
+    assert cache.get("a") is None and cache.get("b") is not None
+    cache.put("d", torch.ones(1, 2), torch.zeros(1, dtype=torch.long))
+    assert cache.get("c") is None and cache.get("b") is not None  # b was used, c was not
+    cache.clear()
+    assert cache.get("b") is None
+    off = ProbeFeatureCache(entries=0)
+    off.put("a", torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))
+    assert off.get("a") is None
