@@ -95,6 +95,7 @@ def console_command(
     """Serve the web console: studies and trials, read from the optimizer."""
     import asyncio
 
+    from services.common.config import CommonSettings
     from services.common.logging import configure_logging
     from services.console.main import serve_console
 
@@ -104,7 +105,8 @@ def console_command(
             err=True,
         )
         raise typer.Exit(2)
-    configure_logging("plain", "INFO")
+    settings = CommonSettings()
+    configure_logging(settings.log_format, settings.log_level)
     asyncio.run(serve_console(optimizer, host=host, port=port))
 
 

@@ -340,7 +340,8 @@ def study_state(value: int) -> str:
     return _state(value, optimizer_pb2.StudyState, "STUDY_STATE_")
 
 
-def _modules(modules: Sequence[str]) -> str:
+def modules_label(modules: Sequence[str]) -> str:
+    """'all-linear', 'attention', or the module names."""
     from services.optimizer.core.space import ATTENTION_MODULES
 
     if not modules:
@@ -354,7 +355,7 @@ def _key_params(trial: optimizer_pb2.Trial) -> str:
     h = trial.hyperparameters
     return (
         f"rank={h.lora.rank} lr={h.training.learning_rate:.2g} "
-        f"epochs={h.training.num_epochs} {_modules(h.lora.target_modules)}"
+        f"epochs={h.training.num_epochs} {modules_label(h.lora.target_modules)}"
     )
 
 
@@ -389,7 +390,7 @@ def trials_table(study: optimizer_pb2.Study, trials: Sequence[optimizer_pb2.Tria
             f"{h.lora.alpha:g}",
             f"{h.training.learning_rate:.1e}",
             str(h.training.num_epochs),
-            _modules(h.lora.target_modules),
+            modules_label(h.lora.target_modules),
         ]
         if classification:
             b = h.balancing

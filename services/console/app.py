@@ -27,6 +27,7 @@ from google.protobuf.json_format import MessageToDict
 
 from loratune.common.v1 import common_pb2
 from loratune.optimizer.v1 import optimizer_pb2, optimizer_pb2_grpc
+from services.cli.optimizer_commands import modules_label, study_state, trial_state
 
 __all__ = ["REFRESH_SECONDS", "build_app"]
 
@@ -170,16 +171,6 @@ def _page(title: str, body: str, *, refresh: bool = False, status: int = 200) ->
     return web.Response(text=document, content_type="text/html", charset="utf-8", status=status)
 
 
-def _study_state(value: int) -> str:
-    name = optimizer_pb2.StudyState.Name(optimizer_pb2.StudyState.ValueType(value))
-    return str(name).removeprefix("STUDY_STATE_")
-
-
-def _trial_state(value: int) -> str:
-    name = optimizer_pb2.TrialState.Name(optimizer_pb2.TrialState.ValueType(value))
-    return str(name).removeprefix("TRIAL_STATE_")
-
-
 def _best(study: optimizer_pb2.Study) -> str:
     if not study.best_trial.HasField("objective"):
         return "-"
@@ -193,7 +184,7 @@ async def _studies_page(request: web.Request) -> web.Response:
         return _page("Studies", body)
     rows = []
     for s in studies:
-        state = _study_state(s.state)
+        state = study_state(s.state)
         done = s.trials_complete + s.trials_pruned
         rows.append(
             "<tr>"
@@ -215,13 +206,9 @@ async def _studies_page(request: web.Request) -> web.Response:
     return _page("Studies", body, refresh=any(s.state in _LIVE for s in studies))
 
 
-def _modules(modules: Sequence[str]) -> str:
-    return ", ".join(modules) if modules else "all linear"
-
-
 async def _study_page(request: web.Request) -> web.Response:
     study, trials = await _get_study(request)
-    state = _study_state(study.state)
+    state = study_state(study.state)
     classification = study.dataset.task_type == common_pb2.TASK_TYPE_CLASSIFICATION
     facts = [
         ("state", f"<span class='{state}'>{state}</span>"),
@@ -252,13 +239,13 @@ async def _study_page(request: web.Request) -> web.Response:
         h = t.hyperparameters
         cells = [
             f"<td class='n'>{t.number}</td>",
-            f"<td class='{_trial_state(t.state)}'>{_trial_state(t.state)}</td>",
+            f"<td class='{trial_state(t.state)}'>{trial_state(t.state)}</td>",
             f"<td class='n'>{h.lora.rank}{' rs' if h.lora.use_rslora else ''}</td>",
             f"<td class='n'>{h.lora.alpha:g}</td>",
             f"<td class='n'>{h.lora.dropout:.2f}</td>",
             f"<td class='n'>{h.training.learning_rate:.1e}</td>",
             f"<td class='n'>{h.training.num_epochs}</td>",
-            f"<td>{_e(_modules(h.lora.target_modules))}</td>",
+            f"<td>{_e(modules_label(h.lora.target_modules))}</td>",
         ]
         if classification:
             b = h.balancing

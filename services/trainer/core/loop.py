@@ -23,7 +23,12 @@ from services.trainer.core.models import (
     free_accelerator_memory,
     head_parameters,
 )
-from services.trainer.core.probe import PROBE_MAX_ROWS, ProbeFeatureCache, linear_probe_head
+from services.trainer.core.probe import (
+    PROBE_MAX_ROWS,
+    ProbeFeatureCache,
+    final_linear,
+    linear_probe_head,
+)
 from services.trainer.core.tokenize import IGNORE_INDEX, collate, collate_prompts
 from services.trainer.core.types import (
     Cancelled,
@@ -246,7 +251,12 @@ def train(
     loss_fn = _classification_loss(prepared, data, spec) if task is Task.CLASSIFICATION else None
     amp = _autocast(device)
     probed = None
-    if task is Task.CLASSIFICATION and LINEAR_PROBE:
+    # Only an encoder head is probed: a decoder job builds no probe batches and hashes no rows.
+    if (
+        task is Task.CLASSIFICATION
+        and LINEAR_PROBE
+        and final_linear(model, len(data.labels)) is not None
+    ):
         probed = linear_probe_head(
             model,
             _probe_batches(encoded.train, pad_id, training.batch_size, training.seed),
@@ -477,18 +487,18 @@ def _probe_cache_key(
 
 def _probe_batches(
     rows: Sequence[EncodedExample], pad_token_id: int, batch_size: int, seed: int
-) -> list[dict[str, torch.Tensor]]:
-    """The training rows (at most PROBE_MAX_ROWS, a seeded subset) in batches by length."""
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The training rows (at most PROBE_MAX_ROWS, a seeded subset) in batches by length,
+    collated as they are read (not at all when the probe's features are cached)."""
     order = list(range(len(rows)))
     if len(order) > PROBE_MAX_ROWS:
         generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(order), generator=generator)[:PROBE_MAX_ROWS].tolist()
     order.sort(key=lambda i: len(rows[i].input_ids))
     size = max(batch_size, 32)
-    return [
-        collate([rows[i] for i in order[start : start + size]], pad_token_id, Task.CLASSIFICATION)
-        for start in range(0, len(order), size)
-    ]
+    for start in range(0, len(order), size):
+        batch = [rows[i] for i in order[start : start + size]]
+        yield collate(batch, pad_token_id, Task.CLASSIFICATION)
 
 
 def _classification_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

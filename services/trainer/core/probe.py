@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +69,7 @@ class ProbeFeatureCache:
     eval mode), so the features a probe sees depend only on the base model and the
     tokenised rows: every trial of a study on a warm trainer probes the same matrix.
     The caller's key must name all of that (the trainer's: base model, quantisation,
-    device, tokenizer, max length, dataset fingerprint, pooling, DoRA). Least recently
+    device, pooling, DoRA, labels and a hash of the rows' token ids). Least recently
     used entries go first; `clear()` when the base model is reloaded.
     """
 
@@ -173,7 +173,7 @@ def fit_linear_probe(
 
 def linear_probe_head(
     model: nn.Module,
-    batches: Sequence[dict[str, torch.Tensor]],
+    batches: Iterable[dict[str, torch.Tensor]],
     n_classes: int,
     device: torch.device,
     *,
@@ -185,7 +185,8 @@ def linear_probe_head(
 ) -> ProbeResult | None:
     """Fit the head's final linear layer on the frozen features of `batches` (in place).
 
-    `batches` are collated training batches with `labels`. Returns None (and changes
+    `batches` are collated training batches with `labels`, iterated only when the features
+    are not cached (a generator is collated lazily). Returns None (and changes
     nothing) when the model has no probe-able head. `should_stop` is checked between
     batches; when it turns true the probe is abandoned (the head is left as it was).
     With `cache` and `cache_key`, features stored under the key are used instead of a
@@ -195,8 +196,9 @@ def linear_probe_head(
     if head is None:
         return None
     started = time.perf_counter()
-    use_cache = cache is not None and cache_key is not None
-    cached = cache.get(cache_key) if cache is not None and cache_key is not None else None
+    if cache_key is None:
+        cache = None
+    cached = cache.get(cache_key) if cache is not None else None
     if cached is not None:
         features, targets = cached
     else:
@@ -204,8 +206,7 @@ def linear_probe_head(
         if embedded is None:
             return None
         features, targets = embedded
-        if use_cache:
-            assert cache is not None
+        if cache is not None:
             cache.put(cache_key, features, targets)
     weight, bias = fit_linear_probe(
         features, targets, n_classes, class_weight=class_weight, bias=head.bias is not None
@@ -235,7 +236,7 @@ def linear_probe_head(
 def _embed(
     model: nn.Module,
     head: nn.Linear,
-    batches: Sequence[dict[str, torch.Tensor]],
+    batches: Iterable[dict[str, torch.Tensor]],
     device: torch.device,
     amp: Callable[[], Any],
     should_stop: Callable[[], bool],

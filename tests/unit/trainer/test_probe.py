@@ -11,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 
 from services.trainer.core import loop
 from services.trainer.core import probe as probe_module
-from services.trainer.core.models import BaseModelCache
+from services.trainer.core.models import BaseModelCache, PreparedModel
 from services.trainer.core.probe import (
     ProbeFeatureCache,
     final_linear,
@@ -92,16 +92,21 @@ def test_the_head_is_set_to_the_probe_and_then_predicts_what_it_fits(minilm_dir:
     cache.release()
 
 
-def test_a_stop_request_leaves_the_head_untouched(minilm_dir: Path) -> None:
-    spec = make_spec(minilm_dir, Task.CLASSIFICATION)
+def _one_batch(model_dir: Path) -> tuple[BaseModelCache, PreparedModel, dict[str, torch.Tensor]]:
+    """A fresh classifier on `model_dir` and one collated batch of 8 sentiment rows."""
     cache = BaseModelCache("cpu")
-    prepared = cache.acquire(spec, ["negative", "positive"])
+    prepared = cache.acquire(make_spec(model_dir, Task.CLASSIFICATION), ["negative", "positive"])
     rows = sentiment_rows(8)
     _, encoded = classification_data(rows, rows[:2], prepared.tokenizer)
+    batch = collate(encoded.train, int(prepared.tokenizer.pad_token_id), Task.CLASSIFICATION)
+    return cache, prepared, batch
+
+
+def test_a_stop_request_leaves_the_head_untouched(minilm_dir: Path) -> None:
+    cache, prepared, batch = _one_batch(minilm_dir)
     head = final_linear(prepared.model, 2)
     assert head is not None
     before = head.weight.detach().clone()
-    batch = collate(encoded.train, int(prepared.tokenizer.pad_token_id), Task.CLASSIFICATION)
     result = linear_probe_head(
         prepared.model,
         [batch],
@@ -116,11 +121,7 @@ def test_a_stop_request_leaves_the_head_untouched(minilm_dir: Path) -> None:
 
 
 def test_a_decoder_head_over_every_position_is_left_as_it_is(tiny_qwen_dir: Path) -> None:
-    spec = make_spec(tiny_qwen_dir, Task.CLASSIFICATION)
-    cache = BaseModelCache("cpu")
-    prepared = cache.acquire(spec, ["negative", "positive"])
-    rows = sentiment_rows(8)
-    _, encoded = classification_data(rows, rows[:2], prepared.tokenizer)
+    cache, prepared, batch = _one_batch(tiny_qwen_dir)
     # Qwen's `score` sees (batch, length, hidden), not one vector per row: no probe, and
     # not even a forward pass spent finding that out.
     assert final_linear(prepared.model, 2) is None
@@ -132,7 +133,6 @@ def test_a_decoder_head_over_every_position_is_left_as_it_is(tiny_qwen_dir: Path
 
     prepared.model.get_input_embeddings().register_forward_hook(count)
     before = [p.detach().clone() for p in prepared.model.parameters()]
-    batch = collate(encoded.train, int(prepared.tokenizer.pad_token_id), Task.CLASSIFICATION)
     result = linear_probe_head(
         prepared.model,
         [batch],
