@@ -21,6 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from services.common.errors import InvalidArgument
+from services.trainer.core.quantized import disable_cpu_repacking, has_repacked_weights
 from services.trainer.core.types import JobSpec, LoraSpec, Task
 
 __all__ = [
@@ -336,7 +337,10 @@ def load_base_model(
             model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
         raise _not_found(name, err) from err
-    if not quantize_4bit:
+    if quantize_4bit:
+        # Never the CPU's bfloat16 repacking of 4-bit weights: see core/quantized.py.
+        disable_cpu_repacking(model)
+    else:
         model.to(target)
     _set_padding(model, tokenizer, task, name)
     if task is Task.CLASSIFICATION:
@@ -567,6 +571,10 @@ class BaseModelCache:
         )
         with self._lock:
             reused = self._loaded is not None and self._loaded.key == key
+            if reused and self._loaded is not None and has_repacked_weights(self._loaded.model):
+                # Repacked weights cannot be restored exactly (core/quantized.py): reload.
+                logger.warning("the cached base's 4-bit weights were repacked; reloading it")
+                reused = False
             if reused:
                 try:
                     self._strip_adapter()

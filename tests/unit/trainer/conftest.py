@@ -38,8 +38,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_qwen(folder: Path) -> Path:
-    """Save a 2-layer, hidden-32 Qwen3ForCausalLM and a word-level tokenizer to `folder`.
+def build_tiny_qwen(folder: Path, hidden_size: int = 32) -> Path:
+    """Save a 2-layer Qwen3ForCausalLM (hidden 32 unless asked) and a word-level tokenizer.
 
     The tokenizer has a pad token distinct from EOS (as Qwen's has) and a chat template.
     The same folder loads as Qwen3ForSequenceClassification (the `score` head is new).
@@ -62,12 +62,12 @@ def build_tiny_qwen(folder: Path) -> Path:
     tokenizer.save_pretrained(folder)
     config = Qwen3Config(
         vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=8,
+        head_dim=hidden_size // 4,
         max_position_embeddings=256,
         pad_token_id=vocab[PAD],
         eos_token_id=vocab[EOS],
