@@ -19,14 +19,18 @@ from services.common.metrics import (
     GRPC_SERVER_HANDLING_SECONDS,
     GRPC_SERVER_STARTED,
 )
+from services.common.names import escape_control
 
 __all__ = [
     "GENERIC_INTERNAL_MESSAGE",
     "HEALTH_METHOD_PREFIX",
+    "MAX_STATUS_DETAILS_BYTES",
+    "MAX_STATUS_DETAILS_CHARS",
     "UNAUTHENTICATED_MESSAGE",
     "AuthInterceptor",
     "StatusInterceptor",
     "status_code_of",
+    "status_details",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,6 +51,30 @@ else:
 
 _Behaviour = Callable[..., Any]
 _STATUS_BY_NAME: dict[str, grpc.StatusCode] = {code.name: code for code in grpc.StatusCode}
+
+# Details travel in the grpc-message trailer, percent-encoded (up to 3 bytes per UTF-8
+# byte); peers refuse metadata over 8 KiB by default, and a refused trailer reaches the
+# client as RESOURCE_EXHAUSTED instead of the real code. These bounds keep it far below.
+MAX_STATUS_DETAILS_CHARS = 1000
+MAX_STATUS_DETAILS_BYTES = 2000
+
+
+def status_details(message: str) -> str:
+    """``message`` made safe for a status: control characters escaped, length bounded.
+
+    Longer than ``MAX_STATUS_DETAILS_CHARS`` characters or ``MAX_STATUS_DETAILS_BYTES``
+    UTF-8 bytes, it is cut and ends with ``... [cut, N chars in all]``.
+    """
+    escaped = escape_control(message)
+    if len(escaped) <= MAX_STATUS_DETAILS_CHARS:
+        encoded = escaped.encode("utf-8")
+        if len(encoded) <= MAX_STATUS_DETAILS_BYTES:
+            return escaped
+    marker = f"... [cut, {len(escaped)} chars in all]"
+    head = escaped[: MAX_STATUS_DETAILS_CHARS - len(marker)]
+    # A cut inside a multi-byte character drops that character's leftover bytes.
+    head_bytes = head.encode("utf-8")[: MAX_STATUS_DETAILS_BYTES - len(marker)]
+    return head_bytes.decode("utf-8", "ignore") + marker
 
 
 def status_code_of(error: LoratuneError) -> grpc.StatusCode:
@@ -111,10 +139,14 @@ class _StatusGuard:
         self.code = _cancelled_code(self.context)
 
     async def abort_domain(self, error: LoratuneError) -> NoReturn:
-        """Abort with the domain error's status; its message says what and which field."""
+        """Abort with the domain error's status; its message says what and which field.
+
+        The message may echo request text: it is escaped and bounded (``status_details``).
+        """
         self.code = status_code_of(error)
-        logger.info("%s -> %s: %s", self.full_method, self.code.name, error)
-        await self.context.abort(self.code, str(error))
+        details = status_details(str(error))
+        logger.info("%s -> %s: %s", self.full_method, self.code.name, details)
+        await self.context.abort(self.code, details)
 
     async def abort_unexpected(self) -> NoReturn:
         """Abort with a generic INTERNAL; the traceback goes to the log, never the client."""
@@ -265,11 +297,12 @@ def _wrap_handler(handler: _Handler, full_method: str) -> _Handler:
 class StatusInterceptor(_ServerInterceptor):
     """Maps domain errors to status codes and records the ``grpc_server_*`` metrics.
 
-    A ``LoratuneError`` becomes its ``code`` with ``str(error)`` as details; any other
-    exception becomes ``INTERNAL`` with a generic message and its traceback in the
-    log. Every RPC of a known method is counted by its final code, including aborts
-    by handlers or inner interceptors (auth) and cancellations. Unknown methods are
-    not counted: their names come from clients, and labels must stay bounded.
+    A ``LoratuneError`` becomes its ``code`` with ``str(error)`` as details (escaped and
+    bounded by ``status_details``); any other exception becomes ``INTERNAL`` with a
+    generic message and its traceback in the log. Every RPC of a known method is
+    counted by its final code, including aborts by handlers or inner interceptors
+    (auth) and cancellations. Unknown methods are not counted: their names come from
+    clients, and labels must stay bounded.
     Put it first (outermost) so that it sees every outcome.
     """
 

@@ -1,4 +1,4 @@
-"""Logging set-up for every service: plain or JSON lines, with registered secrets redacted."""
+"""Logging set-up for every service: plain or JSON lines, secrets redacted, one line a record."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import threading
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from services.common.names import escape_control
+
 __all__ = [
     "JsonFormatter",
+    "PlainFormatter",
     "SecretRedactingFilter",
     "configure_logging",
     "register_secret",
@@ -80,10 +83,40 @@ class SecretRedactingFilter(logging.Filter):
         return True
 
 
+def _escape_value(value: Any) -> Any:
+    """A string ``extra=`` value with its control characters escaped; others as they are."""
+    return escape_control(value) if isinstance(value, str) else value
+
+
+def _json_default(value: Any) -> str:
+    """What ``json.dumps`` writes for a value it cannot encode: its escaped ``str()``."""
+    return escape_control(str(value))
+
+
+class PlainFormatter(logging.Formatter):
+    """``PLAIN_FORMAT`` lines whose message has its control characters escaped.
+
+    Messages carry request text (ids, paths, names); a raw newline in one would forge
+    a second log line and an ESC would drive the reader's terminal. So the message is
+    always one line (see ``escape_control``). Tracebacks and stack traces, which
+    come from our code, follow on their own lines as usual.
+    """
+
+    def __init__(self, fmt: str = PLAIN_FORMAT) -> None:
+        super().__init__(fmt)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The format string applied to the record, its message escaped."""
+        record.message = escape_control(record.message)
+        return super().formatMessage(record)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``time``, ``level``, ``logger``, ``message``, ``exc_info``.
 
     Fields passed with ``extra=`` are added as they are (``str()`` when not JSON).
+    The message and string extras have their control characters escaped as in
+    ``PlainFormatter`` (JSON itself would let DEL, C1 controls and U+2028 through).
     """
 
     def format(self, record: logging.LogRecord) -> str:
@@ -94,7 +127,7 @@ class JsonFormatter(logging.Formatter):
             ),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": escape_control(record.getMessage()),
         }
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
@@ -104,8 +137,8 @@ class JsonFormatter(logging.Formatter):
             payload["stack_info"] = self.formatStack(record.stack_info)
         for key, value in vars(record).items():
             if key not in _STANDARD_ATTRS and key not in payload:
-                payload[key] = value
-        return json.dumps(payload, default=str, ensure_ascii=False)
+                payload[key] = _escape_value(value)
+        return json.dumps(payload, default=_json_default, ensure_ascii=False)
 
 
 class _LoratuneHandler(logging.StreamHandler[TextIO]):
@@ -136,8 +169,6 @@ def configure_logging(fmt: str = "plain", level: str = "INFO") -> None:
             handler.stream = sys.stderr
         finally:
             handler.release()
-    formatter: logging.Formatter = (
-        JsonFormatter() if fmt == "json" else logging.Formatter(PLAIN_FORMAT)
-    )
+    formatter: logging.Formatter = JsonFormatter() if fmt == "json" else PlainFormatter()
     handler.setFormatter(formatter)
     root.setLevel(level.upper())

@@ -7,7 +7,8 @@ import time
 import grpc
 
 from loratune.judge.v1 import judge_pb2, judge_pb2_grpc
-from services.judge_gateway.core.gateway import Item, JudgeGateway, Outcome
+from services.judge_gateway.api.convert import score_call_from_proto
+from services.judge_gateway.core.gateway import JudgeGateway, Outcome
 
 _OUTCOMES = {
     Outcome.OK: judge_pb2.JUDGE_OUTCOME_OK,
@@ -54,13 +55,11 @@ class JudgeGatewayServicer(judge_pb2_grpc.JudgeGatewayServiceServicer):
         ],
     ) -> judge_pb2.ScoreResponsesResponse:
         """Judges the items concurrently; per-item outcomes, mean over the judged ones."""
+        call = score_call_from_proto(request)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         batch = await self._gateway.score(
-            request.judge_model_id,
-            [Item(i.prompt, i.candidate, i.reference) for i in request.items],
-            rubric=request.rubric,
-            deadline=deadline,
+            call.judge_model_id, call.items, rubric=call.rubric, deadline=deadline
         )
         return judge_pb2.ScoreResponsesResponse(
             scores=[

@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 ProviderFactory = Callable[[str, Mapping[str, str]], JudgeProvider]
 
+# An empty generation is the model's answer, and worth nothing: judged 0 on the spot.
+EMPTY_CANDIDATE_REASONING = "empty candidate: scored 0 without calling the judge"
+
 
 class Outcome(enum.Enum):
     """What happened to one item (the proto's JudgeOutcome)."""
@@ -310,6 +313,9 @@ class JudgeGateway:
     async def _judge_uncounted(
         self, model: ResolvedModel, slot: _Slot, item: Item, rubric: str, deadline: float | None
     ) -> ItemResult:
+        if not item.candidate.strip():
+            # Nothing for a judge to read: no provider call, and nothing worth caching.
+            return ItemResult(Outcome.OK, 0.0, EMPTY_CANDIDATE_REASONING)
         key = self._cache_key(model, slot, item, rubric)
         hit = self._cache.get(key)
         if hit is not None:

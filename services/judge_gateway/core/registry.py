@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.names import excerpt
 
 PROVIDER_TYPES = ("gemini", "gigachat", "openai")
 DEFAULT_CONCURRENCY = {"gemini": 8, "gigachat": 2, "openai": 4}
@@ -199,12 +200,16 @@ class JudgeRegistry:
         return [v for m in self._models.values() for v in m.secrets.values()]
 
     def resolve(self, model_id: str) -> ResolvedModel:
-        """The model for `model_id` ("" = the default); NOT_FOUND or FAILED_PRECONDITION."""
+        """The model for `model_id` ("" = the default); NOT_FOUND or FAILED_PRECONDITION.
+
+        The NOT_FOUND message echoes only an escaped excerpt of the id the caller sent.
+        """
         key = model_id or self.default_id
         model = self._models.get(key)
         if model is None:
             raise NotFound(
-                f"LLM Judge model not found: '{key}' (available: {', '.join(self._models)})"
+                f"LLM Judge model not found: '{excerpt(key)}' "
+                f"(available: {', '.join(self._models)})"
             )
         if not model.available:
             raise FailedPrecondition(

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import time
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import httpx
 import pytest
 
 from loratune.judge.v1 import judge_pb2
+from services.common.logging import JsonFormatter, PlainFormatter
 from tests.fakes.gemini import quota_error
 from tests.fakes.http import Reply
 
@@ -369,3 +371,93 @@ async def test_metrics_are_exported(judge: Judge) -> None:
         'loratune_judge_tokens_total{judge_model_id="gemini",type="input"}',
     ):
         assert name in text, name
+
+
+def raw_controls(text: str) -> list[str]:
+    """Characters that forge log lines or drive a terminal (C0, DEL, C1, U+2028/9)."""
+    return [c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")]
+
+
+async def test_a_huge_id_is_invalid_argument_and_the_gateway_keeps_serving(judge: Judge) -> None:
+    err = await rpc_error(judge.stub.ScoreResponses(score_request("x" * 20_000, [ITEM])))
+    # Echoed whole, the id overflowed the status trailer: RESOURCE_EXHAUSTED on the client.
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert err.details().startswith("judge_model_id: ") and len(err.details()) < 200
+    judge.gemini.script(judgment(77))
+    reply = await judge.stub.ScoreResponses(score_request("gemini", [ITEM]))
+    assert reply.judged == 1 and reply.scores[0].score == 77
+
+
+async def test_an_unknown_long_id_is_not_found_with_a_bounded_message(judge: Judge) -> None:
+    err = await rpc_error(judge.stub.ScoreResponses(score_request("m" * 100, [ITEM])))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    details = err.details()
+    assert details.startswith("LLM Judge model not found: 'mmmm")
+    assert "... (100 chars)' (available: gemini, gigachat)" in details
+    assert len(details) < 150
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"items": [ITEM] * 1001}, "items"),
+        ({"rubric": "r" * 20_001}, "rubric"),
+        (
+            {"items": [judge_pb2.JudgeItem(prompt="q", candidate="c" * 100_001)]},
+            "items[0].candidate",
+        ),
+    ],
+)
+async def test_requests_beyond_the_bounds_never_reach_the_provider(
+    judge: Judge, request_fields: dict[str, Any], field: str
+) -> None:
+    request = judge_pb2.ScoreResponsesRequest(
+        judge_model_id="gemini", **{"items": [ITEM], **request_fields}
+    )
+    err = await rpc_error(judge.stub.ScoreResponses(request))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details().startswith(f"{field}: ")
+    assert judge.gemini.requests == []
+
+
+async def test_control_characters_in_requests_never_reach_logs_or_statuses_raw(
+    judge: Judge, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    evil = "claude\n2026-01-01 INFO forged\x1b[31m\x00\x9b"
+    err = await rpc_error(judge.stub.ScoreResponses(score_request(evil, [ITEM])))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert not raw_controls(err.details())
+    assert "'claude\\n2026-01-01 INFO forged\\x1b[31m\\x00\\x9b'" in err.details()
+    lines = [
+        formatter.format(record)
+        for record in caplog.records
+        for formatter in (PlainFormatter(), JsonFormatter())
+    ]
+    logged = [line for line in lines if "forged" in line]
+    assert len(logged) >= 2, lines  # the bad id was logged, in both formats
+    for line in lines:
+        assert not raw_controls(line), line
+
+
+async def test_an_empty_candidate_is_scored_zero_without_calling_the_provider(
+    judge: Judge,
+) -> None:
+    judge.gemini.script(judgment(80))
+    batch = [
+        ITEM,
+        judge_pb2.JudgeItem(prompt="q", candidate="", reference="r"),
+        judge_pb2.JudgeItem(prompt="q", candidate=" \n\t", reference="r"),
+    ]
+    reply = await judge.stub.ScoreResponses(score_request("gemini", batch))
+    assert len(judge.gemini.requests) == 1
+    text = judge.gemini.requests[0].body["contents"][0]["parts"][0]["text"]
+    assert ITEM.candidate in text
+    assert reply.judged == 3 and reply.mean_score == pytest.approx(80 / 3)
+    for score in reply.scores[1:]:
+        assert score.HasField("score") and score.score == 0
+        assert score.outcome == judge_pb2.JUDGE_OUTCOME_OK and not score.cached
+        assert score.reasoning == "empty candidate: scored 0 without calling the judge"
+    again = await judge.stub.ScoreResponses(score_request("gemini", batch))
+    assert [s.cached for s in again.scores] == [True, False, False]
+    assert len(judge.gemini.requests) == 1

@@ -299,3 +299,27 @@ async def test_empty_items_is_invalid() -> None:
     gateway, _ = make()
     with pytest.raises(errors.InvalidArgument, match="items"):
         await gateway.score("gemini", [])
+
+
+async def test_empty_candidate_is_scored_zero_without_the_provider_and_never_cached() -> None:
+    gateway, provider = make()
+    provider.default = ok(90)
+    items = [ITEM, Item("p", "", "r"), Item("p", " \n\t ", "r")]
+    batch = await gateway.score("gemini", items)
+    assert len(provider.requests) == 1
+    assert "<<<BEGIN CANDIDATE>>>\nThe limit is 500 EUR.\n" in provider.requests[0].user_prompt
+    real, empty, blank = batch.results
+    assert real.score == 90 and not real.cached
+    for result in (empty, blank):
+        assert result.outcome is Outcome.OK and result.score == 0.0 and not result.cached
+        assert result.reasoning == "empty candidate: scored 0 without calling the judge"
+    assert batch.judged == 3 and batch.mean_score == pytest.approx(30.0)
+    again = await gateway.score("gemini", items)
+    assert [r.cached for r in again.results] == [True, False, False]
+    assert len(provider.requests) == 1
+
+
+async def test_a_batch_of_only_empty_candidates_is_judged_without_any_call() -> None:
+    gateway, provider = make()
+    batch = await gateway.score("gemini", [Item("p", "", "r")])
+    assert batch.judged == 1 and batch.mean_score == 0.0 and provider.requests == []

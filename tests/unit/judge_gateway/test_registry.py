@@ -76,3 +76,13 @@ def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
         JudgeRegistry.from_environment({}, path)
     with pytest.raises(errors.InvalidArgument, match="LORATUNE_JUDGE_DEFAULT"):
         JudgeRegistry.from_environment({}, None, default_id="nope")
+
+
+def test_unknown_id_is_echoed_only_as_a_short_escaped_excerpt() -> None:
+    registry = JudgeRegistry.from_environment({})
+    with pytest.raises(errors.NotFound) as caught:
+        registry.resolve("evil\n2026-01-01 INFO forged\x1b[31m" + "x" * 100)
+    message = str(caught.value)
+    assert message.startswith("LLM Judge model not found: 'evil\\n2026-01-01 INFO forged\\x1b")
+    assert "... (132 chars)' (available: gemini, gigachat)" in message
+    assert len(message) < 160 and "\n" not in message and "\x1b" not in message

@@ -152,7 +152,11 @@ class JudgeItem(_message.Message):
     prompt: _builtins.str
     """The prompt the candidate answers."""
     candidate: _builtins.str
-    """The generated text being judged."""
+    """The generated text being judged. An empty (or whitespace-only) candidate is
+    scored 0 without calling the judge: the model produced nothing, and that is
+    the answer's quality. Its outcome is OK, it counts in `judged`, its reasoning
+    says so, and it is never cached.
+    """
     reference: _builtins.str
     """The reference answer the judge compares with."""
     def __init__(
@@ -172,7 +176,10 @@ Global___JudgeItem: _TypeAlias = JudgeItem  # noqa: Y015
 
 @_typing.final
 class ScoreResponsesRequest(_message.Message):
-    """Request of ScoreResponses."""
+    """Request of ScoreResponses. Limits: `judge_model_id` at most 128 characters, at
+    most 1000 items, each text at most 100,000 characters, `rubric` at most 20,000;
+    beyond them the call is INVALID_ARGUMENT naming the field.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -185,7 +192,7 @@ class ScoreResponsesRequest(_message.Message):
     """Optional rubric text replacing the built-in rubric."""
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___JudgeItem]:
-        """The items to judge."""
+        """The items to judge (1 to 1000)."""
 
     def __init__(
         self,
