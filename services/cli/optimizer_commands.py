@@ -340,13 +340,15 @@ def study_state(value: int) -> str:
     return _state(value, optimizer_pb2.StudyState, "STUDY_STATE_")
 
 
+# What the optimizer sent for "attention" before the trainer resolved it (stored trials).
+_OLD_ATTENTION_MODULES = (("q_proj", "k_proj", "v_proj", "o_proj"), ("query", "key", "value"))
+
+
 def modules_label(modules: Sequence[str]) -> str:
     """'all-linear', 'attention', or the module names."""
-    from services.optimizer.core.space import ATTENTION_MODULES
-
     if not modules:
         return "all-linear"
-    if tuple(modules) in ATTENTION_MODULES.values():
+    if tuple(modules) in _OLD_ATTENTION_MODULES:
         return "attention"
     return ",".join(modules)
 
@@ -404,19 +406,25 @@ def trials_table(study: optimizer_pb2.Study, trials: Sequence[optimizer_pb2.Tria
     return table
 
 
-def _note(trial: optimizer_pb2.Trial) -> str:
-    """Why a trial failed, and which attempt of its parameters it was."""
-    note = trial.failure_reason
+def trial_note(trial: optimizer_pb2.Trial) -> str:
+    """Which epoch a trial kept, why it failed, and why it ran more than once."""
+    parts = []
+    if 0 < trial.best_epoch < len(trial.epoch_objectives):
+        parts.append(f"kept epoch {trial.best_epoch} of {len(trial.epoch_objectives)}")
+    if trial.failure_reason:
+        parts.append(trial.failure_reason)
     if trial.attempt > 1:
-        note = f"attempt {trial.attempt}" + (f"; {note}" if note else "")
-    return note
+        parts.append(f"attempt {trial.attempt}")
+    if trial.interruptions:
+        parts.append(f"re-run after: {trial.interruptions[-1]}")
+    return "; ".join(parts)
 
 
 def render_result(study: optimizer_pb2.Study, trials: Sequence[optimizer_pb2.Trial]) -> None:
     """The trials table, the study's outcome and where its best adapter is."""
     console.print(trials_table(study, trials))
     for trial in trials:
-        note = _note(trial)
+        note = trial_note(trial)
         if note:
             console.print(f"trial {trial.number}: {note}")
     state = study_state(study.state)
@@ -425,6 +433,8 @@ def render_result(study: optimizer_pb2.Study, trials: Sequence[optimizer_pb2.Tri
         f"{study.trials_failed} failed"
     )
     console.print(f"study {study.study_id}: {state} ({counts})")
+    if study.excluded_note:
+        console.print(f"[yellow]left out of training:[/yellow] {study.excluded_note}")
     if study.failure_reason and state != "COMPLETED":
         console.print(f"[yellow]reason:[/yellow] {study.failure_reason}")
     if study.best_trial.HasField("objective"):

@@ -19,6 +19,7 @@ from rich.table import Table
 from loratune.common.v1 import common_pb2
 from loratune.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.common.errors import LoratuneError
+from services.evaluator.core.classification import classification_report
 
 console = Console()
 errors = Console(stderr=True)
@@ -290,7 +291,8 @@ async def _train(
     from services.trainer.main import build_manager, service_definition
 
     configure_logging("plain", "WARNING")
-    settings = TrainerSettings()
+    # The trainer served here writes only where this command was told to (--output).
+    settings = TrainerSettings(artifact_root=Path(request.output_dir).parent)
     manager = build_manager(settings)
     server = await start_server(
         [service_definition(manager, settings, TrainingDefaults())],
@@ -311,6 +313,7 @@ async def _follow(
     """Starts the job and shows its progress until it completes or fails."""
     await stub.StartTraining(request)
     last: Any = None
+    epochs: list[tuple[int, float, str]] = []  # (epoch, score: higher is better, adapter_dir)
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -344,14 +347,44 @@ async def _follow(
             elif kind == "evaluation":
                 e = event.evaluation
                 line = f"epoch {e.epoch:.0f}: eval loss {e.eval_loss:.4f}"
+                score = -e.eval_loss
                 if e.labels and e.predictions:
-                    hits = sum(p == r for p, r in zip(e.predictions, e.references, strict=False))
-                    line += f", accuracy {hits / len(e.predictions):.3f}"
+                    report = classification_report(
+                        list(e.predictions), list(e.references), list(e.labels)
+                    )
+                    score = report.f1_macro
+                    line += f", accuracy {report.accuracy:.3f}, macro-F1 {report.f1_macro:.4f}"
+                epochs.append((round(e.epoch), score, e.adapter_dir))
                 progress.console.print(line)
     if last is None:
         raise RuntimeError("the trainer sent no events")
     final: trainer_pb2.TrainingEvent = last
+    if final.HasField("completed") and epochs:
+        _keep_best_epoch(
+            Path(final.completed.artifact_dir),
+            epochs,
+            classification=bool(request.dataset.task_type == common_pb2.TASK_TYPE_CLASSIFICATION),
+        )
     return final
+
+
+def _keep_best_epoch(
+    out_dir: Path, epochs: list[tuple[int, float, str]], *, classification: bool
+) -> None:
+    """Keeps the best epoch's adapter (macro-F1; lowest eval loss for generation) and says so."""
+    from services.optimizer.core.results import keep_adapter
+
+    best = epochs[0]
+    for epoch in epochs[1:]:
+        if epoch[1] > best[1]:
+            best = epoch
+    keep_adapter(out_dir, best[2])
+    measure = "macro-F1" if classification else "eval loss"
+    value = best[1] if classification else -best[1]
+    console.print(
+        f"kept epoch {best[0]} of {len(epochs)} ({measure} {value:.4f}"
+        + (f"; last epoch {abs(epochs[-1][1]):.4f})" if best is not epochs[-1] else ")")
+    )
 
 
 async def _evaluate(

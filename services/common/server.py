@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,13 +46,17 @@ class ServiceDefinition:
     ``lambda s: evaluator_pb2_grpc.add_EvaluatorServiceServicer_to_server(servicer, s)``;
     ``on_stop`` runs after the server has stopped (release models, close clients);
     ``on_start`` runs once the server is serving, with it (e.g. so a service can turn its
-    own health to NOT_SERVING later through ``RunningServer.set_serving``).
+    own health to NOT_SERVING later through ``RunningServer.set_serving``);
+    ``on_stopping`` runs as soon as stopping begins, health already NOT_SERVING and the
+    server still answering, with the seconds it may take (e.g. the trainer ends its job
+    between steps so that its watchers still receive why).
     """
 
     full_name: str
     register: Callable[[grpc.aio.Server], None]
     on_stop: Callable[[], Awaitable[None]] | None = None
     on_start: Callable[[RunningServer], None] | None = None
+    on_stopping: Callable[[float], Awaitable[None]] | None = None
 
 
 def _host_port(host: str, port: int) -> str:
@@ -145,9 +150,24 @@ class RunningServer:
         logger.info("stopping %s (grace %.1fs, drain %.1fs)", self.address, grace, drain)
         try:
             await self._health.enter_graceful_shutdown()
-            if drain > 0:
-                await asyncio.sleep(drain)
-            await self._server.stop(grace - drain)
+            started = time.monotonic()
+            # Leave a second of the grace period for the server to deliver what they emit.
+            budget = max(grace - drain - 1.0, 0.0)
+            for service in self._services:
+                if service.on_stopping is None:
+                    continue
+                try:
+                    await asyncio.wait_for(service.on_stopping(budget), timeout=budget or None)
+                except TimeoutError:
+                    logger.warning(
+                        "%s did not stop its work within %.1fs", service.full_name, budget
+                    )
+                except Exception:
+                    logger.exception("on_stopping of %s failed", service.full_name)
+            used = time.monotonic() - started
+            if drain > used:
+                await asyncio.sleep(drain - used)
+            await self._server.stop(max(grace - max(drain, used), 0.0))
             for service in self._services:
                 if service.on_stop is None:
                     continue

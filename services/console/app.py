@@ -27,7 +27,7 @@ from google.protobuf.json_format import MessageToDict
 
 from loratune.common.v1 import common_pb2
 from loratune.optimizer.v1 import optimizer_pb2, optimizer_pb2_grpc
-from services.cli.optimizer_commands import modules_label, study_state, trial_state
+from services.cli.optimizer_commands import modules_label, study_state, trial_note, trial_state
 
 __all__ = ["REFRESH_SECONDS", "build_app"]
 
@@ -227,6 +227,8 @@ async def _study_page(request: web.Request) -> web.Response:
         facts.append(("best adapter", f"<code>{_e(study.best_model_dir)}</code>"))
     if study.failure_reason:
         facts.append(("failure", f"<span class='FAILED'>{_e(study.failure_reason)}</span>"))
+    if study.excluded_note:
+        facts.append(("left out of training", _e(study.excluded_note)))
     body = "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in facts)
     body += "</table>"
     columns = ["#", "state", "rank", "alpha", "dropout", "lr", "epochs", "modules"]
@@ -255,7 +257,7 @@ async def _study_page(request: web.Request) -> web.Response:
                 f"<td>{'on' if b.use_weighted_sampler else '-'}</td>",
             ]
         objective = f"{t.objective:.4f}" if t.HasField("objective") else "-"
-        note = t.failure_reason + (f" (attempt {t.attempt})" if t.attempt > 1 else "")
+        note = trial_note(t)
         cells += [
             f"<td class='n'>{objective}</td>",
             f"<td>{_e(t.trainer)}</td>",

@@ -14,6 +14,7 @@ from loratune.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.common.client import ClientSettings, create_channel
 from services.common.errors import Unavailable
 from services.common.rpc_errors import error_from_rpc
+from services.optimizer.core.ports import JudgeModel
 
 START_TIMEOUT = 120.0  # validation loads the dataset and the model's config
 STATUS_TIMEOUT = 5.0
@@ -113,8 +114,8 @@ class GrpcJudgeCatalog:
         self._channels = channels
         self._address = address
 
-    async def model_ids(self) -> list[str]:
-        """Registered judge ids."""
+    async def models(self) -> list[JudgeModel]:
+        """Registered judge models and whether each has credentials."""
         if not self._address:
             raise Unavailable("no judge gateway configured (set LORATUNE_JUDGE_ADDRESS)")
         stub = judge_pb2_grpc.JudgeGatewayServiceStub(self._channels.get(self._address))
@@ -122,7 +123,7 @@ class GrpcJudgeCatalog:
             reply = await stub.ListJudgeModels(judge_pb2.ListJudgeModelsRequest(), timeout=10)
         except grpc.aio.AioRpcError as err:
             raise error_from_rpc(err, "judge gateway") from None
-        return [m.id for m in reply.models]
+        return [JudgeModel(m.id, m.available, m.is_default) for m in reply.models]
 
 
 class StaticTrainers:

@@ -18,3 +18,7 @@ DISPATCH_ERRORS = Counter(
 EVALUATION_RETRIES = Counter(
     "loratune_optimizer_evaluation_retries_total", "Evaluations retried (evaluator unavailable)."
 )
+TRIAL_INTERRUPTIONS = Counter(
+    "loratune_optimizer_trial_interruptions_total",
+    "Trials run again through no fault of their own (trainer stopped or lost, restart).",
+)

@@ -54,6 +54,7 @@ def service_definition(
         ),
         on_stop=manager.shutdown,
         on_start=on_start,
+        on_stopping=lambda budget: manager.shutdown(timeout=budget),
     )
 
 

@@ -91,16 +91,23 @@ def test_trainer_process_trains_and_stops_on_sigterm(tmp_path: Path) -> None:
                 ),
                 timeout=60,
             )
-            for event in stub.WatchTraining(
+            events = stub.WatchTraining(
                 trainer_pb2.WatchTrainingRequest(job_id="long"), timeout=120
-            ):
+            )
+            for event in events:
                 if event.WhichOneof("event") == "progress":
                     break
-        proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)
+            # The stream stays open until the job has stopped, and says why it stopped.
+            last = None
+            for event in events:
+                last = event
         output, _ = proc.communicate(timeout=30)
     except BaseException:
         proc.kill()
         print(proc.communicate()[0])
         raise
     assert proc.returncode == 0, output
-    assert "cancelling job long" in output
+    assert last is not None and last.WhichOneof("event") == "failed", output
+    assert last.failed.reason == trainer_pb2.FAILURE_REASON_SHUTDOWN
+    assert "stopping job long: the trainer is shutting down" in output

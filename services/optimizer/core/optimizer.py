@@ -8,7 +8,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,8 +31,10 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from services.common.names import ensure_under, excerpt, validate_name
 from services.optimizer import metrics
 from services.optimizer.core import results
+from services.optimizer.core.datasets import check_dataset
 from services.optimizer.core.ports import (
     EvaluatorPort,
     JudgeCatalog,
@@ -45,6 +47,8 @@ from services.optimizer.core.space import (
     TrialParameters,
     default_space,
     default_trial,
+    pin,
+    pinned_by_environment,
     suggest,
     validate,
 )
@@ -53,6 +57,8 @@ logger = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 META = "loratune"  # the study's user attribute holding its record
+# Job ids append "-t<trial>-a<attempt>" to the study name; trainers bound ids at 128.
+MAX_STUDY_NAME = 100
 STATES = optimizer_pb2.StudyState
 ACTIVE = ("QUEUED", "RUNNING")
 
@@ -64,6 +70,9 @@ class OptimizerOptions:
     artifact_root: Path
     max_trial_failures: int = 10
     max_trial_attempts: int = 3
+    # A trial interrupted through no fault of its own (its trainer stopped or vanished, the
+    # optimizer restarted) runs again, uncounted, up to this many times; then it fails.
+    max_trial_interruptions: int = 10
     evaluation_retry_seconds: float = 300.0
     poll_seconds: float = 1.0
 
@@ -81,7 +90,12 @@ def _timestamp(value: str | None) -> Any:
     return stamp
 
 
-def _space_from_proto(message: optimizer_pb2.SearchSpace, classification: bool) -> SearchSpace:
+def _space_from_proto(
+    message: optimizer_pb2.SearchSpace,
+    classification: bool,
+    pinned: Mapping[str, Any] | None = None,
+) -> SearchSpace:
+    """The request's space over the defaults, with the `pinned` dimensions held fixed."""
     space = default_space(classification)
 
     def rng(value: optimizer_pb2.FloatRange, current: FloatRange) -> FloatRange:
@@ -91,7 +105,7 @@ def _space_from_proto(message: optimizer_pb2.SearchSpace, classification: bool) 
 
     modules = {c.name: tuple(c.modules) for c in message.target_modules if c.modules}
     choices = tuple(c.name for c in message.target_modules)
-    return SearchSpace(
+    space = SearchSpace(
         rank=tuple(message.rank) or space.rank,
         alpha_multiplier=tuple(message.alpha_multiplier) or space.alpha_multiplier,
         dropout=rng(message.dropout, space.dropout),
@@ -105,18 +119,21 @@ def _space_from_proto(message: optimizer_pb2.SearchSpace, classification: bool) 
         use_weighted_sampler=tuple(message.use_weighted_sampler) or space.use_weighted_sampler,
         module_sets=modules,
     )
+    return pin(space, pinned or {})
 
 
-def _architecture(base_model: str) -> str:
-    """ "bert" for encoder models, "decoder" otherwise (reads only the config)."""
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(base_model)
-    except Exception:  # a hub name without the hub: assume a decoder
-        return "decoder"
-    encoder_types = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta-v2"}
-    return "bert" if getattr(config, "model_type", "") in encoder_types else "decoder"
+def _searched(message: optimizer_pb2.SearchSpace) -> set[str]:
+    """The dimensions the request's search space sets (and so searches, or fixes itself)."""
+    searched = {
+        name
+        for name in ("num_epochs", "batch_size", "use_class_weights", "use_weighted_sampler")
+        if len(getattr(message, name))
+    }
+    for name in ("learning_rate", "focal_gamma"):
+        value = getattr(message, name)
+        if value.low or value.high:
+            searched.add(name)
+    return searched
 
 
 def _sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -143,6 +160,46 @@ def _pruner(name: str) -> optuna.pruners.BasePruner:
     raise InvalidArgument(
         f"unknown pruner '{name}' (median, hyperband, successive_halving, none)", field="pruner"
     )
+
+
+def excluded_note(excluded: list[dict[str, Any]]) -> str:
+    """How the objective treats the classes not trained on, in words ("" for none)."""
+    if not excluded:
+        return ""
+    rows = sum(int(c["validation_rows"]) for c in excluded)
+    shown = ", ".join(
+        f"{excerpt(str(c['label']), 40)} ({c['train_rows']} train / {c['validation_rows']} "
+        "validation rows)"
+        for c in excluded[:10]
+    )
+    more = f" and {len(excluded) - 10} more" if len(excluded) > 10 else ""
+    return (
+        f"{len(excluded)} classes not trained on (under MIN_SAMPLES_PER_CLASS training rows, "
+        f"or none): {shown}{more}. Their {rows} validation rows stay in the evaluation and "
+        "count as misses, so f1_macro includes each such class at F1 0."
+    )
+
+
+def _state_excluded(result: common_pb2.EvaluationResult, excluded: list[dict[str, Any]]) -> None:
+    if not excluded or not result.HasField("classification"):
+        return
+    del result.excluded_classes[:]
+    result.excluded_classes.extend(common_pb2.ExcludedClass(**c) for c in excluded)
+    result.excluded_note = excluded_note(excluded)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """How a trial's task ended: done (told, or failed), or interrupted and to run again."""
+
+    number: int
+    interrupted: bool = False
+
+
+async def _cancel_all(tasks: dict[asyncio.Task[_Outcome], str]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclass
@@ -178,7 +235,7 @@ class TrainerPool:
                     busy += 1
                     continue
                 status = await self._trainers.status(address)
-                if status is None:
+                if status is None or status.shutting_down:
                     unreachable += 1
                 elif status.busy:
                     busy += 1
@@ -224,7 +281,6 @@ class Optimizer:
         judges: JudgeCatalog | None,
         defaults: TrainingDefaults,
         options: OptimizerOptions,
-        architecture_of: Callable[[str], str] = _architecture,
     ) -> None:
         self._storage = storage
         self._trainers = trainers
@@ -232,7 +288,6 @@ class Optimizer:
         self._judges = judges
         self._defaults = defaults
         self._options = options
-        self._architecture_of = architecture_of
         self.pool = TrainerPool(discovery, trainers)
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._watchers: dict[str, _Watchers] = {}
@@ -261,6 +316,8 @@ class Optimizer:
     async def create_study(self, request: optimizer_pb2.CreateStudyRequest) -> optimizer_pb2.Study:
         """Validates, stores and starts a study; the same study_name again is idempotent."""
         params = request.fine_tuning_params
+        if request.study_name:
+            validate_name(request.study_name, "study_name", max_length=MAX_STUDY_NAME)
         n_trials = params.n_trials or self._defaults.lora_n_trials
         if not 5 <= n_trials <= 100:
             raise InvalidArgument(
@@ -274,7 +331,7 @@ class Optimizer:
                 field="dataset.task_type",
             )
         classification = task == common_pb2.TASK_TYPE_CLASSIFICATION
-        self._check_dataset(dataset)
+        await asyncio.to_thread(check_dataset, dataset)
         base_model = params.base_model_name or self._defaults.lora_model_name
         looks_local = base_model.startswith((".", "/", "~")) or Path(base_model).exists()
         if looks_local and not Path(base_model).expanduser().exists():
@@ -290,7 +347,12 @@ class Optimizer:
             )
         if params.use_llm_judge:
             await self._check_judge(params.judge_model_id)
-        space = _space_from_proto(request.search_space, classification)
+        elif params.judge_model_id:
+            validate_name(params.judge_model_id, "fine_tuning_params.judge_model_id")
+        pinned = pinned_by_environment(
+            self._defaults, _searched(request.search_space), classification
+        )
+        space = _space_from_proto(request.search_space, classification, pinned)
         validate(space)
         _sampler(request.sampler, 0)
         _pruner(request.pruner)
@@ -309,6 +371,9 @@ class Optimizer:
             fingerprint_source.SerializeToString(deterministic=True)
         ).hexdigest()
         study_id = request.study_name or f"study-{request.project_id}-{uuid.uuid4().hex[:8]}"
+        # The name becomes the study's folder under the artifact root (and job ids).
+        validate_name(study_id, "study_name", max_length=MAX_STUDY_NAME)
+        ensure_under(self._options.artifact_root, Path(study_id), "study_name")
         try:
             existing = optuna.load_study(study_name=study_id, storage=self._storage)
         except KeyError:
@@ -337,46 +402,52 @@ class Optimizer:
             state="QUEUED",
             create_time=_now(),
             objective_name="f1_macro" if classification else "combined",
-            architecture=self._architecture_of(base_model),
             failures=0,
             oom_configs=[],
+            # Held for every trial, whatever this process's environment is after a restart.
+            pinned=pinned,
+            training_defaults={
+                "gradient_accumulation": self._defaults.gradient_accumulation,
+                "max_seq_length": self._defaults.max_seq_length,
+                "min_samples_per_class": self._defaults.min_samples_per_class,
+            },
         )
+        if pinned:
+            logger.info("study %s: fixed by the environment for every trial: %s", study_id, pinned)
         first = default_trial(space, self._defaults, classification)
         study.enqueue_trial(first, user_attrs={"attempt": 1})
         logger.info("created study %s (%d trials, base model %s)", study_id, n_trials, base_model)
         self._start_runner(study_id)
         return self.describe(study)
 
-    def _check_dataset(self, dataset: common_pb2.DatasetSpec) -> None:
-        for name, uri in (
-            ("dataset.uri", dataset.uri),
-            ("dataset.validation_uri", dataset.validation_uri),
-        ):
-            if name == "dataset.validation_uri" and not uri:
-                continue
-            if not uri:
-                raise InvalidArgument("must name the training file", field=name)
-            path = Path(uri.removeprefix("file://"))
-            if not path.is_file():
-                raise InvalidArgument(f"'{uri}' does not exist or is not a file", field=name)
-            try:
-                with path.open("rb") as f:
-                    f.read(1)
-            except OSError as err:
-                raise InvalidArgument(
-                    f"'{uri}' cannot be read ({err.strerror})", field=name
-                ) from None
-
     async def _check_judge(self, judge_id: str) -> None:
+        field = "fine_tuning_params.judge_model_id"
+        if judge_id:
+            validate_name(judge_id, field)
         if self._judges is None:
             raise FailedPrecondition(
                 "the LLM judge is requested but no judge gateway is configured "
                 "(set LORATUNE_JUDGE_ADDRESS)",
                 field="fine_tuning_params.use_llm_judge",
             )
-        ids = await self._judges.model_ids()
-        if judge_id and judge_id not in ids:
-            raise NotFound(f"LLM Judge model not found: '{judge_id}' (available: {', '.join(ids)})")
+        models = await self._judges.models()
+        ids = [m.id for m in models]
+        chosen = next((m for m in models if m.id == judge_id), None) if judge_id else None
+        if judge_id and chosen is None:
+            raise NotFound(
+                f"LLM Judge model not found: '{excerpt(judge_id)}' (available: {', '.join(ids)})"
+            )
+        if chosen is None:
+            chosen = next((m for m in models if m.is_default), None)
+        if chosen is None:
+            raise FailedPrecondition("the judge gateway has no default judge model", field=field)
+        if not chosen.available:
+            raise FailedPrecondition(
+                f"judge model '{chosen.id}' has no credentials at the judge gateway (set its "
+                f"provider's key there, or choose one of: "
+                f"{', '.join(m.id for m in models if m.available) or 'none available'})",
+                field=field,
+            )
 
     def describe(self, study: optuna.Study) -> optimizer_pb2.Study:
         """A study as the contract's message."""
@@ -404,6 +475,10 @@ class Optimizer:
             failure_reason=meta.get("failure_reason", ""),
             best_model_dir=meta.get("best_model_dir", ""),
             objective_name=meta.get("objective_name", ""),
+            excluded_classes=[
+                common_pb2.ExcludedClass(**c) for c in meta.get("excluded_classes", [])
+            ],
+            excluded_note=excluded_note(meta.get("excluded_classes", [])),
         )
         if meta.get("start_time"):
             message.start_time.CopyFrom(_timestamp(meta["start_time"]))
@@ -433,6 +508,9 @@ class Optimizer:
             trainer=attrs.get("trainer", ""),
             attempt=int(attrs.get("attempt", 1)),
             failure_reason=attrs.get("failure_reason", ""),
+            best_epoch=int(attrs.get("best_epoch", 0)),
+            epoch_objectives=[float(e["objective"]) for e in attrs.get("epochs", [])],
+            interruptions=list(attrs.get("interruption_reasons", [])),
         )
         if "hyperparameters" in attrs:
             message.hyperparameters.CopyFrom(
@@ -483,9 +561,24 @@ class Optimizer:
         if runner is not None:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
+        # The runner is gone; its trials' jobs are not: tell their trainers to stop them (a
+        # trial dispatched during the cancel recorded its job before sending it).
+        await self._cancel_jobs(study)
         self._finish_running_trials(study, "study cancelled")
         self._emit_finished(study)
         return self.describe(study)
+
+    async def _cancel_jobs(self, study: optuna.Study) -> None:
+        jobs = [
+            (t.user_attrs.get("trainer", ""), t.user_attrs.get("job_id", ""))
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        ]
+        stops = [self._trainers.cancel(address, job) for address, job in jobs if address and job]
+        if stops:
+            await asyncio.gather(*stops, return_exceptions=True)
+            logger.info(
+                "asked %d trainers to stop the jobs of study %s", len(stops), study.study_name
+            )
 
     def _finish_running_trials(self, study: optuna.Study, reason: str) -> None:
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -573,7 +666,7 @@ class Optimizer:
         request = json_format.ParseDict(meta["request"], optimizer_pb2.CreateStudyRequest())
         n_trials = int(meta["fine_tuning_params"]["nTrials"])
         classification = request.dataset.task_type == common_pb2.TASK_TYPE_CLASSIFICATION
-        space = _space_from_proto(request.search_space, classification)
+        space = _space_from_proto(request.search_space, classification, meta.get("pinned", {}))
         sampler = _sampler(request.sampler, seed=int(request.dataset.seed or 0))
         study = optuna.load_study(
             study_name=study_id,
@@ -581,15 +674,19 @@ class Optimizer:
             sampler=sampler,
             pruner=_pruner(request.pruner),
         )
-        running: dict[asyncio.Task[None], str] = {}
+        running: dict[asyncio.Task[_Outcome], str] = {}
+        # Trials interrupted through no fault of their own, waiting for a trainer to run on.
+        pending: list[int] = []
         try:
-            # Trials a previous process left running: reattach, or fail and re-enqueue.
+            # Trials a previous process left running: reattach to their job, or run again.
             for trial in study.get_trials(
                 deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)
             ):
                 address = trial.user_attrs.get("trainer", "")
-                if address:
-                    self.pool.claim(address)
+                if not address or not trial.user_attrs.get("job_id"):
+                    pending.append(trial.number)
+                    continue
+                self.pool.claim(address)
                 task = asyncio.create_task(
                     self._reattach(study, request, trial.number, trial.user_attrs, classification)
                 )
@@ -605,27 +702,24 @@ class Optimizer:
                         states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED),
                     )
                 )
-                if finished >= n_trials and not running:
+                if finished >= n_trials and not running and not pending:
                     await self._complete(study)
                     return
                 if int(meta.get("failures", 0)) >= self._options.max_trial_failures:
-                    for task in running:
-                        task.cancel()
-                    await asyncio.gather(*running, return_exceptions=True)
+                    await _cancel_all(running)
                     self._fail(
                         study,
                         f"{meta['failures']} trials failed; last: {meta.get('last_failure', '')}",
                     )
                     return
                 if meta.get("fatal"):
-                    for task in running:
-                        task.cancel()
-                    await asyncio.gather(*running, return_exceptions=True)
+                    await _cancel_all(running)
                     self._fail(study, meta["fatal"])
                     return
                 limit = request.max_parallel_trials or 1_000
                 address = None
-                if finished + len(running) < n_trials and len(running) < limit:
+                wanted = pending or finished + len(running) < n_trials
+                if wanted and len(running) < limit:
                     address = await self.pool.acquire()
                     if address is None and not running and not waiting_said:
                         logger.info("study %s waits for an idle trainer", study_id)
@@ -635,26 +729,38 @@ class Optimizer:
                     if meta.get("state") == "QUEUED":
                         self._set_meta(study, state="RUNNING", start_time=_now())
                         self._update_study_gauge()
-                    task = asyncio.create_task(
-                        self._new_trial(study, request, space, classification, address)
-                    )
+                    if pending:
+                        number = pending.pop(0)
+                        task = asyncio.create_task(
+                            self._dispatch(study, request, number, address, classification)
+                        )
+                    else:
+                        task = asyncio.create_task(
+                            self._new_trial(study, request, space, classification, address)
+                        )
                     running[task] = address
                     continue
+                waiting: list[asyncio.Task[Any]] = list(running) or [
+                    asyncio.create_task(asyncio.sleep(self._options.poll_seconds))
+                ]
                 done, _ = await asyncio.wait(
-                    list(running)
-                    or [asyncio.create_task(asyncio.sleep(self._options.poll_seconds))],
-                    timeout=self._options.poll_seconds,
-                    return_when=asyncio.FIRST_COMPLETED,
+                    waiting, timeout=self._options.poll_seconds, return_when=asyncio.FIRST_COMPLETED
                 )
-                for task in done:
-                    if task in running:
-                        self.pool.release(running.pop(task))
-                        if not task.cancelled() and task.exception() is not None:
-                            logger.error("trial task failed", exc_info=task.exception())
+                for finished_task in done:
+                    if finished_task not in running:
+                        continue
+                    task = finished_task
+                    self.pool.release(running.pop(task))
+                    if task.cancelled():
+                        continue
+                    if task.exception() is not None:
+                        logger.error("trial task failed", exc_info=task.exception())
+                        continue
+                    outcome = task.result()
+                    if outcome.interrupted:
+                        pending.append(outcome.number)
         except asyncio.CancelledError:
-            for task in running:
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
+            await _cancel_all(running)
             raise
         finally:
             for address in running.values():
@@ -667,75 +773,117 @@ class Optimizer:
         space: SearchSpace,
         classification: bool,
         address: str,
-    ) -> None:
+    ) -> _Outcome:
         meta = self._meta(study)
         trial = study.ask()
-        params = suggest(trial, space, self._defaults, classification, meta.get("architecture", ""))
+        params = suggest(trial, space, self._defaults, classification)
         key = json.dumps(trial.params, sort_keys=True)
         if key in meta.get("oom_configs", []):
             trial.set_user_attr("failure_reason", "skipped: this configuration ran out of memory")
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            return
-        attempt = int(trial.user_attrs.get("attempt", 1))
-        hyper = self._hyperparameters(request, params)
+            return _Outcome(trial.number)
+        hyper = self._hyperparameters(request, params, meta.get("training_defaults", {}))
         trial_dir = self._options.artifact_root / study.study_name / f"trial-{trial.number}"
-        job_id = f"{study.study_name}-t{trial.number}-a{attempt}"
         for name, value in (
-            ("job_id", job_id),
-            ("trainer", address),
-            ("attempt", attempt),
+            ("attempt", int(trial.user_attrs.get("attempt", 1))),
             ("artifact_dir", str(trial_dir.resolve())),
             ("hyperparameters", json_format.MessageToDict(hyper)),
             ("params_key", key),
         ):
             trial.set_user_attr(name, value)
-        logger.info("Trial %d: params=%s on %s", trial.number, params.as_log_dict(), address)
+        logger.info("Trial %d: params=%s", trial.number, params.as_log_dict())
+        return await self._dispatch(study, request, trial.number, address, classification)
+
+    async def _dispatch(
+        self,
+        study: optuna.Study,
+        request: optimizer_pb2.CreateStudyRequest,
+        number: int,
+        address: str,
+        classification: bool,
+    ) -> _Outcome:
+        """Sends a trial (new, or interrupted before) to the trainer at `address` and follows it."""
+        frozen = study.get_trials(deepcopy=False)[number]
+        attrs = frozen.user_attrs
+        attempt = int(attrs.get("attempt", 1))
+        job_id = f"{study.study_name}-t{number}-a{attempt}"
+        storage = study._storage
+        storage.set_trial_user_attr(frozen._trial_id, "job_id", job_id)
+        storage.set_trial_user_attr(frozen._trial_id, "trainer", address)
+        logger.info("Trial %d (attempt %d) dispatched to %s", number, attempt, address)
         self._publish(
             study.study_name,
             trial_started=optimizer_pb2.TrialStarted(
-                trial=self._trial_message(study, study._storage.get_trial(trial._trial_id))
+                trial=self._trial_message(study, storage.get_trial(frozen._trial_id))
             ),
         )
+        trial_dir = attrs.get("artifact_dir", "")
         start = trainer_pb2.StartTrainingRequest(
             job_id=job_id,
-            base_model=meta["fine_tuning_params"]["baseModelName"],
+            base_model=self._meta(study)["fine_tuning_params"]["baseModelName"],
             dataset=request.dataset,
-            hyperparameters=hyper,
-            output_dir=str(trial_dir.resolve()),
+            hyperparameters=json_format.ParseDict(
+                attrs.get("hyperparameters", {}), common_pb2.Hyperparameters()
+            ),
+            output_dir=trial_dir,
             max_eval_samples=request.max_eval_samples,
         )
         try:
             await self._trainers.start(address, start)
         except ResourceExhausted:
             metrics.DISPATCH_ERRORS.labels(reason="busy").inc()
-            self._retry_trial(
-                study, trial.number, dict(trial.params), attempt, "trainer was busy", count=False
-            )
-            return
+            return self._interrupted(study, number, f"trainer {address} was busy")
         except Unavailable as err:
             metrics.DISPATCH_ERRORS.labels(reason="unavailable").inc()
-            self._retry_trial(study, trial.number, dict(trial.params), attempt, str(err))
-            return
+            return self._interrupted(study, number, f"trainer {address} unavailable: {err}")
         except InvalidArgument as err:
             metrics.DISPATCH_ERRORS.labels(reason="invalid").inc()
-            self._tell_fail(study, trial.number, str(err))
+            self._tell_fail(study, number, str(err))
             self._set_meta(study, fatal=f"the trainer refused the job: {err}")
-            return
-        await self._follow(
-            study,
-            request,
-            trial.number,
-            job_id,
-            address,
-            dict(trial.params),
-            attempt,
-            classification,
+            return _Outcome(number)
+        return await self._follow(
+            study, request, number, job_id, address, dict(frozen.params), attempt, classification
         )
 
+    def _interrupted(self, study: optuna.Study, number: int, reason: str) -> _Outcome:
+        """The trial stopped through no fault of its own: it runs again, uncounted (bounded)."""
+        trial = study.get_trials(deepcopy=False)[number]
+        if trial.state.is_finished():
+            return _Outcome(number)
+        attrs = trial.user_attrs
+        interruptions = int(attrs.get("interruptions", 0)) + 1
+        storage = study._storage
+        if interruptions > self._options.max_trial_interruptions:
+            self._tell_fail(
+                study, number, f"interrupted {interruptions} times; last: {reason}", count=True
+            )
+            return _Outcome(number)
+        history = [*attrs.get("interruption_reasons", []), reason][-10:]
+        for name, value in (
+            ("interruptions", interruptions),
+            ("interruption_reasons", history),
+            ("attempt", int(attrs.get("attempt", 1)) + 1),
+            ("trainer", ""),
+            ("job_id", ""),
+        ):
+            storage.set_trial_user_attr(trial._trial_id, name, value)
+        metrics.TRIAL_INTERRUPTIONS.inc()
+        logger.warning("Trial %d interrupted (%s); it runs again", number, reason)
+        return _Outcome(number, interrupted=True)
+
     def _hyperparameters(
-        self, request: optimizer_pb2.CreateStudyRequest, params: TrialParameters
+        self,
+        request: optimizer_pb2.CreateStudyRequest,
+        params: TrialParameters,
+        stored: Mapping[str, Any],
     ) -> common_pb2.Hyperparameters:
+        """A trial's hyperparameters: the sampled ones, the request's fixed training settings,
+        and the environment's defaults as they were when the study was created (`stored`)."""
         fixed = request.training
+
+        def default(name: str) -> Any:
+            return stored.get(name, getattr(self._defaults, name))
+
         return common_pb2.Hyperparameters(
             lora=common_pb2.LoraParams(
                 rank=params.rank,
@@ -749,8 +897,8 @@ class Optimizer:
                 num_epochs=params.num_epochs,
                 batch_size=params.batch_size,
                 gradient_accumulation=fixed.gradient_accumulation
-                or self._defaults.gradient_accumulation,
-                max_seq_length=fixed.max_seq_length or self._defaults.max_seq_length,
+                or default("gradient_accumulation"),
+                max_seq_length=fixed.max_seq_length or default("max_seq_length"),
                 warmup_ratio=fixed.warmup_ratio,
                 weight_decay=fixed.weight_decay,
                 quantize_4bit=fixed.quantize_4bit,
@@ -760,7 +908,7 @@ class Optimizer:
                 focal_gamma=params.focal_gamma,
                 use_class_weights=params.use_class_weights,
                 use_weighted_sampler=params.use_weighted_sampler,
-                min_samples_per_class=self._defaults.min_samples_per_class,
+                min_samples_per_class=default("min_samples_per_class"),
             ),
         )
 
@@ -771,15 +919,12 @@ class Optimizer:
         number: int,
         attrs: dict[str, Any],
         classification: bool,
-    ) -> None:
+    ) -> _Outcome:
         trial = study.get_trials(deepcopy=False)[number]
         job_id, address = attrs.get("job_id", ""), attrs.get("trainer", "")
         attempt = int(attrs.get("attempt", 1))
-        if not job_id or not address:
-            self._retry_trial(study, number, dict(trial.params), attempt, "lost before dispatch")
-            return
         logger.info("reattaching trial %d to job %s on %s", number, job_id, address)
-        await self._follow(
+        return await self._follow(
             study, request, number, job_id, address, dict(trial.params), attempt, classification
         )
 
@@ -793,17 +938,21 @@ class Optimizer:
         params: dict[str, Any],
         attempt: int,
         classification: bool,
-    ) -> None:
-        """Follows the job's events to the trial's end: evaluate, report, prune, tell."""
+    ) -> _Outcome:
+        """Follows the job's events to the trial's end: evaluate, report, prune, tell.
+
+        The trial's value is its best epoch's objective, and the adapter kept in its folder
+        is that epoch's; every epoch's evaluation stays on record (`epochs` in the trial's
+        attributes, `evaluation_curve.json` in its folder).
+        """
         started = time.monotonic()
-        trial_dir = Path(
-            study.get_trials(deepcopy=False)[number].user_attrs.get("artifact_dir", "")
-        )
-        trial = optuna.Trial(study, study.get_trials(deepcopy=False)[number]._trial_id)
-        last: common_pb2.EvaluationResult | None = None
-        epoch_index = 0
+        frozen = study.get_trials(deepcopy=False)[number]
+        trial_dir = Path(frozen.user_attrs.get("artifact_dir", ""))
+        trial = optuna.Trial(study, frozen._trial_id)
+        epochs: list[results.EpochResult] = []
+        excluded: list[dict[str, Any]] = list(frozen.user_attrs.get("excluded_classes", []))
         # After a restart the replayed evaluations were reported before: not again.
-        reported = set(study.get_trials(deepcopy=False)[number].intermediate_values)
+        reported = set(frozen.intermediate_values)
         judge = evaluator_pb2.JudgeOptions(
             enabled=self._meta(study)["fine_tuning_params"].get("useLlmJudge", False),
             judge_model_id=self._meta(study)["fine_tuning_params"].get("judgeModelId", ""),
@@ -817,20 +966,16 @@ class Optimizer:
                 try:
                     event = await anext(events, None)
                 except LoratuneError as err:
-                    # NOT_FOUND after a trainer restart, UNAVAILABLE or a broken stream when it
-                    # died: the trainer is gone for this trial; its parameters run again.
+                    # NOT_FOUND after a trainer (or optimizer) restart, UNAVAILABLE or a broken
+                    # stream when it died: not the trial's fault; its parameters run again.
                     metrics.DISPATCH_ERRORS.labels(reason="trainer_lost").inc()
-                    self._retry_trial(study, number, params, attempt, f"trainer lost: {err}")
-                    self._trial_finished(study, number, started, "fail")
-                    return
+                    return self._interrupted(study, number, f"trainer {address} lost: {err}")
                 if event is None:
-                    self._retry_trial(
-                        study, number, params, attempt, f"trainer {address} stopped answering"
-                    )
-                    self._trial_finished(study, number, started, "fail")
-                    return
+                    return self._interrupted(study, number, f"trainer {address} stopped answering")
                 kind = event.WhichOneof("event")
-                if kind == "progress":
+                if kind == "dataset_prepared" and event.dataset_prepared.excluded:
+                    excluded = self._record_excluded(study, frozen._trial_id, event)
+                elif kind == "progress":
                     p = event.progress
                     self._publish(
                         study.study_name,
@@ -843,45 +988,88 @@ class Optimizer:
                         ),
                     )
                 elif kind == "evaluation":
-                    epoch_index += 1
                     point = event.evaluation
                     try:
-                        last = await self._evaluate(point, classification, judge)
+                        result = await self._evaluate(point, classification, judge)
+                        _state_excluded(result, excluded)
                     except LoratuneError as err:
                         # The evaluator refused (a bad judge, bad input) or stayed away past the
                         # retry budget: the study cannot be scored, so it stops with the reason.
                         self._tell_fail(study, number, f"evaluation failed: {err}")
                         self._set_meta(study, fatal=f"evaluation failed: {err}")
                         await self._trainers.cancel(address, job_id)
-                        return
-                    results.write_evaluation(trial_dir, last, epoch_index)
-                    self._log_evaluation(number, params, last)
+                        return _Outcome(number)
+                    epoch = results.EpochResult(
+                        index=len(epochs) + 1,
+                        epoch=point.epoch,
+                        eval_loss=point.eval_loss,
+                        adapter_dir=point.adapter_dir,
+                        result=result,
+                    )
+                    epochs.append(epoch)
+                    results.write_evaluation(trial_dir, result, epoch.index)
+                    results.write_curve(trial_dir, epochs)
+                    study._storage.set_trial_user_attr(
+                        frozen._trial_id, "epochs", [e.record() for e in epochs]
+                    )
+                    self._log_evaluation(number, params, result)
                     self._publish(
                         study.study_name,
                         trial_evaluated=optimizer_pb2.TrialEvaluated(
-                            number=number, epoch=point.epoch, evaluation=last
+                            number=number, epoch=point.epoch, evaluation=result
                         ),
                     )
-                    if epoch_index not in reported:
-                        trial.report(last.objective, epoch_index)
+                    if epoch.index not in reported:
+                        trial.report(result.objective, epoch.index)
                     if trial.should_prune():
                         await self._trainers.cancel(address, job_id)
                         study.tell(number, state=optuna.trial.TrialState.PRUNED)
                         self._trial_finished(study, number, started, "pruned")
-                        return
+                        return _Outcome(number)
                 elif kind == "completed":
-                    if last is None:
+                    if not epochs:
                         self._tell_fail(study, number, "the job completed without an evaluation")
-                    else:
-                        study.tell(number, last.objective)
-                        self._trial_finished(study, number, started, "complete")
-                    return
+                        return _Outcome(number)
+                    best = results.best_epoch(epochs)
+                    results.keep_epoch(trial_dir, best)
+                    study._storage.set_trial_user_attr(frozen._trial_id, "best_epoch", best.index)
+                    if best.index != len(epochs):
+                        logger.info(
+                            "Trial %d: kept epoch %d of %d (%s %.4f, last epoch %.4f)",
+                            number,
+                            best.index,
+                            len(epochs),
+                            best.result.objective_name,
+                            best.result.objective,
+                            epochs[-1].result.objective,
+                        )
+                    study.tell(number, best.result.objective)
+                    self._trial_finished(study, number, started, "complete")
+                    return _Outcome(number)
                 elif kind == "failed":
+                    if event.failed.reason == trainer_pb2.FAILURE_REASON_SHUTDOWN:
+                        return self._interrupted(
+                            study, number, f"trainer {address} shut down: {event.failed.message}"
+                        )
                     self._job_failed(study, number, params, attempt, event.failed)
                     self._trial_finished(study, number, started, "fail")
-                    return
+                    return _Outcome(number)
         finally:
             await events.aclose()  # type: ignore[attr-defined]
+
+    def _record_excluded(
+        self, study: optuna.Study, trial_id: int, event: trainer_pb2.TrainingEvent
+    ) -> list[dict[str, Any]]:
+        """Keeps the classes a trial did not train on, on the trial and (once) the study."""
+        excluded = [
+            {"label": c.label, "train_rows": c.train_rows, "validation_rows": c.validation_rows}
+            for c in event.dataset_prepared.excluded
+        ]
+        study._storage.set_trial_user_attr(trial_id, "excluded_classes", excluded)
+        if "excluded_classes" not in self._meta(study):
+            self._set_meta(study, excluded_classes=excluded)
+            logger.warning("study %s: %s", study.study_name, excluded_note(excluded))
+        return excluded
 
     async def _evaluate(
         self,
@@ -1038,6 +1226,9 @@ class Optimizer:
             "objective_name": meta.get("objective_name"),
             "best_trial": best_number,
             "fine_tuning_params": meta.get("fine_tuning_params"),
+            "pinned_by_environment": meta.get("pinned", {}),
+            "excluded_classes": meta.get("excluded_classes", []),
+            "excluded_note": excluded_note(meta.get("excluded_classes", [])),
             "trials": [
                 {
                     "number": t.number,
@@ -1045,6 +1236,9 @@ class Optimizer:
                     "params": t.params,
                     "objective": t.value,
                     "intermediate": {str(k): v for k, v in t.intermediate_values.items()},
+                    "best_epoch": t.user_attrs.get("best_epoch"),
+                    "epochs": t.user_attrs.get("epochs", []),
+                    "interruptions": t.user_attrs.get("interruption_reasons", []),
                     "attempt": t.user_attrs.get("attempt"),
                     "trainer": t.user_attrs.get("trainer"),
                     "failure_reason": t.user_attrs.get("failure_reason", ""),

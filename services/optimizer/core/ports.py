@@ -7,6 +7,7 @@ The messages are the contract's protobufs (plain data, no transport); the adapte
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from loratune.common.v1 import common_pb2
@@ -42,11 +43,20 @@ class EvaluatorPort(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class JudgeModel:
+    """A judge model the gateway knows."""
+
+    id: str
+    available: bool  # its provider's credentials are configured
+    is_default: bool = False
+
+
 class JudgeCatalog(Protocol):
     """The judge gateway's registry, to check a study's judge at creation."""
 
-    async def model_ids(self) -> list[str]:
-        """Registered judge ids."""
+    async def models(self) -> list[JudgeModel]:
+        """Registered judge models."""
         ...
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,9 @@ from google.protobuf import json_format
 from loratune.common.v1 import common_pb2
 
 logger = logging.getLogger(__name__)
+
+CURVE_FILE = "evaluation_curve.json"
+EPOCHS_DIR = "epochs"  # the trainer's `<output_dir>/epochs/epoch-<n>/`
 
 PUBLISHED_FILES = (
     "adapter_config.json",
@@ -54,6 +58,80 @@ def write_evaluation(trial_dir: Path, result: common_pb2.EvaluationResult, step:
             writer.add_scalar(tag, value, step)
     finally:
         writer.close()
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """One evaluated epoch of a trial: its scores and where its adapter was saved."""
+
+    index: int  # 1-based, the step reported to the pruner
+    epoch: float
+    eval_loss: float
+    adapter_dir: str  # "" when the trainer saved none for this epoch
+    result: common_pb2.EvaluationResult
+
+    def record(self) -> dict[str, Any]:
+        """A small JSON-ready summary (the trial's curve in storage)."""
+        record: dict[str, Any] = {
+            "epoch": self.index,
+            "objective": self.result.objective,
+            "eval_loss": self.eval_loss,
+        }
+        if self.result.HasField("classification"):
+            c = self.result.classification
+            record.update(f1_macro=c.f1_macro, f1_micro=c.f1_micro, accuracy=c.accuracy)
+        if self.result.HasField("bertscore"):
+            record.update(bertscore_f1=self.result.bertscore.f1)
+            record.update(combined=self.result.combined_score)
+        if self.result.HasField("judge"):
+            record.update(judge_mean=self.result.judge.mean_score)
+        return record
+
+
+def best_epoch(epochs: Sequence[EpochResult]) -> EpochResult:
+    """The epoch with the highest objective; the earliest of equals (less training)."""
+    if not epochs:
+        raise ValueError("no evaluated epoch")
+    best = epochs[0]
+    for epoch in epochs[1:]:
+        if epoch.result.objective > best.result.objective:
+            best = epoch
+    return best
+
+
+def write_curve(trial_dir: Path, epochs: Sequence[EpochResult]) -> None:
+    """evaluation_curve.json: every epoch's full evaluation, in order."""
+    _write_json(
+        trial_dir / CURVE_FILE,
+        {
+            "epochs": [
+                {**e.record(), "evaluation": json_format.MessageToDict(e.result)} for e in epochs
+            ]
+        },
+    )
+
+
+def keep_epoch(trial_dir: Path, best: EpochResult) -> None:
+    """Makes the trial's folder hold `best`'s adapter and evaluation (see keep_adapter)."""
+    keep_adapter(trial_dir, best.adapter_dir)
+    _write_json(trial_dir / "evaluation_results.json", json_format.MessageToDict(best.result))
+
+
+def keep_adapter(job_dir: Path, adapter_dir: str) -> None:
+    """Makes `job_dir` hold the adapter saved in `adapter_dir`; drops the other epochs'.
+
+    The trainer saves the last epoch's adapter in the job's folder and earlier epochs'
+    under `epochs/epoch-<n>/`; when an earlier epoch is kept, its files replace the last
+    one's. The `epochs/` folder goes either way (each epoch's scores stay on record).
+    """
+    source = Path(adapter_dir) if adapter_dir else None
+    if source is not None and source.is_dir() and source.resolve() != job_dir.resolve():
+        for path in source.iterdir():
+            if path.is_file():
+                shutil.copy2(path, job_dir / path.name)
+    epochs_dir = job_dir / EPOCHS_DIR
+    if epochs_dir.is_dir():
+        shutil.rmtree(epochs_dir, ignore_errors=True)
 
 
 def read_evaluation(trial_dir: Path) -> common_pb2.EvaluationResult | None:

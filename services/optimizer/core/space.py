@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -10,11 +11,19 @@ from typing import Any
 from services.common.defaults import TrainingDefaults
 from services.common.errors import InvalidArgument
 
-ATTENTION_MODULES = {
-    # Decoder models (Qwen, Llama, Mistral, ...) and BERT-like encoders name them differently.
-    "decoder": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "bert": ("query", "key", "value"),
-}
+# The abstract target-module choices. The optimizer does not know the base model's module
+# names: it sends the choice itself, and the trainer, which has the model loaded, resolves it
+# (services/trainer/core/targets.py): "attention" = the query, key, value and output
+# projections of the attention blocks; "all-linear" = every linear layer but the heads, sent
+# as an empty list (the trainer's "all linear layers").
+ATTENTION = "attention"
+ALL_LINEAR = "all-linear"
+# A module name as PEFT matches it: a leaf name or a dotted suffix such as
+# "attention.output.dense" or "layers.0.self_attn.q_proj".
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+MAX_MODULE_NAME_LENGTH = 200
+MAX_CHOICE_NAME_LENGTH = 64
+MAX_MODULES_PER_SET = 256
 
 
 @dataclass(frozen=True)
@@ -42,13 +51,14 @@ class SearchSpace:
     dropout: FloatRange = FloatRange(0.0, 0.1)
     learning_rate: FloatRange = FloatRange(1e-5, 5e-4, log=True)
     num_epochs: tuple[int, ...] = (2, 3, 4)
-    target_modules: tuple[str, ...] = ("attention", "all-linear")
+    target_modules: tuple[str, ...] = (ATTENTION, ALL_LINEAR)
     use_rslora: tuple[bool, ...] = (False, True)
     batch_size: tuple[int, ...] = ()  # empty = LORA_BATCH_SIZE, fixed
     focal_gamma: FloatRange = FloatRange(0.0, 3.0)
     use_class_weights: tuple[bool, ...] = (True, False)
     use_weighted_sampler: tuple[bool, ...] = (False, True)
-    # Module names per choice of target_modules ("all-linear" = empty = every linear layer).
+    # Named choices of target_modules with their module names (the request's choices that
+    # list modules); "attention" and "all-linear" need none, the trainer resolves them.
     module_sets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
@@ -102,12 +112,46 @@ def validate(space: SearchSpace) -> None:
     if space.learning_rate.low <= 0:
         raise InvalidArgument("low must be > 0", field="search_space.learning_rate")
     _check_range("focal_gamma", space.focal_gamma)
-    known = {"attention", "all-linear", *space.module_sets}
+    _check_module_sets(space)
+
+
+def _check_module_sets(space: SearchSpace) -> None:
+    """Named sets well-formed, every choice known; whether the model has them is the trainer's."""
+    where = "search_space.target_modules"
+    for name, modules in space.module_sets.items():
+        if not name.strip() or len(name) > MAX_CHOICE_NAME_LENGTH:
+            raise InvalidArgument(
+                f"a choice needs a name of 1 to {MAX_CHOICE_NAME_LENGTH} characters, "
+                f"got {name[:80]!r}",
+                field=where,
+            )
+        if not modules:
+            raise InvalidArgument(f"the module set '{name}' names no module", field=where)
+        if len(modules) > MAX_MODULES_PER_SET:
+            raise InvalidArgument(
+                f"the module set '{name}' names {len(modules)} modules "
+                f"(at most {MAX_MODULES_PER_SET})",
+                field=where,
+            )
+        bad = [
+            module
+            for module in modules
+            if len(module) > MAX_MODULE_NAME_LENGTH or not _MODULE_NAME.fullmatch(module)
+        ]
+        if bad:
+            raise InvalidArgument(
+                f"the module set '{name}' has malformed module names {[b[:80] for b in bad]}: "
+                f"a name is a layer's name or dotted path such as 'q_proj' or "
+                f"'attention.output.dense' (at most {MAX_MODULE_NAME_LENGTH} characters)",
+                field=where,
+            )
+    known = {ATTENTION, ALL_LINEAR, *space.module_sets}
     for choice in space.target_modules:
         if choice not in known:
             raise InvalidArgument(
-                f"unknown choice '{choice}' (known: {', '.join(sorted(known))})",
-                field="search_space.target_modules",
+                f"unknown choice '{choice}' (known: {', '.join(sorted(known))}; a choice of your "
+                f"own needs its module names)",
+                field=where,
             )
 
 
@@ -145,7 +189,7 @@ class TrialParameters:
             "dropout": round(self.dropout, 4),
             "learning_rate": float(f"{self.learning_rate:.3g}"),
             "epochs": self.num_epochs,
-            "target_modules": list(self.target_modules) or "all-linear",
+            "target_modules": list(self.target_modules) or ALL_LINEAR,
             "use_rslora": self.use_rslora,
         }
 
@@ -155,9 +199,12 @@ def suggest(
     space: SearchSpace,
     defaults: TrainingDefaults,
     classification: bool,
-    architecture: str,
 ) -> TrialParameters:
-    """Asks an Optuna trial for every dimension of `space` and builds its parameters."""
+    """Asks an Optuna trial for every dimension of `space` and builds its parameters.
+
+    The target modules go out as the trainer resolves them (it has the model loaded):
+    see `modules_for`.
+    """
     rank = int(_suggest_choice(trial, "rank", space.rank))
     multiplier = float(_suggest_choice(trial, "alpha_multiplier", space.alpha_multiplier))
     modules_choice = str(_suggest_choice(trial, "target_modules", space.target_modules))
@@ -165,7 +212,7 @@ def suggest(
         rank=rank,
         alpha=rank * multiplier,
         dropout=_suggest_float(trial, "dropout", space.dropout),
-        target_modules=modules_for(modules_choice, space, architecture),
+        target_modules=modules_for(modules_choice, space),
         use_rslora=bool(_suggest_choice(trial, "use_rslora", space.use_rslora)),
         learning_rate=_suggest_float(trial, "learning_rate", space.learning_rate),
         num_epochs=int(_suggest_choice(trial, "num_epochs", space.num_epochs)),
@@ -190,13 +237,18 @@ def suggest(
     return params
 
 
-def modules_for(choice: str, space: SearchSpace, architecture: str) -> tuple[str, ...]:
-    """Module names of a target-modules choice for the base model's architecture."""
-    if choice == "all-linear":
-        return ()
+def modules_for(choice: str, space: SearchSpace) -> tuple[str, ...]:
+    """`LoraParams.target_modules` for a target-modules choice.
+
+    A named set: its module names (a set may be called "attention" or "all-linear" too:
+    its names win). "all-linear": empty, the trainer's "every linear layer".
+    "attention": `("attention",)`, resolved by the trainer on the loaded model.
+    """
     if choice in space.module_sets:
         return tuple(space.module_sets[choice])
-    return ATTENTION_MODULES["bert" if architecture == "bert" else "decoder"]
+    if choice == ALL_LINEAR:
+        return ()
+    return (choice,)
 
 
 def default_trial(
@@ -216,7 +268,7 @@ def default_trial(
         "dropout": clip(space.dropout, defaults.lora_dropout),
         "learning_rate": clip(space.learning_rate, defaults.lora_learning_rate),
         "num_epochs": nearest(space.num_epochs, defaults.lora_num_epochs),
-        "target_modules": nearest(space.target_modules, "all-linear"),
+        "target_modules": nearest(space.target_modules, ALL_LINEAR),
         "use_rslora": nearest(space.use_rslora, False),
     }
     if classification:
@@ -230,3 +282,50 @@ def default_trial(
     if space.batch_size:
         params["batch_size"] = nearest(space.batch_size, defaults.lora_batch_size)
     return params
+
+
+# The training variables a user may set in the environment, by the dimension each fixes.
+ENVIRONMENT_DIMENSIONS: Mapping[str, str] = {
+    "lora_num_epochs": "num_epochs",
+    "lora_learning_rate": "learning_rate",
+    "lora_batch_size": "batch_size",
+    "focal_loss_gamma": "focal_gamma",
+    "use_class_weights": "use_class_weights",
+    "use_weighted_sampler": "use_weighted_sampler",
+}
+_CLASSIFICATION_ONLY = frozenset({"focal_gamma", "use_class_weights", "use_weighted_sampler"})
+
+
+def pinned_by_environment(
+    defaults: TrainingDefaults, searched: set[str], classification: bool
+) -> dict[str, Any]:
+    """The dimensions the user fixed with a variable (`LORA_NUM_EPOCHS`, ...) for a study.
+
+    The rule: a training variable set explicitly in the environment holds for every trial
+    of the study, unless the request's search space sets that dimension itself (then the
+    request wins: it is the more specific). Variables left unset fix nothing; the default
+    space is searched. Returned as {dimension: value}, to be stored with the study.
+    """
+    pinned: dict[str, Any] = {}
+    for variable, dimension in ENVIRONMENT_DIMENSIONS.items():
+        if variable not in defaults.model_fields_set or dimension in searched:
+            continue
+        if dimension in _CLASSIFICATION_ONLY and not classification:
+            continue
+        pinned[dimension] = getattr(defaults, variable)
+    return pinned
+
+
+def pin(space: SearchSpace, pinned: Mapping[str, Any]) -> SearchSpace:
+    """`space` with each dimension of `pinned` reduced to its one value."""
+    changes: dict[str, Any] = {}
+    for dimension, value in pinned.items():
+        if dimension in ("learning_rate", "focal_gamma"):
+            changes[dimension] = FloatRange(float(value), float(value))
+        elif dimension in ("num_epochs", "batch_size"):
+            changes[dimension] = (int(value),)
+        elif dimension in ("use_class_weights", "use_weighted_sampler"):
+            changes[dimension] = (bool(value),)
+        else:
+            raise ValueError(f"unknown dimension {dimension!r}")
+    return replace(space, **changes)

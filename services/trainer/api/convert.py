@@ -10,6 +10,13 @@ from loratune.common.v1 import common_pb2
 from loratune.trainer.v1 import trainer_pb2
 from services.common.defaults import TrainingDefaults
 from services.common.errors import InvalidArgument
+from services.common.names import (
+    MAX_PATH_LENGTH,
+    ensure_under,
+    escape_control,
+    excerpt,
+    validate_name,
+)
 from services.trainer.core.jobs import EventRecord, Job, JobState, TrainerStatus
 from services.trainer.core.types import (
     BalancingSpec,
@@ -25,6 +32,10 @@ from services.trainer.core.types import (
     Task,
     TrainingSpec,
 )
+
+# A job id becomes a folder name (<artifact_root>/<job_id>). Room for a 128-character
+# study name with the optimizer's "-t<trial>-a<attempt>" after it, well under 255 bytes.
+MAX_JOB_ID_LENGTH = 200
 
 _TASKS = {
     common_pb2.TASK_TYPE_CLASSIFICATION: Task.CLASSIFICATION,
@@ -43,6 +54,7 @@ _REASONS = {
     FailureReason.INVALID_INPUT: trainer_pb2.FAILURE_REASON_INVALID_INPUT,
     FailureReason.CANCELLED: trainer_pb2.FAILURE_REASON_CANCELLED,
     FailureReason.INTERNAL: trainer_pb2.FAILURE_REASON_INTERNAL,
+    FailureReason.SHUTDOWN: trainer_pb2.FAILURE_REASON_SHUTDOWN,
 }
 
 
@@ -67,19 +79,52 @@ def dataset_from_proto(dataset: common_pb2.DatasetSpec) -> DatasetSpec:
     )
 
 
+def job_id_from_proto(job_id: str) -> str:
+    """The request's job id when it is a safe name (``validate_name``), else INVALID_ARGUMENT."""
+    return validate_name(job_id, "job_id", max_length=MAX_JOB_ID_LENGTH)
+
+
+def output_dir_from_proto(output_dir: str, job_id: str, artifact_root: Path) -> str:
+    """Where the job writes: ``output_dir`` inside ``artifact_root``, or ``<root>/<job_id>``.
+
+    A relative ``output_dir`` is taken relative to the artifact root; one that resolves
+    outside it (``/etc/x``, ``../..``, a symbolic link out) is INVALID_ARGUMENT.
+    """
+    if not output_dir:
+        return str(artifact_root / job_id)
+    return str(ensure_under(artifact_root, Path(output_dir), "output_dir"))
+
+
+def _base_model_from_proto(base_model: str) -> str:
+    """The base model name or path, refused when it is too long or has control characters."""
+    if len(base_model) > MAX_PATH_LENGTH:
+        raise InvalidArgument(
+            f"must be at most {MAX_PATH_LENGTH} characters, got {len(base_model)}",
+            field="base_model",
+        )
+    if escape_control(base_model) != base_model:
+        raise InvalidArgument(
+            f'must not contain control characters, got "{excerpt(base_model)}"',
+            field="base_model",
+        )
+    return base_model
+
+
 def job_from_proto(
     request: trainer_pb2.StartTrainingRequest, defaults: TrainingDefaults, artifact_root: Path
 ) -> JobSpec:
     """A StartTrainingRequest as a JobSpec; fields the contract lets callers omit get defaults.
 
     Required numbers (rank, alpha, learning rate, epochs, batch size) are taken as sent,
-    so that 0 is rejected by validation rather than silently replaced.
+    so that 0 is rejected by validation rather than silently replaced. The job id must
+    be a safe name and the output folder must lie inside ``artifact_root``.
     """
+    job_id = job_id_from_proto(request.job_id)
     hp = request.hyperparameters
     lora, training, balancing = hp.lora, hp.training, hp.balancing
     return JobSpec(
-        job_id=request.job_id,
-        base_model=request.base_model,
+        job_id=job_id,
+        base_model=_base_model_from_proto(request.base_model),
         dataset=dataset_from_proto(request.dataset),
         lora=LoraSpec(
             rank=lora.rank,
@@ -120,7 +165,7 @@ def job_from_proto(
                 balancing.min_samples_per_class or defaults.min_samples_per_class
             ),
         ),
-        output_dir=request.output_dir or str(artifact_root / request.job_id),
+        output_dir=output_dir_from_proto(request.output_dir, job_id, artifact_root),
         max_eval_samples=request.max_eval_samples,
         max_new_tokens=request.max_new_tokens or 128,
     )
@@ -170,6 +215,7 @@ def event_to_proto(job_id: str, record: EventRecord) -> trainer_pb2.TrainingEven
                 references=event.references,
                 prompts=event.prompts,
                 labels=event.labels,
+                adapter_dir=event.adapter_dir,
             )
         )
     elif isinstance(event, DatasetPreparedEvent):
@@ -179,6 +225,12 @@ def event_to_proto(job_id: str, record: EventRecord) -> trainer_pb2.TrainingEven
                 validation_rows=event.validation_rows,
                 excluded_classes=event.excluded_classes,
                 labels=event.labels,
+                excluded=[
+                    common_pb2.ExcludedClass(
+                        label=label, train_rows=rows[0], validation_rows=rows[1]
+                    )
+                    for label, rows in event.excluded_rows.items()
+                ],
             )
         )
     elif isinstance(event, CompletedEvent):
@@ -205,4 +257,5 @@ def status_to_proto(status: TrainerStatus) -> trainer_pb2.GetTrainerStatusRespon
         memory_allocated_bytes=status.memory_allocated_bytes,
         memory_reserved_bytes=status.memory_reserved_bytes,
         memory_total_bytes=status.memory_total_bytes,
+        shutting_down=status.shutting_down,
     )

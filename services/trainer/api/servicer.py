@@ -12,6 +12,7 @@ from services.common.defaults import TrainingDefaults
 from services.trainer.api.convert import (
     event_to_proto,
     job_from_proto,
+    job_id_from_proto,
     job_to_proto,
     status_to_proto,
 )
@@ -47,8 +48,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         ],
     ) -> AsyncIterator[trainer_pb2.TrainingEvent]:
         """Replays the job's events, then follows it live until it ends."""
-        async for record in self._manager.watch(request.job_id):
-            yield event_to_proto(request.job_id, record)
+        job_id = job_id_from_proto(request.job_id)
+        async for record in self._manager.watch(job_id):
+            yield event_to_proto(job_id, record)
 
     async def CancelTraining(
         self,
@@ -58,7 +60,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         ],
     ) -> trainer_pb2.CancelTrainingResponse:
         """Stops the job between steps."""
-        job = await self._manager.cancel(request.job_id)
+        job = await self._manager.cancel(job_id_from_proto(request.job_id))
         return trainer_pb2.CancelTrainingResponse(job=job_to_proto(job))
 
     async def GetTrainerStatus(

@@ -45,6 +45,7 @@ __all__ = [
     "LoadedAdapter",
     "TensorBoardLogger",
     "check_output_dir",
+    "epoch_dir",
     "library_versions",
     "load_adapter_for_inference",
     "predict_labels",
@@ -56,6 +57,7 @@ logger = logging.getLogger(__name__)
 TRAINING_CONFIG_FILE = "training_config.json"
 CLASS_WEIGHTS_FILE = "class_weights.json"
 LOGS_DIR = "logs"
+EPOCHS_DIR = "epochs"  # <output_dir>/epochs/epoch-<n>/: the adapter after each earlier epoch
 # Bumped when training_config.json changes shape, so readers can tell old files apart.
 _CONFIG_FORMAT = 1
 _VERSIONED = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "loratune")
@@ -98,6 +100,11 @@ class TensorBoardLogger:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def epoch_dir(out_dir: Path | str, epoch: int) -> Path:
+    """Where the adapter after `epoch` (1-based) is saved when it is not the last one."""
+    return Path(out_dir) / EPOCHS_DIR / f"epoch-{epoch}"
 
 
 def check_output_dir(path: Path | str) -> None:
@@ -146,9 +153,10 @@ def save_artifacts(
 
     - `adapter_config.json`, `adapter_model.safetensors` (PEFT; a classification head is
       inside, saved through `modules_to_save`), the tokenizer's files;
-    - `training_config.json`: every hyperparameter, base model, dataset fingerprint, label
-      map, split sizes, excluded classes, library versions (`versions`, default: the
-      installed ones), train seconds and final loss;
+    - `training_config.json`: every hyperparameter (with the LoRA target modules the request
+      resolved to), base model, dataset fingerprint, label map, split sizes, excluded
+      classes, library versions (`versions`, default: the installed ones), train seconds
+      and final loss;
     - `class_weights.json` (classification): counts, weights and excluded classes.
 
     TensorBoard events go to `out_dir/logs/` during training (see TensorBoardLogger).
@@ -194,7 +202,11 @@ def training_config(
             "excluded_classes": excluded,
         },
         "hyperparameters": {
-            "lora": _plain(dataclasses.asdict(spec.lora)),
+            # As asked (target_modules) and as resolved on the model ("attention", "all-linear").
+            "lora": {
+                **_plain(dataclasses.asdict(spec.lora)),
+                "resolved_target_modules": list(prepared.target_modules),
+            },
             "training": _plain(dataclasses.asdict(spec.training)),
             "balancing": _plain(dataclasses.asdict(spec.balancing)),
             "max_eval_samples": spec.max_eval_samples,
@@ -210,6 +222,7 @@ def training_config(
             "final_loss": _finite_or_none(result.final_loss),
             "samples_per_second": result.samples_per_second,
             "eval_loss": _finite_or_none(last_eval.eval_loss) if last_eval else None,
+            "epoch": int(last_eval.epoch) if last_eval else None,
         },
         "versions": dict(versions),
     }

@@ -270,8 +270,10 @@ def prepare(spec: DatasetSpec, min_samples_per_class: int) -> PreparedData:
     classification (largest-remainder allocation, so every class gets its share rounded
     fairly; a class with two or more rows keeps at least one in training, a class of one
     row stays in training), random for generation. Classes with fewer than
-    ``min_samples_per_class`` training rows leave training and validation and are listed
-    in ``stats.excluded``; validation rows of labels not trained on are dropped.
+    ``min_samples_per_class`` training rows leave training and are listed in
+    ``stats.excluded``; validation rows of labels not trained on (those, and labels with
+    no training row) stay in validation, counted in ``stats.untrained_validation``: the
+    model cannot predict them, so each is a miss in the evaluation.
 
     Raises:
         InvalidArgument: everything ``load_examples`` raises; ``dataset.validation_fraction``
@@ -340,8 +342,9 @@ def _filter_classes(
         )
     kept = set(labels)
     train = [example for example in train if example.label in kept]
-    n_validation = len(validation)
-    validation = [example for example in validation if example.label in kept]
+    # Validation rows of labels not trained on stay: the model cannot predict them, so each
+    # counts as a miss, and macro-F1 is not flattered by leaving the rare codes out.
+    untrained = Counter(example.label for example in validation if example.label not in kept)
     if excluded:
         logger.info(
             "left out %d classes under %d training rows: %s",
@@ -349,16 +352,17 @@ def _filter_classes(
             min_samples_per_class,
             dict(sorted(excluded.items(), key=lambda item: (-item[1], item[0]))),
         )
-    if len(validation) < n_validation:
+    if untrained:
         logger.info(
-            "dropped %d validation rows whose label is not trained on",
-            n_validation - len(validation),
+            "%d validation rows have a label not trained on (%d labels): they count as misses",
+            sum(untrained.values()),
+            len(untrained),
         )
-    if not validation:
+    if sum(untrained.values()) == len(validation):
         field = "dataset.validation_uri" if spec.validation_uri else "dataset.validation_fraction"
         raise InvalidArgument(
-            f"no validation rows remain: none of the {n_validation} has one of the "
-            f"{len(labels)} trained labels",
+            f"no validation row has one of the {len(labels)} trained labels "
+            f"({len(validation)} rows)",
             field=field,
         )
     kept_counts = {label: counts[label] for label in labels}
@@ -367,6 +371,7 @@ def _filter_classes(
         counts=kept_counts,
         excluded=dict(sorted(excluded.items())),
         weights=dict(zip(labels, weights, strict=True)),
+        untrained_validation=dict(sorted(untrained.items())),
     )
     return PreparedData(
         task=spec.task,

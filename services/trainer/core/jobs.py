@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from services.common.errors import InvalidArgument, NotFound, ResourceExhausted
+from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.trainer import metrics
 from services.trainer.core.types import (
     Cancelled,
@@ -65,6 +65,7 @@ class TrainerStatus:
     memory_allocated_bytes: int
     memory_reserved_bytes: int
     memory_total_bytes: int
+    shutting_down: bool = False
 
 
 class JobRunner(Protocol):
@@ -100,6 +101,8 @@ class Job:
     create_time: datetime = field(default_factory=lambda: datetime.now(UTC))
     records: list[EventRecord] = field(default_factory=list)
     cancel_requested: threading.Event = field(default_factory=threading.Event)
+    # Set with cancel_requested when the trainer itself stops: the job ends as SHUTDOWN.
+    shutdown_requested: threading.Event = field(default_factory=threading.Event)
     _waiters: set[asyncio.Event] = field(default_factory=set)
 
     def append(self, event: Event) -> None:
@@ -130,7 +133,13 @@ class JobManager:
         self._progress_every = progress_every_steps
         self._current: str | None = None  # the job being validated or run
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stopping = False
         self.on_unhealthy = on_unhealthy
+
+    @property
+    def stopping(self) -> bool:
+        """Whether shutdown has begun (no new job is accepted)."""
+        return self._stopping
 
     @property
     def busy(self) -> bool:
@@ -153,6 +162,8 @@ class JobManager:
         existing = self._jobs.get(spec.job_id)
         if existing is not None:
             return existing
+        if self._stopping:
+            raise Unavailable("the trainer is shutting down; send the job to another trainer")
         if self._current is not None:
             raise ResourceExhausted(
                 f"the trainer is busy with job '{self._current}'; send the job to an idle "
@@ -190,10 +201,21 @@ class JobManager:
         try:
             completed = await asyncio.to_thread(self._runner.run, job.spec, prepared, ctx)
         except Cancelled:
-            outcome = "cancelled"
-            job._finish(
-                JobState.CANCELLED, FailedEvent(FailureReason.CANCELLED, "cancelled by a client")
-            )
+            if job.shutdown_requested.is_set():
+                outcome = "shutdown"
+                job._finish(
+                    JobState.FAILED,
+                    FailedEvent(
+                        FailureReason.SHUTDOWN,
+                        "the trainer is shutting down; the job stopped between steps",
+                    ),
+                )
+            else:
+                outcome = "cancelled"
+                job._finish(
+                    JobState.CANCELLED,
+                    FailedEvent(FailureReason.CANCELLED, "cancelled by a client"),
+                )
         except NanLoss as err:
             job._finish(JobState.FAILED, FailedEvent(FailureReason.NAN_LOSS, str(err)))
         except InvalidArgument as err:
@@ -269,12 +291,21 @@ class JobManager:
             memory_allocated_bytes=int(info.get("memory_allocated_bytes", 0)),
             memory_reserved_bytes=int(info.get("memory_reserved_bytes", 0)),
             memory_total_bytes=int(info.get("memory_total_bytes", 0)),
+            shutting_down=self._stopping,
         )
 
     async def shutdown(self, timeout: float = 30.0) -> None:
-        """Cancels the running job and waits (bounded) for it to stop."""
-        for job_id in list(self._tasks):
-            await self.cancel(job_id)
+        """Stops taking jobs, ends the running one as SHUTDOWN between steps, waits (bounded).
+
+        Called when the trainer is told to stop (SIGTERM) while its server still answers, so
+        watchers receive the SHUTDOWN event and run the job again elsewhere.
+        """
+        self._stopping = True
+        for job_id, job in list(self._jobs.items()):
+            if job_id in self._tasks and not job.state.terminal:
+                job.shutdown_requested.set()
+                job.cancel_requested.set()
+                logger.info("stopping job %s: the trainer is shutting down", job_id)
         tasks = list(self._tasks.values())
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -29,7 +30,12 @@ from services.trainer.core.probe import (
     final_linear,
     linear_probe_head,
 )
-from services.trainer.core.tokenize import IGNORE_INDEX, collate, collate_prompts
+from services.trainer.core.tokenize import (
+    IGNORE_INDEX,
+    UNTRAINED_LABEL_ID,
+    collate,
+    collate_prompts,
+)
 from services.trainer.core.types import (
     Cancelled,
     EncodedData,
@@ -204,12 +210,17 @@ def train(
     *,
     scalar_logger: ScalarLogger | None = None,
     probe_cache: ProbeFeatureCache | None = None,
+    checkpoint: Callable[[int, EvaluationEvent], str] | None = None,
 ) -> LoopResult:
     """Train the prepared adapter on `encoded.train`, evaluating at the end of each epoch.
 
     A fresh encoder head is first fitted by the linear probe (LINEAR_PROBE); with
     `probe_cache`, the frozen features of an earlier job on the same base and rows are
     reused instead of a forward pass.
+
+    `checkpoint(epoch, evaluation)`, when given, saves the adapter as it is after each
+    evaluated epoch and returns its folder, which the EvaluationEvent then carries
+    (`adapter_dir`): the caller can keep the best epoch, not only the last.
 
     Emits a ProgressEvent every `ctx.progress_every_steps` optimizer steps (and at the last
     step) and an EvaluationEvent per epoch. Curves go to `scalar_logger`, or to
@@ -355,6 +366,10 @@ def train(
                 scheduler.step()
             last_eval = _evaluate(prepared, data, encoded, spec, ctx, epoch + 1, step, amp)
             if last_eval is not None:
+                if checkpoint is not None:
+                    last_eval = dataclasses.replace(
+                        last_eval, adapter_dir=checkpoint(epoch + 1, last_eval)
+                    )
                 ctx.emit(last_eval)
                 if scalars is not None:
                     scalars.scalar("eval/loss", last_eval.eval_loss, step)
@@ -616,6 +631,7 @@ def _evaluate_classification(
     pad_id = int(prepared.tokenizer.pad_token_id)
     predicted_ids = [0] * len(rows)
     loss_sum = 0.0
+    scored = 0
     order = _length_order(rows)
     for start in range(0, len(order), batch_size):
         if ctx.should_stop():
@@ -625,11 +641,16 @@ def _evaluate_classification(
         inputs = {key: value.to(prepared.device) for key, value in batch.items()}
         with amp():
             logits = _classification_logits(prepared.model, inputs).float()
-        loss_sum += float(F.cross_entropy(logits, inputs["labels"], reduction="sum"))
+        # Rows of a class not trained on have no target the head can score: no loss.
+        targets = inputs["labels"]
+        loss_sum += float(
+            F.cross_entropy(logits, targets, reduction="sum", ignore_index=UNTRAINED_LABEL_ID)
+        )
+        scored += int((targets != UNTRAINED_LABEL_ID).sum())
         for index, label_id in zip(indices, logits.argmax(-1).tolist(), strict=True):
             predicted_ids[index] = int(label_id)
     labels = prepared.labels
-    return loss_sum / len(rows), [labels[i] for i in predicted_ids]
+    return loss_sum / max(scored, 1), [labels[i] for i in predicted_ids]
 
 
 def _generation_loss(

@@ -18,10 +18,17 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from services.common.errors import InvalidArgument
 from services.trainer.core.quantized import disable_cpu_repacking, has_repacked_weights
+from services.trainer.core.targets import (
+    HEAD_NAMES,
+    NEVER_TARGETED,
+    linear_module_names,
+    resolve_targets,
+)
 from services.trainer.core.types import JobSpec, LoraSpec, Task
 
 __all__ = [
@@ -48,16 +55,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Attribute names of the classification head in transformers' *ForSequenceClassification
-# models (`score` for decoders such as Qwen / Llama, `classifier` for encoders such as BERT).
-# PEFT's SEQ_CLS task type puts exactly these into `modules_to_save`, so the head trains and
-# lands in the adapter file.
-HEAD_NAMES: tuple[str, ...] = ("score", "classifier")
-# Never quantised, never a LoRA target: the heads above and the LM head of causal models.
-# Passing `llm_int8_skip_modules` replaces transformers' default skip list (which holds
-# `lm_head`), so it must be named here too.
-_UNQUANTISED_MODULES: tuple[str, ...] = ("lm_head", *HEAD_NAMES)
-_ALL_LINEAR = "all-linear"
+# Never quantised (and never a LoRA target, core/targets.py): the heads (HEAD_NAMES) and the
+# LM head of causal models. Passing `llm_int8_skip_modules` replaces transformers' default
+# skip list (which holds `lm_head`), so it must be named here too.
+_UNQUANTISED_MODULES: tuple[str, ...] = NEVER_TARGETED
 
 # How a classifier turns token states into the one vector its head reads.
 # "mean": the attention-masked mean of the last hidden state (encoder classifiers by default:
@@ -89,6 +90,8 @@ class PreparedModel:
     load_seconds: float  # time spent loading the base for this job; 0.0 when it was reused
     base_reused: bool
     pooling: str = POOLING_NATIVE  # classification: POOLING_MEAN or POOLING_NATIVE
+    # The LoRA targets the request resolved to on this model (core/targets.py), as PEFT got them.
+    target_modules: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -188,22 +191,7 @@ def check_base_model(spec: JobSpec) -> None:
             f"'{name}' ({type(config).__name__}) cannot be loaded for {task.value}: {err}",
             field="base_model",
         ) from err
-    _resolve_targets(skeleton, spec.lora.target_modules)
-
-
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Sorted leaf names of the linear layers LoRA may target (heads excluded).
-
-    `bnb.nn.Linear4bit` subclasses `nn.Linear`, so quantised layers are listed too; GPT-2
-    style `Conv1D` layers count as linear, as they do for PEFT.
-    """
-    linear_types: tuple[type[nn.Module], ...] = (nn.Linear, *_conv1d_types())
-    names: set[str] = set()
-    for name, module in model.named_modules():
-        if not isinstance(module, linear_types) or _under_head(name):
-            continue
-        names.add(name.rsplit(".", 1)[-1])
-    return sorted(names)
+    resolve_targets(skeleton, spec.lora.target_modules)
 
 
 def device_info(device: torch.device | None = None) -> dict[str, Any]:
@@ -515,9 +503,12 @@ class BaseModelCache:
     """Keeps one loaded base model between jobs and hands out a fresh adapter per job.
 
     The key is (base model, task, 4-bit, dtype, device). A job with the same key reuses
-    the loaded weights: the previous job's LoRA layers are taken off with PEFT's
-    `unload()` (no merge, so the base weights are never written), and a new seeded head
-    and LoRA adapter are put on. A job with another key releases the old model first.
+    the loaded weights: every module the previous job trained in full (PEFT's
+    `modules_to_save`: the head, and anything else named like one, e.g. DistilBERT's
+    `pre_classifier`) gets its frozen, untouched original back, the LoRA layers are taken
+    off with PEFT's `unload()` (no merge, so the base weights are never written), and a
+    new seeded head and LoRA adapter are put on. A job with another key releases the old
+    model first.
 
     Thread-safe: `acquire` and `release` may be called from any thread, one at a time.
     """
@@ -596,7 +587,7 @@ class BaseModelCache:
             loaded = self._loaded
             assert loaded is not None
             # Checked on the clean base before anything changes: a typo keeps the cache.
-            targets = _resolve_targets(loaded.model, spec.lora.target_modules)
+            targets = resolve_targets(loaded.model, spec.lora.target_modules)
             try:
                 peft_model = self._prepare(loaded, spec, tuple(labels), targets)
             except BaseException:
@@ -604,6 +595,12 @@ class BaseModelCache:
                 self._release_locked()
                 raise
             self._peft = peft_model
+            logger.info(
+                "job %s: LoRA target modules %s resolved to %s",
+                spec.job_id,
+                list(spec.lora.target_modules) or "all-linear",
+                targets,
+            )
             trainable, total = peft_model.get_nb_trainable_parameters()
             return PreparedModel(
                 model=peft_model,
@@ -617,6 +614,7 @@ class BaseModelCache:
                 load_seconds=0.0 if reused else self._load_seconds,
                 base_reused=reused,
                 pooling=pooling_of(loaded.model) if task is Task.CLASSIFICATION else POOLING_NATIVE,
+                target_modules=tuple(targets),
             )
 
     def release(self) -> None:
@@ -642,15 +640,22 @@ class BaseModelCache:
         logger.info("released base model %s", name)
 
     def _strip_adapter(self) -> None:
-        """Take the previous job's LoRA layers (and head wrapper) off the cached base."""
+        """Take the previous job's LoRA layers and trained-in-full copies off the cached base."""
         assert self._loaded is not None
         if self._peft is not None:
+            # unload() would leave the *trained* copy of every `modules_to_save` module in
+            # its place: harmless for the head (_prepare rebuilds it), but DistilBERT's
+            # `pre_classifier` (or any module PEFT matches as a head by name) would carry
+            # the last job's training into the next. Put the originals back first.
+            _put_back_original_modules(self._peft.get_base_model())
             # unload() without merging puts each original base layer back as it was and
-            # drops the LoRA weights. It leaves the trained copy of a classification head
-            # in the head's place; _prepare replaces that with a fresh seeded head.
+            # drops the LoRA weights.
             self._loaded.model = self._peft.unload()
             self._peft = None
-        if any(isinstance(module, BaseTunerLayer) for module in self._loaded.model.modules()):
+        if any(
+            isinstance(module, BaseTunerLayer | AuxiliaryTrainingWrapper)
+            for module in self._loaded.model.modules()
+        ):
             # Should not happen; if it does, the only safe base is a freshly loaded one.
             raise RuntimeError("adapter layers survived unload(); refusing to reuse the base")
 
@@ -680,7 +685,7 @@ class BaseModelCache:
         loaded: _Loaded,
         spec: JobSpec,
         labels: tuple[str, ...],
-        targets: list[str] | str,
+        targets: list[str],
     ) -> PeftModel:
         model = loaded.model
         lora = spec.lora
@@ -716,56 +721,6 @@ def _not_found(name: str, err: BaseException) -> InvalidArgument:
     )
 
 
-def _conv1d_types() -> tuple[type[nn.Module], ...]:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - present in every supported transformers
-        return ()
-    return (Conv1D,)
-
-
-def _under_head(module_name: str) -> bool:
-    first = module_name.split(".", 1)[0]
-    return first in _UNQUANTISED_MODULES
-
-
-def _resolve_targets(model: nn.Module, requested: Sequence[str]) -> list[str] | str:
-    """PEFT's `target_modules`: "all-linear" for none, else the names, checked against the model."""
-    if not requested or [name.lower() for name in requested] == [_ALL_LINEAR]:
-        return _ALL_LINEAR
-    valid = linear_module_names(model)
-    module_names = [name for name, _ in model.named_modules() if not _under_head(name)]
-    unknown = [
-        target
-        for target in requested
-        if target not in valid
-        and not any(name == target or name.endswith("." + target) for name in module_names)
-    ]
-    if unknown:
-        raise InvalidArgument(
-            f"unknown module(s) {unknown}; this model's linear layers are: {', '.join(valid)} "
-            f"(or leave empty for all of them)",
-            field="hyperparameters.lora.target_modules",
-        )
-    # A name that exists but is no linear layer (e.g. "self_attn") would make PEFT fail later.
-    not_linear = [t for t in requested if t not in valid and not _is_linear_path(model, t)]
-    if not_linear:
-        raise InvalidArgument(
-            f"{not_linear} are not linear layers; choose from: {', '.join(valid)}",
-            field="hyperparameters.lora.target_modules",
-        )
-    return list(requested)
-
-
-def _is_linear_path(model: nn.Module, target: str) -> bool:
-    linear_types: tuple[type[nn.Module], ...] = (nn.Linear, *_conv1d_types())
-    return any(
-        isinstance(module, linear_types)
-        for name, module in model.named_modules()
-        if name == target or name.endswith("." + target)
-    )
-
-
 def _set_padding(model: nn.Module, tokenizer: Any, task: Task, name: str) -> None:
     """Give the tokenizer a pad token and the model its id; right padding for training.
 
@@ -793,6 +748,38 @@ def _set_padding(model: nn.Module, tokenizer: Any, task: Task, name: str) -> Non
     generation_config = getattr(model, "generation_config", None)
     if task is Task.GENERATION and generation_config is not None:
         generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _put_back_original_modules(model: nn.Module) -> None:
+    """Replace each PEFT wrapper of a module trained in full by the module it wraps.
+
+    PEFT's SEQ_CLS task wraps every module whose name ends with "classifier" or "score"
+    (DistilBERT's `pre_classifier` too) in a `ModulesToSaveWrapper`: the job trains a
+    deep copy, while the wrapped original stays frozen and is never run, so it still holds
+    the weights it was loaded with. Costs nothing: no weights are copied. Outer wrappers
+    first; a wrapper inside a discarded trained copy goes with it.
+
+    Raises:
+        RuntimeError: a wrapper without its original module (the base is then reloaded).
+    """
+    while True:
+        found = next(
+            (
+                (name, module)
+                for name, module in model.named_modules()
+                if isinstance(module, AuxiliaryTrainingWrapper)
+            ),
+            None,
+        )
+        if found is None:
+            return
+        name, wrapper = found
+        original = wrapper.original_module
+        if not name or not isinstance(original, nn.Module):
+            raise RuntimeError(f"cannot restore the original of the PEFT wrapper at '{name}'")
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, original)
 
 
 def _replace_head(model: nn.Module, labels: tuple[str, ...], device: torch.device) -> None:

@@ -10,9 +10,14 @@ from typing import Any
 import torch
 
 from services.trainer import metrics
-from services.trainer.core.artifacts import TensorBoardLogger, check_output_dir, save_artifacts
+from services.trainer.core.artifacts import (
+    TensorBoardLogger,
+    check_output_dir,
+    epoch_dir,
+    save_artifacts,
+)
 from services.trainer.core.data import prepare
-from services.trainer.core.loop import train
+from services.trainer.core.loop import LoopResult, train
 from services.trainer.core.models import (
     BaseModelCache,
     check_base_model,
@@ -25,6 +30,7 @@ from services.trainer.core.tokenize import TokenizationCache
 from services.trainer.core.types import (
     CompletedEvent,
     DatasetPreparedEvent,
+    EvaluationEvent,
     Event,
     FailureReason,
     JobSpec,
@@ -69,6 +75,12 @@ class LocalRunner:
                 validation_rows=len(data.validation),
                 excluded_classes=sorted(stats.excluded) if stats else [],
                 labels=list(data.labels),
+                excluded_rows={
+                    label: (stats.excluded.get(label, 0), stats.untrained_validation.get(label, 0))
+                    for label in sorted({*stats.excluded, *stats.untrained_validation})
+                }
+                if stats
+                else {},
             )
         )
         model = self._models.acquire(spec, data.labels)
@@ -94,6 +106,21 @@ class LocalRunner:
             len(encoded.validation),
         )
         out_dir = Path(spec.output_dir)
+        started = time.perf_counter()
+
+        def checkpoint(epoch: int, evaluation: EvaluationEvent) -> str:
+            # The last epoch's adapter is the job's own folder, saved when the job completes.
+            if epoch >= spec.training.num_epochs:
+                return str(out_dir)
+            so_far = LoopResult(
+                train_seconds=time.perf_counter() - started,
+                steps=evaluation.step,
+                final_loss=float("nan"),
+                last_eval=evaluation,
+                samples_per_second=0.0,
+            )
+            return str(save_artifacts(model, data, spec, so_far, epoch_dir(out_dir, epoch)))
+
         with TensorBoardLogger(out_dir / "logs") as board:
             result = train(
                 model,
@@ -103,6 +130,7 @@ class LocalRunner:
                 _timed(ctx),
                 scalar_logger=board,
                 probe_cache=self._probe_features,
+                checkpoint=checkpoint,
             )
         save_artifacts(model, data, spec, result, out_dir)
         return CompletedEvent(artifact_dir=str(out_dir), train_seconds=result.train_seconds)

@@ -18,6 +18,8 @@ __all__ = ["IGNORE_INDEX", "TokenizationCache", "collate", "collate_prompts", "e
 logger = logging.getLogger(__name__)
 
 # The label cross-entropy skips (torch's and transformers' default ignore_index).
+# A validation row whose label the model was not trained on (scored as a miss, no loss).
+UNTRAINED_LABEL_ID = -1
 IGNORE_INDEX = -100
 
 
@@ -107,7 +109,9 @@ def encode(data: PreparedData, tokenizer: Any, max_length: int) -> EncodedData:
         label_ids = {label: index for index, label in enumerate(data.labels)}
         return EncodedData(
             train=_encode_classification(data.train, tokenizer, max_length, label_ids),
-            validation=_encode_classification(data.validation, tokenizer, max_length, label_ids),
+            validation=_encode_classification(
+                data.validation, tokenizer, max_length, label_ids, untrained_ok=True
+            ),
         )
     return EncodedData(
         train=_encode_generation(data.train, tokenizer, max_length),
@@ -116,12 +120,19 @@ def encode(data: PreparedData, tokenizer: Any, max_length: int) -> EncodedData:
 
 
 def _encode_classification(
-    examples: Sequence[Example], tokenizer: Any, max_length: int, label_ids: dict[str, int]
+    examples: Sequence[Example],
+    tokenizer: Any,
+    max_length: int,
+    label_ids: dict[str, int],
+    *,
+    untrained_ok: bool = False,
 ) -> list[EncodedExample]:
+    """`untrained_ok` (validation): a label not trained on gets UNTRAINED_LABEL_ID, a row
+    that is scored as a miss and left out of the loss."""
     if not examples:
         return []
     unknown = sorted({example.label for example in examples} - label_ids.keys())
-    if unknown:
+    if unknown and not untrained_ok:
         raise InvalidArgument(
             f"labels {unknown[:10]} are not among the {len(label_ids)} prepared labels",
             field="dataset.label_field",
@@ -133,7 +144,7 @@ def _encode_classification(
         EncodedExample(
             input_ids=tuple(ids),
             attention_mask=tuple(mask),
-            label_id=label_ids[example.label],
+            label_id=label_ids.get(example.label, UNTRAINED_LABEL_ID),
         )
         for ids, mask, example in zip(
             encoded["input_ids"], encoded["attention_mask"], examples, strict=True

@@ -93,6 +93,9 @@ class ClassStats:
     counts: Mapping[str, int]  # training rows per kept label
     excluded: Mapping[str, int]  # labels under min_samples_per_class, with their counts
     weights: Mapping[str, float]  # n_samples / (n_classes * n_samples_i)
+    # Validation rows per label not trained on (excluded, or absent from training): they
+    # stay in validation and count as misses.
+    untrained_validation: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def imbalance_ratio(self) -> float:
@@ -154,6 +157,7 @@ class FailureReason(enum.Enum):
     INVALID_INPUT = "invalid_input"
     CANCELLED = "cancelled"
     INTERNAL = "internal"
+    SHUTDOWN = "shutdown"  # the trainer is stopping; not the job's fault
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,7 @@ class EvaluationEvent:
     references: Sequence[str]
     prompts: Sequence[str] = ()
     labels: Sequence[str] = ()
+    adapter_dir: str = ""  # where this epoch's adapter was saved ("" = not saved)
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,8 @@ class DatasetPreparedEvent:
     validation_rows: int
     excluded_classes: Sequence[str]
     labels: Sequence[str]
+    # Every label not trained on: (training rows, validation rows kept as misses).
+    excluded_rows: Mapping[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

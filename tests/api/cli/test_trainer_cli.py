@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -84,7 +85,7 @@ def test_train_then_evaluate_adapter(tmp_path: Path) -> None:
             "--base-model",
             packaged_minilm_path(),
             "--epochs",
-            "1",
+            "2",
             "--batch-size",
             "4",
             "--lr",
@@ -103,6 +104,18 @@ def test_train_then_evaluate_adapter(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "adapter saved to" in result.output
     assert (adapter / "adapter_model.safetensors").is_file()
+    # The best epoch by macro-F1 is kept, and the files say which one it was.
+    kept = re.search(r"kept epoch (\d) of 2 \(macro-F1 ([0-9.]+)", result.output)
+    assert kept is not None, result.output
+    f1_by_epoch = dict(
+        re.findall(
+            r"epoch (\d): eval loss [0-9.]+, accuracy [0-9.]+, macro-F1 ([0-9.]+)", result.output
+        )
+    )
+    assert kept.group(2) == max(f1_by_epoch.values())
+    config = json.loads((adapter / "training_config.json").read_text())
+    assert config["result"]["epoch"] == int(kept.group(1))
+    assert not (adapter / "epochs").exists()
 
     report = tmp_path / "report"
     result = runner.invoke(

@@ -201,7 +201,7 @@ async def test_a_study_page_shows_its_trials_and_best_adapter(start_console: Any
     assert rows == ["0", "1", "2"]
     assert "<tr class=best><td class='n'>1</td>" in text
     assert "<td class='n'>0.8854</td>" in text and "<th>focal γ</th>" in text
-    assert "trainer lost &lt;b&gt;mid-trial&lt;/b&gt; (attempt 2)" in text
+    assert "trainer lost &lt;b&gt;mid-trial&lt;/b&gt;; attempt 2" in text
     assert "http-equiv='refresh'" not in text  # completed: nothing changes any more
 
 

@@ -205,6 +205,80 @@ async def test_parallel_trainers_and_cancel(stack: Stack, sentiment: Path, tiny_
     assert cancelled.state == optimizer_pb2.STUDY_STATE_CANCELLED
 
 
+async def test_cancel_stops_the_running_job_on_its_trainer(
+    stack: Stack, sentiment: Path, tiny_qwen: Path
+) -> None:
+    from loratune.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+
+    stub = await stack.start(n_trainers=1)
+    request = study_request(sentiment, tiny_qwen, study_name="halt", n_trials=5)
+    request.search_space.num_epochs[:] = [50]  # far longer than the test waits
+    await stub.CreateStudy(request)
+    started = None
+    async for event in stub.WatchStudy(optimizer_pb2.WatchStudyRequest(study_id="halt")):
+        if event.HasField("trial_progress"):
+            break
+        if event.HasField("trial_started"):
+            started = event.trial_started.trial
+    assert started is not None
+    cancelled = (await stub.CancelStudy(optimizer_pb2.CancelStudyRequest(study_id="halt"))).study
+    assert cancelled.state == optimizer_pb2.STUDY_STATE_CANCELLED
+    async with grpc.aio.insecure_channel(stack.trainers[0].address) as channel:
+        trainer = trainer_pb2_grpc.TrainerServiceStub(channel)
+        last = None
+        async for event in trainer.WatchTraining(
+            trainer_pb2.WatchTrainingRequest(job_id="halt-t0-a1"), timeout=30
+        ):
+            last = event
+        assert last is not None and last.failed.reason == trainer_pb2.FAILURE_REASON_CANCELLED
+        status = await trainer.GetTrainerStatus(trainer_pb2.GetTrainerStatusRequest())
+        assert not status.busy
+
+
+async def test_classes_left_out_are_reported_and_scored_as_misses(
+    stack: Stack, tiny_qwen: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.cli.optimizer_commands import console, render_result
+
+    monkeypatch.setenv("MIN_SAMPLES_PER_CLASS", "5")
+    words = ["good", "great", "bad", "awful"]
+    rows = [
+        {"text": f"w{i % 7} {words[i % 4]} w{i % 5}", "label": "pos" if i % 4 < 2 else "neg"}
+        for i in range(24)
+    ] + [{"text": f"w{i} maybe w{i + 1}", "label": "rare"} for i in range(3)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    validation = tmp_path / "validation.jsonl"
+    held_out = [*rows[:8], {"text": "w9 maybe w2", "label": "rare"}]
+    held_out.append({"text": "w8 maybe w3", "label": "rare"})
+    validation.write_text("".join(json.dumps(r) + "\n" for r in held_out))
+    stub = await stack.start(n_trainers=1)
+    request = study_request(train, tiny_qwen, study_name="tail", n_trials=5)
+    request.dataset.validation_uri = str(validation)
+    request.search_space.num_epochs[:] = [1]
+    await stub.CreateStudy(request)
+    await finish(stub, "tail")
+    study = (await stub.GetStudy(optimizer_pb2.GetStudyRequest(study_id="tail"))).study
+    trials = (await stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_id="tail"))).trials
+    assert study.state == optimizer_pb2.STUDY_STATE_COMPLETED, study.failure_reason
+    assert [(c.label, c.train_rows, c.validation_rows) for c in study.excluded_classes] == [
+        ("rare", 3, 2)
+    ]
+    assert "count as misses" in study.excluded_note
+    for trial in trials:
+        evaluation = trial.evaluation
+        assert [c.label for c in evaluation.excluded_classes] == ["rare"]
+        rare = next(c for c in evaluation.classification.per_class if c.label == "rare")
+        assert rare.support == 2 and rare.recall == 0.0 and rare.f1 == 0.0
+        others = [c.f1 for c in evaluation.classification.per_class if c.label != "rare"]
+        assert evaluation.classification.f1_macro == pytest.approx(sum(others) / 3)
+    saved = json.loads((Path(study.best_model_dir) / "evaluation_results.json").read_text())
+    assert saved["excludedClasses"] == [{"label": "rare", "trainRows": 3, "validationRows": 2}]
+    with console.capture() as captured:
+        render_result(study, trials)
+    assert "left out of training" in captured.get() and "rare" in captured.get()
+
+
 def _bad(
     sentiment: Path, tiny_qwen: Path, tmp_path: Path
 ) -> list[tuple[Any, str, grpc.StatusCode]]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import unicodedata
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from loratune.common.v1 import common_pb2
 from loratune.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.common.config import CommonSettings
 from services.common.defaults import TrainingDefaults
+from services.common.logging import JsonFormatter, PlainFormatter
 from services.common.server import RunningServer, start_server
 from services.evaluator.core.bertscore import packaged_minilm_path
 from services.trainer.config import TrainerSettings
@@ -77,7 +80,8 @@ def dialogues(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def trainer(tmp_path: Path) -> AsyncIterator[tuple[Any, RunningServer]]:
-    settings = TrainerSettings(artifact_root=tmp_path / "runs", trainer_progress_every_steps=1)
+    # Every output folder of these tests lies inside the artifact root, as it must.
+    settings = TrainerSettings(artifact_root=tmp_path, trainer_progress_every_steps=1)
     manager = build_manager(settings)
     server = await start_server(
         [service_definition(manager, settings, TrainingDefaults())],
@@ -299,3 +303,84 @@ async def test_bad_input_names_the_field_and_trainer_keeps_serving(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.CancelTraining(trainer_pb2.CancelTrainingRequest(job_id="never-started"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def raw_controls(text: str) -> list[str]:
+    """Characters that forge log lines or drive a terminal (C0, DEL, C1, U+2028/9)."""
+    return [c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")]
+
+
+def formatted_logs(records: list[logging.LogRecord]) -> list[str]:
+    """Each record as the services write it, plain and JSON; a plain traceback left out."""
+    lines = []
+    for record in records:
+        plain = PlainFormatter().format(record)
+        lines.append(plain.splitlines()[0] if record.exc_info or record.stack_info else plain)
+        lines.append(JsonFormatter().format(record))
+    return lines
+
+
+async def test_names_and_paths_that_escape_the_artifact_root_are_refused(
+    trainer: Any, sentiment: Path, tiny_qwen: Path, tmp_path: Path
+) -> None:
+    stub, _ = trainer
+    good = dict(job_id="esc", base_model=tiny_qwen, dataset=sentiment, task=CLS, out=tmp_path / "e")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    os.symlink(outside, tmp_path / "link-out", target_is_directory=True)
+    cases = [
+        (job(**{**good, "out": Path("/etc/x")}), "output_dir"),
+        (job(**{**good, "out": "../../etc"}), "output_dir"),
+        (job(**{**good, "out": outside / "x"}), "output_dir"),
+        (job(**{**good, "out": tmp_path / "link-out" / "x"}), "output_dir"),
+        (job(**{**good, "out": tmp_path / "a\x00b"}), "output_dir"),
+        (job(**{**good, "job_id": "../x"}), "job_id"),
+        (job(**{**good, "job_id": "a/b"}), "job_id"),
+        (job(**{**good, "job_id": ".."}), "job_id"),
+        (job(**{**good, "job_id": "x" * 20_000}), "job_id"),
+        (job(**{**good, "base_model": "Qwen/Qwen3\n\x1b[31m"}), "base_model"),
+    ]
+    for request, field in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.StartTraining(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, caught.value)
+        assert caught.value.details().startswith(f"{field}: "), caught.value.details()
+        assert len(caught.value.details()) < 400 and not raw_controls(caught.value.details())
+    assert not outside.exists()
+    for call in (
+        stub.CancelTraining(trainer_pb2.CancelTrainingRequest(job_id="../x")),
+        events_of(stub, "../../etc/passwd"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details().startswith("job_id: ")
+    status = await stub.GetTrainerStatus(trainer_pb2.GetTrainerStatusRequest())
+    assert not status.busy
+
+
+async def test_a_relative_output_dir_lands_under_the_root_and_logs_stay_one_line(
+    trainer: Any,
+    sentiment: Path,
+    tiny_qwen: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    stub, _ = trainer
+    forged = "\n2026-01-01 INFO forged\x1b[31m"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.StartTraining(job("bad" + forged, tiny_qwen, sentiment, CLS, tmp_path / "b"))
+    assert caught.value.details().startswith("job_id: ")
+    assert "bad\\n2026-01-01 INFO forged\\x1b" in caught.value.details()
+    # A folder name may hold them: the path stays inside the root, and the log escapes it.
+    out = f"rel/out{forged}"
+    await stub.StartTraining(job("ctl", tiny_qwen, sentiment, CLS, Path(out), num_epochs=1))
+    events = await events_of(stub, "ctl")
+    assert kinds(events)[-1] == "completed", events[-1]
+    assert events[-1].completed.artifact_dir == str((tmp_path / out).resolve())
+    assert (tmp_path / out / "adapter_model.safetensors").is_file()
+    lines = formatted_logs(caplog.records)
+    assert any("saved adapter of job ctl" in line and "forged" in line for line in lines)
+    assert any("bad\\n2026-01-01 INFO forged" in line for line in lines)
+    for line in lines:
+        assert not raw_controls(line), line

@@ -256,7 +256,9 @@ def test_min_samples_excludes_classes_by_training_count(tmp_path: Path) -> None:
     assert dict(data.stats.excluded) == {"91": 9, "99": 3}
     assert data.labels == ("60", "62")
     assert {e.label for e in data.train} == {"60", "62"}
-    assert {e.label for e in data.validation} == {"60", "62"}
+    # Their validation rows stay, to be scored as misses: macro-F1 must not ignore them.
+    assert {e.label for e in data.validation} == {"60", "62", "91"}
+    assert dict(data.stats.untrained_validation) == {"91": 1}
     assert dict(data.stats.counts) == {"60": 54, "62": 18}
     assert dict(data.stats.weights) == pytest.approx({"60": 72 / (2 * 54), "62": 72 / (2 * 18)})
     assert data.stats.imbalance_ratio == pytest.approx(3.0)
@@ -289,7 +291,7 @@ def test_validation_fraction_outside_zero_one_is_rejected(tmp_path: Path, fracti
     assert caught.value.field == "dataset.validation_fraction"
 
 
-def test_validation_file_drops_labels_not_trained_on(tmp_path: Path) -> None:
+def test_validation_file_keeps_labels_not_trained_on_as_misses(tmp_path: Path) -> None:
     train = _labelled(tmp_path / "train.jsonl", {"a": 20, "b": 20, "rare": 2})
     validation = _jsonl(
         tmp_path / "val.jsonl",
@@ -304,9 +306,10 @@ def test_validation_file_drops_labels_not_trained_on(tmp_path: Path) -> None:
     spec = _spec(train, validation_uri=str(validation), validation_fraction=0.0)
     data = prepare(spec, min_samples_per_class=5)
     assert len(data.train) == 40
-    assert [e.label for e in data.validation] == ["a", "b"]
+    assert [e.label for e in data.validation] == ["a", "b", "rare", "unseen"]
     assert data.stats is not None
     assert dict(data.stats.excluded) == {"rare": 2}
+    assert dict(data.stats.untrained_validation) == {"rare": 1, "unseen": 1}
 
     missing = _spec(train, validation_uri=str(tmp_path / "missing.jsonl"))
     with pytest.raises(InvalidArgument) as caught:

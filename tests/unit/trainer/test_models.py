@@ -288,3 +288,58 @@ def test_check_base_model_refuses_bad_names_before_any_weights_load(
     with pytest.raises(InvalidArgument) as caught:
         check_base_model(make_spec(tiny_qwen_dir, Task.GENERATION, lora=LoraSpec(rank=0)))
     assert caught.value.field == "hyperparameters.lora.rank"
+
+
+def test_a_second_distilbert_job_gets_a_fresh_pre_classifier_not_the_last_jobs(
+    tmp_path: Path,
+) -> None:
+    # PEFT's SEQ_CLS wraps every module whose name ends with "classifier" or "score" as
+    # trained in full: on DistilBERT that is `pre_classifier` too, which no head rebuild
+    # touches. The cached base must hand the next job the loaded one, not the trained copy.
+    from transformers import AutoModelForSequenceClassification
+
+    from tests.unit.trainer.test_targets import BY_NAME, save_tiny_encoder
+
+    folder = save_tiny_encoder(tmp_path / "distilbert", BY_NAME["distilbert"])
+    # Saved as a classifier, so `pre_classifier` is in the checkpoint: every load gives the
+    # same weights (a missing one would be initialised anew at random on each load).
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2).save_pretrained(folder)
+
+    spec1 = make_spec(
+        folder,
+        Task.CLASSIFICATION,
+        lora=LoraSpec(rank=4, alpha=8.0, dropout=0.1),
+        training=TrainingSpec(learning_rate=5e-2, num_epochs=1, batch_size=4, seed=1),
+    )
+    spec2 = make_spec(
+        folder,
+        Task.CLASSIFICATION,
+        lora=LoraSpec(rank=2, alpha=4.0, dropout=0.0, target_modules=("attention",)),
+        training=TrainingSpec(seed=99),
+    )
+    labels = ["negative", "positive"]
+    cache = BaseModelCache("cpu")
+    job1 = cache.acquire(spec1, labels)
+    assert not job1.base_reused
+    start1 = {k: v.detach().clone() for k, v in job1.model.state_dict().items()}
+    trained_in_full = [k for k in start1 if "modules_to_save" in k and "pre_classifier" in k]
+    assert trained_in_full, "PEFT no longer trains DistilBERT's pre_classifier in full"
+    _train_a_few_steps((job1, spec1), Task.CLASSIFICATION)
+    trained1 = job1.model.state_dict()
+    assert any(not torch.equal(start1[k], trained1[k]) for k in trained_in_full)
+
+    job2 = cache.acquire(spec2, labels)
+    assert job2.base_reused
+    fresh = BaseModelCache("cpu").acquire(spec2, labels)
+    assert not fresh.base_reused
+
+    reused_params = dict(job2.model.named_parameters())
+    fresh_params = dict(fresh.model.named_parameters())
+    assert reused_params.keys() == fresh_params.keys()
+    assert any("pre_classifier" in k for k in reused_params)
+    differing = [k for k in fresh_params if not torch.equal(reused_params[k], fresh_params[k])]
+    assert differing == []
+    reused_state, fresh_state = job2.model.state_dict(), fresh.model.state_dict()
+    assert reused_state.keys() == fresh_state.keys()
+    assert [k for k in fresh_state if not torch.equal(reused_state[k], fresh_state[k])] == []

@@ -531,6 +531,8 @@ class EvaluationResult(_message.Message):
     OBJECTIVE_NAME_FIELD_NUMBER: _builtins.int
     NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
     SECONDS_FIELD_NUMBER: _builtins.int
+    EXCLUDED_CLASSES_FIELD_NUMBER: _builtins.int
+    EXCLUDED_NOTE_FIELD_NUMBER: _builtins.int
     task_type: Global___TaskType.ValueType
     """The task evaluated."""
     combined_score: _builtins.float
@@ -545,6 +547,8 @@ class EvaluationResult(_message.Message):
     """Number of (prediction, reference) pairs evaluated."""
     seconds: _builtins.float
     """Wall time of the evaluation in seconds."""
+    excluded_note: _builtins.str
+    """How the objective treats `excluded_classes`, in words (empty when there are none)."""
     @_builtins.property
     def bertscore(self) -> Global___BertScore:
         """Generation: BERTScore."""
@@ -556,6 +560,12 @@ class EvaluationResult(_message.Message):
     @_builtins.property
     def judge(self) -> Global___JudgeSummary:
         """Generation with the judge on: the judge's summary."""
+
+    @_builtins.property
+    def excluded_classes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExcludedClass]:
+        """Classification: classes the model was not trained on (fewer training rows than
+        min_samples_per_class, or none). Set by the optimizer (the evaluator cannot know).
+        """
 
     def __init__(
         self,
@@ -569,11 +579,43 @@ class EvaluationResult(_message.Message):
         objective_name: _builtins.str = ...,
         num_examples: _builtins.int = ...,
         seconds: _builtins.float = ...,
+        excluded_classes: _abc.Iterable[Global___ExcludedClass] | None = ...,
+        excluded_note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["bertscore", b"bertscore", "classification", b"classification", "judge", b"judge"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bertscore", b"bertscore", "classification", b"classification", "combined_score", b"combined_score", "judge", b"judge", "num_examples", b"num_examples", "objective", b"objective", "objective_name", b"objective_name", "seconds", b"seconds", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bertscore", b"bertscore", "classification", b"classification", "combined_score", b"combined_score", "excluded_classes", b"excluded_classes", "excluded_note", b"excluded_note", "judge", b"judge", "num_examples", b"num_examples", "objective", b"objective", "objective_name", b"objective_name", "seconds", b"seconds", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EvaluationResult: _TypeAlias = EvaluationResult  # noqa: Y015
+
+@_typing.final
+class ExcludedClass(_message.Message):
+    """A class left out of training, and what became of its rows."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_FIELD_NUMBER: _builtins.int
+    TRAIN_ROWS_FIELD_NUMBER: _builtins.int
+    VALIDATION_ROWS_FIELD_NUMBER: _builtins.int
+    label: _builtins.str
+    """The label."""
+    train_rows: _builtins.int
+    """Its training rows (under min_samples_per_class; 0 = it appears only in validation)."""
+    validation_rows: _builtins.int
+    """Its validation rows: they stay in the evaluation, where every one counts as a miss."""
+    def __init__(
+        self,
+        *,
+        label: _builtins.str = ...,
+        train_rows: _builtins.int = ...,
+        validation_rows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "train_rows", b"train_rows", "validation_rows", b"validation_rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExcludedClass: _TypeAlias = ExcludedClass  # noqa: Y015

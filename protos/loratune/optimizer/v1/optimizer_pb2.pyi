@@ -592,6 +592,8 @@ class Study(_message.Message):
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
     BEST_MODEL_DIR_FIELD_NUMBER: _builtins.int
     OBJECTIVE_NAME_FIELD_NUMBER: _builtins.int
+    EXCLUDED_CLASSES_FIELD_NUMBER: _builtins.int
+    EXCLUDED_NOTE_FIELD_NUMBER: _builtins.int
     study_id: _builtins.str
     """Its id (the Optuna study name)."""
     project_id: _builtins.int
@@ -614,6 +616,8 @@ class Study(_message.Message):
     """The published best adapter's folder."""
     objective_name: _builtins.str
     """The objective's name ("f1_macro" or "combined")."""
+    excluded_note: _builtins.str
+    """How the objective treats `excluded_classes`, in words (empty when there are none)."""
     @_builtins.property
     def fine_tuning_params(self) -> Global___FineTuningParams:
         """The seed's parameters, with defaults filled in."""
@@ -638,6 +642,12 @@ class Study(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """When it finished."""
 
+    @_builtins.property
+    def excluded_classes(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ExcludedClass]:
+        """Classification: classes not trained on (under min_samples_per_class), with their
+        row counts, as the first trial's data preparation found them.
+        """
+
     def __init__(
         self,
         *,
@@ -658,10 +668,12 @@ class Study(_message.Message):
         failure_reason: _builtins.str = ...,
         best_model_dir: _builtins.str = ...,
         objective_name: _builtins.str = ...,
+        excluded_classes: _abc.Iterable[_common_pb2.ExcludedClass] | None = ...,
+        excluded_note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["best_trial", b"best_trial", "create_time", b"create_time", "dataset", b"dataset", "end_time", b"end_time", "fine_tuning_params", b"fine_tuning_params", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_model_dir", b"best_model_dir", "best_trial", b"best_trial", "create_time", b"create_time", "dataset", b"dataset", "end_time", b"end_time", "failure_reason", b"failure_reason", "fine_tuning_params", b"fine_tuning_params", "objective_name", b"objective_name", "project_id", b"project_id", "start_time", b"start_time", "state", b"state", "study_id", b"study_id", "trials_complete", b"trials_complete", "trials_failed", b"trials_failed", "trials_pruned", b"trials_pruned", "trials_running", b"trials_running", "trials_waiting", b"trials_waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_model_dir", b"best_model_dir", "best_trial", b"best_trial", "create_time", b"create_time", "dataset", b"dataset", "end_time", b"end_time", "excluded_classes", b"excluded_classes", "excluded_note", b"excluded_note", "failure_reason", b"failure_reason", "fine_tuning_params", b"fine_tuning_params", "objective_name", b"objective_name", "project_id", b"project_id", "start_time", b"start_time", "state", b"state", "study_id", b"study_id", "trials_complete", b"trials_complete", "trials_failed", b"trials_failed", "trials_pruned", b"trials_pruned", "trials_running", b"trials_running", "trials_waiting", b"trials_waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -684,12 +696,15 @@ class Trial(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     OBJECTIVE_FIELD_NUMBER: _builtins.int
+    BEST_EPOCH_FIELD_NUMBER: _builtins.int
+    EPOCH_OBJECTIVES_FIELD_NUMBER: _builtins.int
+    INTERRUPTIONS_FIELD_NUMBER: _builtins.int
     number: _builtins.int
     """Optuna's trial number."""
     state: Global___TrialState.ValueType
     """Where it is."""
     artifact_dir: _builtins.str
-    """Its artifact folder."""
+    """Its artifact folder, holding the best epoch's adapter once it completes."""
     trainer: _builtins.str
     """Address of the trainer that ran it."""
     attempt: _builtins.int
@@ -697,14 +712,16 @@ class Trial(_message.Message):
     failure_reason: _builtins.str
     """Why it failed."""
     objective: _builtins.float
-    """Objective value, when complete."""
+    """Objective value, when complete: the best epoch's."""
+    best_epoch: _builtins.int
+    """The epoch (1-based) whose objective and adapter the trial kept; 0 until it completes."""
     @_builtins.property
     def hyperparameters(self) -> _common_pb2.Hyperparameters:
         """What it tried."""
 
     @_builtins.property
     def evaluation(self) -> _common_pb2.EvaluationResult:
-        """Its last evaluation."""
+        """Its best epoch's evaluation (the last one while it runs)."""
 
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
@@ -713,6 +730,16 @@ class Trial(_message.Message):
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """When it finished."""
+
+    @_builtins.property
+    def epoch_objectives(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Every evaluated epoch's objective, in order (the trial's curve)."""
+
+    @_builtins.property
+    def interruptions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why earlier attempts of this trial stopped through no fault of its own (its trainer
+        shut down or vanished, the optimizer restarted); each time it ran again, uncounted.
+        """
 
     def __init__(
         self,
@@ -728,10 +755,13 @@ class Trial(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         objective: _builtins.float | None = ...,
+        best_epoch: _builtins.int = ...,
+        epoch_objectives: _abc.Iterable[_builtins.float] | None = ...,
+        interruptions: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_objective", b"_objective", "end_time", b"end_time", "evaluation", b"evaluation", "hyperparameters", b"hyperparameters", "objective", b"objective", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_objective", b"_objective", "artifact_dir", b"artifact_dir", "attempt", b"attempt", "end_time", b"end_time", "evaluation", b"evaluation", "failure_reason", b"failure_reason", "hyperparameters", b"hyperparameters", "number", b"number", "objective", b"objective", "start_time", b"start_time", "state", b"state", "trainer", b"trainer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_objective", b"_objective", "artifact_dir", b"artifact_dir", "attempt", b"attempt", "best_epoch", b"best_epoch", "end_time", b"end_time", "epoch_objectives", b"epoch_objectives", "evaluation", b"evaluation", "failure_reason", b"failure_reason", "hyperparameters", b"hyperparameters", "interruptions", b"interruptions", "number", b"number", "objective", b"objective", "start_time", b"start_time", "state", b"state", "trainer", b"trainer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__objective: _TypeAlias = _typing.Literal["objective"]  # noqa: Y015
     _WhichOneofArgType__objective: _TypeAlias = _typing.Literal["_objective", b"_objective"]  # noqa: Y015

@@ -75,6 +75,10 @@ class _FailureReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Failure
     """A client cancelled the job."""
     FAILURE_REASON_INTERNAL: _FailureReason.ValueType  # 5
     """Anything else; see the message."""
+    FAILURE_REASON_SHUTDOWN: _FailureReason.ValueType  # 6
+    """The trainer itself is stopping (SIGTERM: a drain, a rolling update, a preemption) and
+    ended the job between steps. Not the job's fault: the caller runs it again elsewhere.
+    """
 
 class FailureReason(_FailureReason, metaclass=_FailureReasonEnumTypeWrapper):
     """Why a job failed."""
@@ -91,6 +95,10 @@ FAILURE_REASON_CANCELLED: FailureReason.ValueType  # 4
 """A client cancelled the job."""
 FAILURE_REASON_INTERNAL: FailureReason.ValueType  # 5
 """Anything else; see the message."""
+FAILURE_REASON_SHUTDOWN: FailureReason.ValueType  # 6
+"""The trainer itself is stopping (SIGTERM: a drain, a rolling update, a preemption) and
+ended the job between steps. Not the job's fault: the caller runs it again elsewhere.
+"""
 Global___FailureReason: _TypeAlias = FailureReason  # noqa: Y015
 
 @_typing.final
@@ -284,12 +292,19 @@ class EvaluationPoint(_message.Message):
     REFERENCES_FIELD_NUMBER: _builtins.int
     PROMPTS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    ADAPTER_DIR_FIELD_NUMBER: _builtins.int
     epoch: _builtins.float
     """Epoch just finished."""
     step: _builtins.int
     """Optimizer step."""
     eval_loss: _builtins.float
     """Validation loss."""
+    adapter_dir: _builtins.str
+    """Where this epoch's adapter is saved (a complete adapter folder: adapter, configs,
+    class weights), so the caller can keep the best epoch rather than the last. The last
+    epoch's is the job's output_dir (written before `completed`); earlier epochs' are
+    `<output_dir>/epochs/epoch-<n>/`. Empty when nothing was saved.
+    """
     @_builtins.property
     def predictions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Predicted labels or generated texts."""
@@ -316,10 +331,11 @@ class EvaluationPoint(_message.Message):
         references: _abc.Iterable[_builtins.str] | None = ...,
         prompts: _abc.Iterable[_builtins.str] | None = ...,
         labels: _abc.Iterable[_builtins.str] | None = ...,
+        adapter_dir: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "eval_loss", b"eval_loss", "labels", b"labels", "predictions", b"predictions", "prompts", b"prompts", "references", b"references", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_dir", b"adapter_dir", "epoch", b"epoch", "eval_loss", b"eval_loss", "labels", b"labels", "predictions", b"predictions", "prompts", b"prompts", "references", b"references", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -335,6 +351,7 @@ class DatasetPrepared(_message.Message):
     VALIDATION_ROWS_FIELD_NUMBER: _builtins.int
     EXCLUDED_CLASSES_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    EXCLUDED_FIELD_NUMBER: _builtins.int
     train_rows: _builtins.int
     """Training rows used."""
     validation_rows: _builtins.int
@@ -347,6 +364,14 @@ class DatasetPrepared(_message.Message):
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Classes trained on."""
 
+    @_builtins.property
+    def excluded(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ExcludedClass]:
+        """Every class not trained on (left out for min_samples_per_class, or with no training
+        row at all) with its row counts. Its validation rows stay in the validation split
+        (included in `validation_rows`): the model cannot predict such a class, so each of
+        its rows counts as a miss and macro-F1 is not flattered by leaving rare codes out.
+        """
+
     def __init__(
         self,
         *,
@@ -354,10 +379,11 @@ class DatasetPrepared(_message.Message):
         validation_rows: _builtins.int = ...,
         excluded_classes: _abc.Iterable[_builtins.str] | None = ...,
         labels: _abc.Iterable[_builtins.str] | None = ...,
+        excluded: _abc.Iterable[_common_pb2.ExcludedClass] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["excluded_classes", b"excluded_classes", "labels", b"labels", "train_rows", b"train_rows", "validation_rows", b"validation_rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["excluded", b"excluded", "excluded_classes", b"excluded_classes", "labels", b"labels", "train_rows", b"train_rows", "validation_rows", b"validation_rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -556,6 +582,7 @@ class GetTrainerStatusResponse(_message.Message):
     MEMORY_RESERVED_BYTES_FIELD_NUMBER: _builtins.int
     MEMORY_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     DEVICE_NAME_FIELD_NUMBER: _builtins.int
+    SHUTTING_DOWN_FIELD_NUMBER: _builtins.int
     device: _builtins.str
     """"cuda:0", "cpu", ..."""
     busy: _builtins.bool
@@ -572,6 +599,8 @@ class GetTrainerStatusResponse(_message.Message):
     """Accelerator memory in all."""
     device_name: _builtins.str
     """Name of the accelerator."""
+    shutting_down: _builtins.bool
+    """The trainer is stopping (SIGTERM): it takes no new job; send work elsewhere."""
     def __init__(
         self,
         *,
@@ -583,10 +612,11 @@ class GetTrainerStatusResponse(_message.Message):
         memory_reserved_bytes: _builtins.int = ...,
         memory_total_bytes: _builtins.int = ...,
         device_name: _builtins.str = ...,
+        shutting_down: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "current_job_id", b"current_job_id", "device", b"device", "device_name", b"device_name", "loaded_base_model", b"loaded_base_model", "memory_allocated_bytes", b"memory_allocated_bytes", "memory_reserved_bytes", b"memory_reserved_bytes", "memory_total_bytes", b"memory_total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "current_job_id", b"current_job_id", "device", b"device", "device_name", b"device_name", "loaded_base_model", b"loaded_base_model", "memory_allocated_bytes", b"memory_allocated_bytes", "memory_reserved_bytes", b"memory_reserved_bytes", "memory_total_bytes", b"memory_total_bytes", "shutting_down", b"shutting_down"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
