@@ -24,10 +24,13 @@ class OptimizerSettings(BaseSettings):
     k8s_namespace: str = ""
     k8s_label_selector: str = "app.kubernetes.io/component=trainer"
     k8s_trainer_port: int = Field(default=50052, ge=1, le=65535)
-    # Failed trials (trainer lost, NaN, internal) before a study ends FAILED.
+    # Failed trials (NaN, out of memory, internal errors) before a study ends FAILED.
     max_trial_failures: int = Field(default=10, ge=1)
-    # Attempts of one configuration whose trainer died.
+    # Runs of one configuration whose job failed with an internal error.
     max_trial_attempts: int = Field(default=3, ge=1)
+    # Re-runs of one trial interrupted through no fault of its own (its trainer stopped or
+    # vanished, the optimizer restarted) before it counts as failed.
+    max_trial_interruptions: int = Field(default=10, ge=1)
     # How long an evaluation is retried while the evaluator is unavailable.
     evaluation_retry_seconds: float = Field(default=300.0, gt=0)
     # How often idle trainers are looked for while a study waits for one.

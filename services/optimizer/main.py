@@ -67,6 +67,7 @@ def build_optimizer(
             artifact_root=settings.artifact_root,
             max_trial_failures=settings.max_trial_failures,
             max_trial_attempts=settings.max_trial_attempts,
+            max_trial_interruptions=settings.max_trial_interruptions,
             evaluation_retry_seconds=settings.evaluation_retry_seconds,
             poll_seconds=settings.poll_seconds,
         ),
