@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 import tempfile
 import time
@@ -48,11 +49,13 @@ from services.trainer.core import loop, models
 from services.trainer.core.artifacts import load_adapter_for_inference, predict_labels
 from services.trainer.core.runner import LocalRunner
 from services.trainer.core.types import (
+    DEFAULT_LOOP_OPTIONS,
     BalancingSpec,
     DatasetSpec,
     EvaluationEvent,
     Event,
     JobSpec,
+    LoopOptions,
     LoraSpec,
     RunContext,
     Task,
@@ -206,6 +209,22 @@ def job_spec(
     )
 
 
+def loop_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LoopOptions:
+    """The trainer's loop options with this run's ablation flags applied."""
+    changes: dict[str, Any] = {"linear_probe": not args.no_probe}
+    for option, value in (
+        ("head_lr_multiplier", args.head_lr_multiplier),
+        ("head_min_learning_rate", args.head_min_lr),
+        ("head_only_fraction", args.head_only_fraction),
+    ):
+        if value is not None:
+            changes[option] = value
+    try:
+        return dataclasses.replace(DEFAULT_LOOP_OPTIONS, **changes)
+    except ValueError as err:
+        parser.error(str(err))
+
+
 def run_lora(
     runner: LocalRunner,
     spec: JobSpec,
@@ -297,20 +316,22 @@ def main() -> None:
         "--head-lr-multiplier",
         type=float,
         default=None,
-        help=f"ablation: the head's lr over the adapter's (trainer: {loop.HEAD_LR_MULTIPLIER:g})",
+        help="ablation: the head's lr over the adapter's (trainer: "
+        f"{DEFAULT_LOOP_OPTIONS.head_lr_multiplier:g})",
     )
     parser.add_argument(
         "--head-min-lr",
         type=float,
         default=None,
-        help=f"ablation: the head's lowest lr (trainer: {loop.HEAD_MIN_LEARNING_RATE:g})",
+        help="ablation: the head's lowest lr (trainer: "
+        f"{DEFAULT_LOOP_OPTIONS.head_min_learning_rate:g})",
     )
     parser.add_argument(
         "--head-only-fraction",
         type=float,
         default=None,
         help=f"ablation: share of steps training the head alone (trainer: "
-        f"{loop.HEAD_ONLY_FRACTION:g})",
+        f"{DEFAULT_LOOP_OPTIONS.head_only_fraction:g})",
     )
     parser.add_argument(
         "--no-probe",
@@ -336,10 +357,6 @@ def main() -> None:
         forced = args.pooling
         # Training and reloading both ask models.default_pooling (through load_base_model).
         models.default_pooling = lambda name, model: forced  # type: ignore[assignment]
-    if args.head_lr_multiplier is not None:
-        loop.HEAD_LR_MULTIPLIER = args.head_lr_multiplier  # read by loop.head_learning_rate
-    if args.head_min_lr is not None:
-        loop.HEAD_MIN_LEARNING_RATE = args.head_min_lr
     if args.base_dropout is not None:
         p = args.base_dropout
         load = models.load_base_model
@@ -352,10 +369,7 @@ def main() -> None:
             return model, tokenizer
 
         models.load_base_model = load_with_dropout  # type: ignore[assignment]
-    if args.no_probe:
-        loop.LINEAR_PROBE = False
-    if args.head_only_fraction is not None:
-        loop.HEAD_ONLY_FRACTION = args.head_only_fraction
+    options = loop_options(args, parser)
     model_path = args.model or packaged_minilm_path()
     train = read_rows(args.train)
     test = read_rows(args.test)
@@ -372,16 +386,16 @@ def main() -> None:
         f"{args.threads} threads; pooling {args.pooling}; "
         + (
             f"linear probe, then head lr {args.lr:g}"
-            if loop.LINEAR_PROBE
-            else f"no probe, head lr {loop.head_learning_rate(args.lr):g}"
+            if options.linear_probe
+            else f"no probe, head lr {loop.head_learning_rate(args.lr, options):g}"
         )
-        + f"; head alone for {loop.HEAD_ONLY_FRACTION:g} of the steps"
+        + f"; head alone for {options.head_only_fraction:g} of the steps"
     )
     scores: list[Score] = []
     if not args.no_baseline:
         scores.append(run_baseline(model_path, train, test, args.max_seq_length, counts))
         print(f"done: {scores[-1]}", flush=True)
-    runner = LocalRunner(device="cpu")
+    runner = LocalRunner(device="cpu", options=options)
     with tempfile.TemporaryDirectory(prefix="banking77-bench-") as out:
         validation = Path(out) / "validation.csv"
         validation_texts = write_validation(test, args.val_per_class, validation)

@@ -10,7 +10,9 @@ and the data tokenised on both sides:
   (the function `LocalRunner` calls; no gRPC, no job manager, no TensorBoard writer),
   classification with plain cross-entropy (focal gamma 0, no class weights); for an
   encoder classifier its time includes the linear probe that fits the fresh head before
-  the first step (one forward pass over the rows without gradients, then L-BFGS);
+  the first step (one forward pass over the rows without gradients, then L-BFGS;
+  `--no-probe`: the steps alone, as a trainer with `LORATUNE_TRAINER_LINEAR_PROBE=false`
+  runs them);
 - theirs: `Trainer(...).train()` on `AutoModel*.from_pretrained` + `get_peft_model`,
   `DataCollatorWithPadding` (classification) or `DataCollatorForSeq2Seq` (causal LM:
   it pads `labels` with -100), `report_to=[]`, no saving, no evaluation.
@@ -39,7 +41,7 @@ Cases:
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/trainer_throughput.py [--rows 512] [--epochs 1]
         [--repeats 3] [--no-qwen] [--device cuda] [--qlora] [--qwen06b]
-        [--hf-group-by-length]
+        [--hf-group-by-length] [--no-probe]
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ from services.trainer.core.types import (
     EncodedData,
     EncodedExample,
     JobSpec,
+    LoopOptions,
     LoraSpec,
     PreparedData,
     RunContext,
@@ -251,6 +254,7 @@ class Ours:
 
     def __init__(self, case: Case, args: argparse.Namespace, device: torch.device, tmp: Path):
         self.case, self.args = case, args
+        self.options = LoopOptions(linear_probe=args.probe)
         self.data_file = write_rows(case.rows, tmp / f"{case.task.value}.jsonl")
         spec = job_spec(case, args, self.data_file, args.seed)
         self.data: PreparedData = prepare(spec.dataset, 0)
@@ -277,7 +281,7 @@ class Ours:
         ctx = RunContext(emit=lambda event: None, should_stop=lambda: False)
         synchronize(prepared.device)
         started = time.perf_counter()
-        result = loop.train(prepared, self.data, encoded, spec, ctx)
+        result = loop.train(prepared, self.data, encoded, spec, ctx, options=self.options)
         synchronize(prepared.device)
         seconds = time.perf_counter() - started
         if not torch.isfinite(torch.tensor(result.final_loss)):
@@ -566,6 +570,12 @@ def main() -> None:
         "--qlora-batch-size", type=int, default=8, help="batch size of the QLoRA case"
     )
     parser.add_argument(
+        "--probe",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ours fits a fresh encoder head by the linear probe first (the trainer's default)",
+    )
+    parser.add_argument(
         "--hf-group-by-length",
         action="store_true",
         help="give the Trainer length-grouped batches too (ours always groups)",
@@ -592,6 +602,8 @@ def main() -> None:
     print(environment(device))
     if not args.hf_group_by_length:
         print("(ours groups batches by length; the Trainer samples at random, its default)")
+    if not args.probe:
+        print("(--no-probe: ours trains a fresh encoder head without the linear probe)")
 
     rows = read_rows(args.rows)
     gen_rows = generation_rows(read_rows(args.gen_rows))

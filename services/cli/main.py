@@ -6,11 +6,10 @@ import asyncio
 import enum
 import json
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-import grpc
 import typer
 from google.protobuf import json_format
 from rich.console import Console
@@ -20,9 +19,9 @@ from loratune.common.v1 import common_pb2
 from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from loratune.judge.v1 import judge_pb2, judge_pb2_grpc
 from services.cli import optimizer_commands, trainer_commands
+from services.cli.errors import EXIT_FAILED, run_rpc, usage_error
 from services.cli.inputs import read_items
 from services.cli.render import render_evaluation
-from services.common.errors import LoratuneError
 
 app = typer.Typer(
     name="loratune",
@@ -93,18 +92,14 @@ def console_command(
     ] = None,
 ) -> None:
     """Serve the web console: studies and trials, read from the optimizer."""
-    import asyncio
-
     from services.common.config import CommonSettings
     from services.common.logging import configure_logging
     from services.console.main import serve_console
 
     if not optimizer:
-        typer.echo(
-            "error: no optimizer address: pass --optimizer or set LORATUNE_OPTIMIZER_ADDRESS",
-            err=True,
+        raise usage_error(
+            "no optimizer address: pass --optimizer or set LORATUNE_OPTIMIZER_ADDRESS"
         )
-        raise typer.Exit(2)
     settings = CommonSettings()
     configure_logging(settings.log_format, settings.log_level)
     asyncio.run(serve_console(optimizer, host=host, port=port))
@@ -150,21 +145,10 @@ async def _call_gateway(
         await server.stop(0)
 
 
-def _run_rpc(coro: Coroutine[Any, Any, Any]) -> Any:
-    try:
-        return asyncio.run(coro)
-    except LoratuneError as err:
-        errors.print(f"[red]error ({err.code}):[/red] {err}")
-        raise typer.Exit(2) from None
-    except grpc.aio.AioRpcError as err:
-        errors.print(f"[red]error ({err.code().name}):[/red] {err.details()}")
-        raise typer.Exit(1) from None
-
-
 @app.command("judge-models")
 def judge_models(gateway: GatewayOption = None) -> None:
     """List the judge models of the registry and whether each has credentials."""
-    reply = _run_rpc(
+    reply = run_rpc(
         _call_gateway(
             gateway, lambda stub: stub.ListJudgeModels(judge_pb2.ListJudgeModelsRequest())
         )
@@ -192,14 +176,14 @@ def judge_one(
         judge_model_id=model,
         items=[judge_pb2.JudgeItem(prompt=prompt, candidate=candidate, reference=reference)],
     )
-    reply = _run_rpc(
+    reply = run_rpc(
         _call_gateway(gateway, lambda stub: stub.ScoreResponses(request, timeout=timeout))
     )
     score = reply.scores[0]
     if not score.HasField("score"):
         outcome = judge_pb2.JudgeOutcome.Name(score.outcome)
         errors.print(f"[red]not judged ({outcome}):[/red] {score.error_message}")
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILED)
     console.print(f"score: [bold]{score.score:.0f}[/bold]/100  ({reply.provider_model})")
     console.print(f"reasoning: {score.reasoning}")
 
@@ -210,8 +194,7 @@ def _read(path: Path | None, what: str) -> list[str]:
     try:
         return read_items(path)
     except (OSError, ValueError) as err:
-        errors.print(f"[red]error:[/red] cannot read {what}: {err}")
-        raise typer.Exit(2) from None
+        raise usage_error(f"cannot read {what}: {err}") from None
 
 
 async def _evaluate_remote(
@@ -283,17 +266,9 @@ def evaluate(
         request.judge.enabled = True
         request.judge.judge_model_id = judge
         request.judge.sample_size = judge_sample_size
-    try:
-        if evaluator:
-            result = asyncio.run(_evaluate_remote(evaluator, request, timeout))
-        else:
-            result = asyncio.run(_evaluate_local(request))
-    except LoratuneError as err:
-        errors.print(f"[red]error ({err.code}):[/red] {err}")
-        raise typer.Exit(2) from None
-    except grpc.aio.AioRpcError as err:
-        errors.print(f"[red]error ({err.code().name}):[/red] {err.details()}")
-        raise typer.Exit(1) from None
+    result = run_rpc(
+        _evaluate_remote(evaluator, request, timeout) if evaluator else _evaluate_local(request)
+    )
     render_evaluation(console, result)
     output.write_text(
         json.dumps(json_format.MessageToDict(result), indent=2, ensure_ascii=False) + "\n",

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
-import grpc
 import typer
 from rich import box
 from rich.console import Console
@@ -21,35 +17,20 @@ from rich.table import Table
 
 from loratune.common.v1 import common_pb2
 from loratune.optimizer.v1 import optimizer_pb2, optimizer_pb2_grpc
+from services.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, run_rpc, usage_error
+from services.cli.labels import modules_label, study_state, trial_note, trial_state
+from services.cli.stack import StackOptions, embedded_stack, serve_stack
 from services.common.client import ClientSettings, create_channel
 from services.common.config import CommonSettings
-from services.common.errors import LoratuneError
 from services.common.logging import configure_logging
-from services.common.server import RunningServer, ServiceDefinition
-
-logger = logging.getLogger(__name__)
 
 console = Console()
 errors = Console(stderr=True)
-
-T = TypeVar("T")
 
 TASKS = {
     "classification": common_pb2.TASK_TYPE_CLASSIFICATION,
     "generation": common_pb2.TASK_TYPE_GENERATION,
 }
-# Status codes that mean the request itself was wrong: retrying it unchanged cannot help.
-CALLER_ERRORS = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.ALREADY_EXISTS,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.OUT_OF_RANGE,
-    }
-)
-CALLER_ERROR_NAMES = frozenset(code.name for code in CALLER_ERRORS)
-WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 NO_ADDRESS = (
     "no optimizer address: pass --optimizer HOST:PORT or set LORATUNE_OPTIMIZER_ADDRESS "
     "(`loratune up` starts one)"
@@ -66,205 +47,12 @@ OptimizerOption = Annotated[
 StudyArgument = Annotated[str, typer.Argument(help="The study id.")]
 
 
-# ---- the four services in one process --------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StackOptions:
-    """Where the embedded services listen and keep their state.
-
-    Ports 0 bind free ports. ``metrics_port_base`` None serves no metrics; otherwise the
-    optimizer, trainer, evaluator and judge gateway serve them on base, base+1, base+2
-    and base+3 (0 = each a free port). ``trainers`` > 1 starts more trainers on free ports.
-    """
-
-    host: str = "127.0.0.1"
-    optimizer_port: int = 0
-    trainer_port: int = 0
-    evaluator_port: int = 0
-    judge_port: int = 0
-    metrics_port_base: int | None = None
-    artifact_root: Path = Path("./runs")
-    trainers: int = 1
-
-
-class LocalStack:
-    """Judge gateway, evaluator, trainer(s) and optimizer, each its own gRPC server here.
-
-    The optimizer reaches the others over gRPC exactly as in a cluster; only the
-    addresses are loopback ones.
-    """
-
-    def __init__(
-        self, options: StackOptions, common: CommonSettings, client: ClientSettings
-    ) -> None:
-        self.options = options
-        self._common = common
-        self._client = client
-        self.servers: dict[str, RunningServer] = {}
-        self.trainers: list[RunningServer] = []
-        self.storage_url = ""
-
-    def _metrics_port(self, offset: int) -> int | None:
-        base = self.options.metrics_port_base
-        if base is None:
-            return None
-        return 0 if base == 0 else base + offset
-
-    def _dial(self, server: RunningServer) -> str:
-        """The address to call a server on: a wildcard bind is reached over loopback."""
-        host = "127.0.0.1" if server.host in WILDCARD_HOSTS else server.host
-        return f"[{host}]:{server.port}" if ":" in host else f"{host}:{server.port}"
-
-    @property
-    def optimizer_address(self) -> str:
-        """Where clients reach the optimizer."""
-        return self._dial(self.servers["optimizer"])
-
-    async def start(self) -> None:
-        """Starts the four services; on a failure stops the ones already started."""
-        try:
-            await self._start()
-        except BaseException:
-            await self.stop(0)
-            raise
-
-    async def _start(self) -> None:
-        from services.common.defaults import TrainingDefaults
-        from services.common.server import start_server
-        from services.evaluator.config import EvaluatorSettings
-        from services.evaluator.main import build_evaluator
-        from services.evaluator.main import service_definition as evaluator_definition
-        from services.judge_gateway.config import JudgeSettings
-        from services.judge_gateway.main import build_gateway
-        from services.judge_gateway.main import service_definition as judge_definition
-        from services.optimizer.config import OptimizerSettings
-        from services.optimizer.main import build_optimizer
-        from services.optimizer.main import service_definition as optimizer_definition
-        from services.trainer.config import TrainerSettings
-        from services.trainer.main import build_manager
-        from services.trainer.main import service_definition as trainer_definition
-
-        o = self.options
-        root = o.artifact_root.resolve()
-        defaults = TrainingDefaults()
-
-        async def serve(
-            name: str, definition: ServiceDefinition, port: int, offset: int
-        ) -> RunningServer:
-            server = await start_server(
-                [definition],
-                self._common,
-                host=o.host,
-                port=port,
-                metrics_port=self._metrics_port(offset),
-            )
-            self.servers[name] = server
-            return server
-
-        judge = await serve(
-            "judge gateway", judge_definition(build_gateway(JudgeSettings())), o.judge_port, 3
-        )
-        trainer_settings = TrainerSettings(artifact_root=root)
-        for i in range(max(o.trainers, 1)):
-            definition = trainer_definition(
-                build_manager(trainer_settings), trainer_settings, defaults
-            )
-            if i == 0:
-                self.trainers.append(await serve("trainer", definition, o.trainer_port, 1))
-                continue
-            # More trainers take free ports and no metrics port: the process has one
-            # registry, which every metrics port already serves.
-            server = await start_server(
-                [definition], self._common, host=o.host, port=0, metrics_port=None
-            )
-            self.servers[f"trainer {i + 1}"] = server
-            self.trainers.append(server)
-        evaluator_settings = EvaluatorSettings(judge_address=self._dial(judge))
-        await serve(
-            "evaluator",
-            evaluator_definition(build_evaluator(evaluator_settings, self._client)),
-            o.evaluator_port,
-            2,
-        )
-        settings = OptimizerSettings(
-            trainers=",".join(self._dial(t) for t in self.trainers),
-            evaluator_address=self._dial(self.servers["evaluator"]),
-            judge_address=self._dial(judge),
-            artifact_root=root,
-        )
-        self.storage_url = settings.storage()
-        optimizer, channels = build_optimizer(settings, defaults, self._client)
-        await serve("optimizer", optimizer_definition(optimizer, channels), o.optimizer_port, 0)
-
-    def table(self) -> Table:
-        """The services' addresses, optimizer first."""
-        table = Table(title="loratune services")
-        for column in ("service", "gRPC address", "metrics"):
-            table.add_column(column)
-        order = ["optimizer", *(n for n in self.servers if n.startswith("trainer"))]
-        order += ["evaluator", "judge gateway"]
-        for name in order:
-            server = self.servers.get(name)
-            if server is None:
-                continue
-            metrics = (
-                f"http://{self._dial(server).rsplit(':', 1)[0]}:{server.metrics_port}/metrics"
-                if server.metrics_port is not None
-                else "-"
-            )
-            table.add_row(name, self._dial(server), metrics)
-        return table
-
-    async def stop(self, grace: float | None = None) -> None:
-        """Stops the optimizer first (its studies stay resumable), then the others."""
-        optimizer = self.servers.pop("optimizer", None)
-        if optimizer is not None:
-            await optimizer.stop(grace)
-        others = list(self.servers.values())
-        self.servers.clear()
-        await asyncio.gather(*(s.stop(grace) for s in others), return_exceptions=True)
-
-
-def _stack_settings(*, embedded: bool) -> tuple[CommonSettings, ClientSettings]:
-    """Server and client settings: from the environment for `up`; plain loopback for `tune`.
-
-    A stack `tune` starts for itself is private to this process, so it serves no token,
-    TLS or reflection even where the environment configures them for other servers.
-    """
-    if embedded:
-        common = CommonSettings(
-            reflection=False, auth_token=None, tls_cert=None, tls_key=None, tls_client_ca=None
-        )
-        return common, ClientSettings()
-    return CommonSettings(), ClientSettings.from_env()
-
-
-# ---- errors and small helpers ----------------------------------------------------------
-
-
-def _fail(err: BaseException) -> typer.Exit:
-    """Prints an error with its status code; 2 when the request was wrong, else 1."""
-    if isinstance(err, LoratuneError):
-        errors.print(f"[red]error ({err.code}):[/red] {err}")
-        return typer.Exit(2 if err.code in CALLER_ERROR_NAMES else 1)
-    if isinstance(err, grpc.aio.AioRpcError):
-        errors.print(f"[red]error ({err.code().name}):[/red] {err.details()}")
-        return typer.Exit(2 if err.code() in CALLER_ERRORS else 1)
-    raise err
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    try:
-        return asyncio.run(coro)
-    except (LoratuneError, grpc.aio.AioRpcError) as err:
-        raise _fail(err) from None
+# ---- small helpers -----------------------------------------------------------------------
 
 
 def _require(address: str | None) -> str:
     if not address:
-        errors.print(f"[red]error:[/red] {NO_ADDRESS}")
-        raise typer.Exit(2)
+        raise usage_error(NO_ADDRESS)
     return address
 
 
@@ -274,10 +62,7 @@ def _ints(value: str, option: str) -> list[int]:
     except ValueError:
         numbers = []
     if not numbers or min(numbers) < 0:
-        errors.print(
-            f"[red]error:[/red] {option}: expected comma-separated whole numbers, not {value!r}"
-        )
-        raise typer.Exit(2)
+        raise usage_error(f"{option}: expected comma-separated whole numbers, not {value!r}")
     return numbers
 
 
@@ -285,20 +70,8 @@ def _float_range(value: str, option: str) -> optimizer_pb2.FloatRange:
     try:
         low, high = (float(v) for v in value.split(","))
     except ValueError:
-        errors.print(f"[red]error:[/red] {option}: expected LOW,HIGH, not {value!r}")
-        raise typer.Exit(2) from None
+        raise usage_error(f"{option}: expected LOW,HIGH, not {value!r}") from None
     return optimizer_pb2.FloatRange(low=low, high=high, log=True)
-
-
-def _quiet_libraries() -> None:
-    """Keeps transformers' load reports, progress bars and deprecation notes off the display."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 @contextlib.asynccontextmanager
@@ -310,47 +83,14 @@ async def _connect(
         async with create_channel(address, ClientSettings.from_env()) as channel:
             yield optimizer_pb2_grpc.OptimizerServiceStub(channel)  # type: ignore[misc]
         return
-    configure_logging("plain", "WARNING")
-    _quiet_libraries()
-    common, client = _stack_settings(embedded=True)
-    stack = LocalStack(stack_options or StackOptions(), common, client)
-    with console.status("starting the optimizer, trainer, evaluator and judge gateway"):
-        await stack.start()
-    try:
-        async with create_channel(stack.optimizer_address, client) as channel:
-            yield optimizer_pb2_grpc.OptimizerServiceStub(channel)  # type: ignore[misc]
-    finally:
-        await stack.stop(5)
+    async with (
+        embedded_stack(stack_options or StackOptions(), console) as stack,
+        create_channel(stack.optimizer_address, stack.client) as channel,
+    ):
+        yield optimizer_pb2_grpc.OptimizerServiceStub(channel)  # type: ignore[misc]
 
 
 # ---- rendering ---------------------------------------------------------------------------
-
-
-def _state(value: int, enum: Any, prefix: str) -> str:
-    return str(enum.Name(value)).removeprefix(prefix)
-
-
-def trial_state(value: int) -> str:
-    """COMPLETE, PRUNED, FAIL, RUNNING or WAITING."""
-    return _state(value, optimizer_pb2.TrialState, "TRIAL_STATE_")
-
-
-def study_state(value: int) -> str:
-    """QUEUED, RUNNING, COMPLETED, CANCELLED or FAILED."""
-    return _state(value, optimizer_pb2.StudyState, "STUDY_STATE_")
-
-
-# What the optimizer sent for "attention" before the trainer resolved it (stored trials).
-_OLD_ATTENTION_MODULES = (("q_proj", "k_proj", "v_proj", "o_proj"), ("query", "key", "value"))
-
-
-def modules_label(modules: Sequence[str]) -> str:
-    """'all-linear', 'attention', or the module names."""
-    if not modules:
-        return "all-linear"
-    if tuple(modules) in _OLD_ATTENTION_MODULES:
-        return "attention"
-    return ",".join(modules)
 
 
 def _key_params(trial: optimizer_pb2.Trial) -> str:
@@ -404,20 +144,6 @@ def trials_table(study: optimizer_pb2.Study, trials: Sequence[optimizer_pb2.Tria
         row.append(f"{t.objective:.4f}" if t.HasField("objective") else "-")
         table.add_row(*row)
     return table
-
-
-def trial_note(trial: optimizer_pb2.Trial) -> str:
-    """Which epoch a trial kept, why it failed, and why it ran more than once."""
-    parts = []
-    if 0 < trial.best_epoch < len(trial.epoch_objectives):
-        parts.append(f"kept epoch {trial.best_epoch} of {len(trial.epoch_objectives)}")
-    if trial.failure_reason:
-        parts.append(trial.failure_reason)
-    if trial.attempt > 1:
-        parts.append(f"attempt {trial.attempt}")
-    if trial.interruptions:
-        parts.append(f"re-run after: {trial.interruptions[-1]}")
-    return "; ".join(parts)
 
 
 def render_result(study: optimizer_pb2.Study, trials: Sequence[optimizer_pb2.Trial]) -> None:
@@ -573,50 +299,11 @@ async def _finish(
 
 
 def _exit_code(study: optimizer_pb2.Study) -> int:
-    return 0 if study.state == optimizer_pb2.STUDY_STATE_COMPLETED else 1
+    """0 when the study completed; 1 when it failed or was cancelled (its reason is shown)."""
+    return 0 if study.state == optimizer_pb2.STUDY_STATE_COMPLETED else EXIT_FAILED
 
 
 # ---- commands ----------------------------------------------------------------------------
-
-
-async def _serve_stack(options: StackOptions) -> int:
-    """Runs the stack until SIGTERM / SIGINT (as services.common.server.serve does)."""
-    loop = asyncio.get_running_loop()
-    stop_requested = asyncio.Event()
-
-    def on_signal(signum: signal.Signals) -> None:
-        if stop_requested.is_set():
-            logger.info("%s received again; already stopping", signum.name)
-            return
-        logger.info("%s received; stopping", signum.name)
-        stop_requested.set()
-
-    handled: list[signal.Signals] = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(signum, on_signal, signum)
-            handled.append(signum)
-        except (NotImplementedError, RuntimeError):
-            logger.debug("cannot handle %s here", signum.name)
-    common, client = _stack_settings(embedded=False)
-    stack = LocalStack(options, common, client)
-    try:
-        await stack.start()
-        try:
-            console.print(stack.table())
-            console.print(f"storage: {stack.storage_url}")
-            console.print(f"artifacts: {options.artifact_root.resolve()}")
-            console.print(
-                f"submit a study: loratune tune --optimizer {stack.optimizer_address} "
-                "--dataset FILE --task classification   (Ctrl-C stops all services)"
-            )
-            await stop_requested.wait()
-        finally:
-            await stack.stop()
-    finally:
-        for signum in handled:
-            loop.remove_signal_handler(signum)
-    return 0
 
 
 def _class_table(rows: Sequence[tuple[str, str]]) -> tuple[Table, str]:
@@ -676,10 +363,11 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
             artifact_root=artifact_root,
         )
         try:
-            code = asyncio.run(_serve_stack(options))
+            code = asyncio.run(serve_stack(options, console))
         except (RuntimeError, OSError) as err:
+            # A port taken, a folder that cannot be written: the services cannot start.
             errors.print(f"[red]error:[/red] {err}")
-            raise typer.Exit(1) from None
+            raise typer.Exit(EXIT_FAILED) from None
         raise typer.Exit(code)
 
     @app.command("demo-data")
@@ -765,17 +453,13 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
         process for the study, as `loratune up` would, and stop when it ends.
         """
         if task not in TASKS:
-            errors.print(
-                f"[red]error:[/red] --task must be classification or generation, not {task!r}"
-            )
-            raise typer.Exit(2)
+            raise usage_error(f"--task must be classification or generation, not {task!r}")
         if n_trials is not None and n_trials <= 0:
             # 0 on the wire means "the default"; the server checks every other value.
-            errors.print(
-                "[red]error:[/red] fine_tuning_params.n_trials (--n-trials): "
+            raise usage_error(
+                "fine_tuning_params.n_trials (--n-trials): "
                 f"must be between 5 and 100 (got {n_trials})"
             )
-            raise typer.Exit(2)
         request = optimizer_pb2.CreateStudyRequest(
             project_id=project_id,
             fine_tuning_params=optimizer_pb2.FineTuningParams(
@@ -829,7 +513,7 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
                 return await _finish(stub, created.study_id)
 
         try:
-            final = _run(go())
+            final = run_rpc(go())
         except KeyboardInterrupt:
             errors.print(
                 "interrupted: the study stays in storage"
@@ -839,7 +523,7 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
                     else f" and resumes with `loratune up --artifact-root {artifact_root}`"
                 )
             )
-            raise typer.Exit(130) from None
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         raise typer.Exit(_exit_code(final))
 
     @app.command("studies")
@@ -857,7 +541,7 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
                 )
                 return list(reply.studies)
 
-        found = _run(go())
+        found = run_rpc(go())
         if not found:
             console.print("no studies" + (f" of project {project_id}" if project_id else ""))
             return
@@ -896,7 +580,7 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
                 listed = await stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_id=study))
                 return found, list(listed.trials)
 
-        found, listed = _run(go())
+        found, listed = run_rpc(go())
         render_result(found, listed)
 
     @app.command("watch")
@@ -909,10 +593,10 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
                 return await _finish(stub, study)
 
         try:
-            final = _run(go())
+            final = run_rpc(go())
         except KeyboardInterrupt:
             errors.print("stopped watching; the study goes on")
-            raise typer.Exit(130) from None
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         raise typer.Exit(_exit_code(final))
 
     @app.command("cancel")
@@ -925,7 +609,7 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
                 reply = await stub.CancelStudy(optimizer_pb2.CancelStudyRequest(study_id=study))
                 return reply.study
 
-        cancelled = _run(go())
+        cancelled = run_rpc(go())
         console.print(f"study {cancelled.study_id}: {study_state(cancelled.state)}")
 
 

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from loratune.common.v1 import common_pb2
 from loratune.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from services.cli.errors import EXIT_FAILED, exit_for, run_rpc, usage_error
 from services.common.errors import LoratuneError
 from services.evaluator.core.classification import classification_report
 
@@ -35,22 +36,8 @@ DatasetOption = Annotated[Path, typer.Option("--dataset", help="Training data, J
 
 def _task(value: str) -> common_pb2.TaskType.ValueType:
     if value not in TASKS:
-        errors.print(
-            f"[red]error:[/red] --task must be classification or generation, not {value!r}"
-        )
-        raise typer.Exit(2)
+        raise usage_error(f"--task must be classification or generation, not {value!r}")
     return TASKS[value]
-
-
-def _fail(err: BaseException) -> typer.Exit:
-    if isinstance(err, LoratuneError):
-        errors.print(f"[red]error ({err.code}):[/red] {err}")
-        return typer.Exit(2)
-    if isinstance(err, grpc.aio.AioRpcError):
-        errors.print(f"[red]error ({err.code().name}):[/red] {err.details()}")
-        # Bad input is the caller's to fix (2); anything else may pass on a retry (1).
-        return typer.Exit(2 if err.code() == grpc.StatusCode.INVALID_ARGUMENT else 1)
-    raise err
 
 
 def register(app: typer.Typer, serve_app: typer.Typer) -> None:
@@ -110,7 +97,7 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
         try:
             data = prepare(spec, minimum)
         except LoratuneError as err:
-            raise _fail(err) from None
+            raise exit_for(err) from None
         paths = write_split(data, output)
         console.print(f"{len(data.train)} training rows, {len(data.validation)} validation rows")
         if data.stats is not None:
@@ -215,14 +202,11 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
             ),
             output_dir=str((output or Path("runs") / job_id).resolve()),
         )
-        try:
-            final = asyncio.run(_train(trainer, request))
-        except (LoratuneError, grpc.aio.AioRpcError) as err:
-            raise _fail(err) from None
+        final = run_rpc(_train(trainer, request))
         if final.HasField("failed"):
             reason = trainer_pb2.FailureReason.Name(final.failed.reason)
             errors.print(f"[red]training failed ({reason}):[/red] {final.failed.message}")
-            raise typer.Exit(1)
+            raise typer.Exit(EXIT_FAILED)
         console.print(
             f"adapter saved to {final.completed.artifact_dir} "
             f"({final.completed.train_seconds:.1f} s of training)"
@@ -266,7 +250,7 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
                 _evaluate([r.label for r in rows], predictions, list(loaded.labels), evaluator)
             )
         except (LoratuneError, grpc.aio.AioRpcError) as err:
-            raise _fail(err) from None
+            raise exit_for(err) from None
         render_evaluation(console, result)
         out_dir = output or adapter / "evaluation"
         written = write_evaluation_files(result, out_dir)

@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import grpc.aio
@@ -27,6 +27,7 @@ __all__ = [
     "ServiceDefinition",
     "run",
     "serve",
+    "serve_until_signal",
     "start_server",
 ]
 
@@ -288,15 +289,27 @@ async def start_server(
     return running
 
 
-async def serve(
-    services: Sequence[ServiceDefinition],
-    settings: CommonSettings,
+class _Stoppable(Protocol):
+    """What ``serve_until_signal`` runs: anything with an awaitable ``stop()``."""
+
+    async def stop(self) -> None: ...
+
+
+_S = TypeVar("_S", bound=_Stoppable)
+
+
+async def serve_until_signal(
+    start: Callable[[], Awaitable[_S]],
     *,
-    port: int,
-    metrics_port: int | None,
-    host: str | None = None,
+    started: Callable[[_S], None] | None = None,
 ) -> int:
-    """Run ``services`` until SIGTERM or SIGINT, then stop gracefully; returns the exit code."""
+    """Run what ``start`` returns until SIGTERM or SIGINT, then ``stop()`` it; returns 0.
+
+    The handlers are installed before ``start`` runs, so a signal during start-up stops
+    it as soon as it is up; a second signal only logs. ``started`` runs once it is up
+    (e.g. to print where it listens). One server (``serve``) or several (the CLI's local
+    stack) stop this one way.
+    """
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
 
@@ -316,10 +329,10 @@ async def serve(
             # No signal handlers outside the main thread or on Windows' loop.
             logger.debug("cannot handle %s here", signum.name)
     try:
-        running = await start_server(
-            services, settings, port=port, metrics_port=metrics_port, host=host
-        )
+        running = await start()
         try:
+            if started is not None:
+                started(running)
             await stop_requested.wait()
         finally:
             await running.stop()
@@ -327,6 +340,20 @@ async def serve(
         for signum in handled:
             loop.remove_signal_handler(signum)
     return 0
+
+
+async def serve(
+    services: Sequence[ServiceDefinition],
+    settings: CommonSettings,
+    *,
+    port: int,
+    metrics_port: int | None,
+    host: str | None = None,
+) -> int:
+    """Run ``services`` until SIGTERM or SIGINT, then stop gracefully; returns the exit code."""
+    return await serve_until_signal(
+        lambda: start_server(services, settings, port=port, metrics_port=metrics_port, host=host)
+    )
 
 
 def run(

@@ -27,7 +27,7 @@ from google.protobuf.json_format import MessageToDict
 
 from loratune.common.v1 import common_pb2
 from loratune.optimizer.v1 import optimizer_pb2, optimizer_pb2_grpc
-from services.cli.optimizer_commands import modules_label, study_state, trial_note, trial_state
+from services.cli.labels import modules_label, study_state, trial_note, trial_state
 
 __all__ = ["REFRESH_SECONDS", "build_app"]
 

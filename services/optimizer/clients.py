@@ -7,14 +7,27 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from loratune.common.v1 import common_pb2
-from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
+from loratune.evaluator.v1 import evaluator_pb2_grpc
 from loratune.judge.v1 import judge_pb2, judge_pb2_grpc
 from loratune.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.common.client import ClientSettings, create_channel
 from services.common.errors import Unavailable
 from services.common.rpc_errors import error_from_rpc
-from services.optimizer.core.ports import JudgeModel
+from services.optimizer.api.convert import (
+    evaluation_from_proto,
+    evaluation_request_to_proto,
+    job_event_from_proto,
+    job_to_proto,
+    trainer_state_from_proto,
+)
+from services.optimizer.core.ports import (
+    Evaluation,
+    EvaluationRequest,
+    JobEvent,
+    JudgeModel,
+    TrainerState,
+    TrainingJob,
+)
 
 START_TIMEOUT = 120.0  # validation loads the dataset and the model's config
 STATUS_TIMEOUT = 5.0
@@ -51,19 +64,21 @@ class GrpcTrainers:
     def _stub(self, address: str) -> trainer_pb2_grpc.TrainerServiceAsyncStub:
         return trainer_pb2_grpc.TrainerServiceStub(self._channels.get(address))  # type: ignore[return-value]
 
-    async def start(self, address: str, request: trainer_pb2.StartTrainingRequest) -> None:
+    async def start(self, address: str, job: TrainingJob) -> None:
         """Starts the job on the trainer at `address`."""
         try:
-            await self._stub(address).StartTraining(request, timeout=START_TIMEOUT)
+            await self._stub(address).StartTraining(job_to_proto(job), timeout=START_TIMEOUT)
         except grpc.aio.AioRpcError as err:
             raise error_from_rpc(err, f"trainer {address}") from None
 
-    async def watch(self, address: str, job_id: str) -> AsyncIterator[trainer_pb2.TrainingEvent]:
+    async def watch(self, address: str, job_id: str) -> AsyncIterator[JobEvent]:
         """The job's events, replayed from the first."""
         call = self._stub(address).WatchTraining(trainer_pb2.WatchTrainingRequest(job_id=job_id))
         try:
-            async for event in call:
-                yield event
+            async for message in call:
+                event = job_event_from_proto(message)
+                if event is not None:
+                    yield event
         except grpc.aio.AioRpcError as err:
             raise error_from_rpc(err, f"trainer {address}") from None
         finally:
@@ -76,15 +91,15 @@ class GrpcTrainers:
                 trainer_pb2.CancelTrainingRequest(job_id=job_id), timeout=STATUS_TIMEOUT
             )
 
-    async def status(self, address: str) -> trainer_pb2.GetTrainerStatusResponse | None:
-        """The trainer's status, or None when unreachable."""
+    async def status(self, address: str) -> TrainerState | None:
+        """The trainer's state, or None when unreachable."""
         try:
             response: trainer_pb2.GetTrainerStatusResponse = await self._stub(
                 address
             ).GetTrainerStatus(trainer_pb2.GetTrainerStatusRequest(), timeout=STATUS_TIMEOUT)
         except grpc.aio.AioRpcError:
             return None
-        return response
+        return trainer_state_from_proto(response)
 
 
 class GrpcEvaluator:
@@ -94,17 +109,16 @@ class GrpcEvaluator:
         self._channels = channels
         self._address = address
 
-    async def evaluate(self, request: evaluator_pb2.EvaluateRequest) -> common_pb2.EvaluationResult:
+    async def evaluate(self, request: EvaluationRequest) -> Evaluation:
         """Scores one evaluation point."""
         if not self._address:
             raise Unavailable("no evaluator configured (set LORATUNE_EVALUATOR_ADDRESS)")
         stub = evaluator_pb2_grpc.EvaluatorServiceStub(self._channels.get(self._address))
         try:
-            response = await stub.Evaluate(request, timeout=600)
+            response = await stub.Evaluate(evaluation_request_to_proto(request), timeout=600)
         except grpc.aio.AioRpcError as err:
             raise error_from_rpc(err, "evaluator") from None
-        result: common_pb2.EvaluationResult = response.result
-        return result
+        return evaluation_from_proto(response.result)
 
 
 class GrpcJudgeCatalog:

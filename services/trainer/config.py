@@ -21,3 +21,7 @@ class TrainerSettings(BaseSettings):
     trainer_tokenization_cache_entries: int = Field(default=8, ge=0)
     # Finished jobs whose events stay available to WatchTraining.
     trainer_jobs_kept: int = Field(default=64, ge=1)
+    # Fit a fresh encoder classifier's head by a linear probe before the first step (LP-FT).
+    trainer_linear_probe: bool = True
+    # Share of a classification job's steps that train the head alone before the adapter joins.
+    trainer_head_only_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)

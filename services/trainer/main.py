@@ -13,15 +13,27 @@ from services.trainer.api.servicer import TrainerServicer
 from services.trainer.config import TrainerSettings
 from services.trainer.core.jobs import JobManager
 from services.trainer.core.runner import LocalRunner
+from services.trainer.core.types import LoopOptions
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
 
 
+def loop_options(settings: TrainerSettings) -> LoopOptions:
+    """The training loop's options this deployment gives every job (the rest: defaults)."""
+    return LoopOptions(
+        linear_probe=settings.trainer_linear_probe,
+        head_only_fraction=settings.trainer_head_only_fraction,
+    )
+
+
 def build_manager(settings: TrainerSettings) -> JobManager:
     """The job manager over a runner that trains on this machine's accelerator (or CPU)."""
-    runner = LocalRunner(tokenization_cache_entries=settings.trainer_tokenization_cache_entries)
+    runner = LocalRunner(
+        tokenization_cache_entries=settings.trainer_tokenization_cache_entries,
+        options=loop_options(settings),
+    )
     return JobManager(
         runner,
         jobs_kept=settings.trainer_jobs_kept,

@@ -6,6 +6,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from loratune.optimizer.v1 import optimizer_pb2, optimizer_pb2_grpc
+from services.optimizer.api.convert import (
+    event_to_proto,
+    study_request_from_proto,
+    study_to_proto,
+    trial_to_proto,
+)
 from services.optimizer.core.optimizer import Optimizer
 
 
@@ -19,41 +25,40 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
         self, request: optimizer_pb2.CreateStudyRequest, context: Any
     ) -> optimizer_pb2.CreateStudyResponse:
         """Creates and starts a study (idempotent by study_name)."""
-        return optimizer_pb2.CreateStudyResponse(study=await self._optimizer.create_study(request))
+        study = await self._optimizer.create_study(study_request_from_proto(request))
+        return optimizer_pb2.CreateStudyResponse(study=study_to_proto(study))
 
     async def GetStudy(
         self, request: optimizer_pb2.GetStudyRequest, context: Any
     ) -> optimizer_pb2.GetStudyResponse:
         """One study."""
-        return optimizer_pb2.GetStudyResponse(study=self._optimizer.get_study(request.study_id))
+        study = await self._optimizer.get_study(request.study_id)
+        return optimizer_pb2.GetStudyResponse(study=study_to_proto(study))
 
     async def ListStudies(
         self, request: optimizer_pb2.ListStudiesRequest, context: Any
     ) -> optimizer_pb2.ListStudiesResponse:
         """Studies, newest first."""
-        return optimizer_pb2.ListStudiesResponse(
-            studies=self._optimizer.list_studies(request.project_id)
-        )
+        studies = await self._optimizer.list_studies(request.project_id)
+        return optimizer_pb2.ListStudiesResponse(studies=[study_to_proto(s) for s in studies])
 
     async def ListTrials(
         self, request: optimizer_pb2.ListTrialsRequest, context: Any
     ) -> optimizer_pb2.ListTrialsResponse:
         """A study's trials."""
-        return optimizer_pb2.ListTrialsResponse(
-            trials=self._optimizer.list_trials(request.study_id)
-        )
+        trials = await self._optimizer.list_trials(request.study_id)
+        return optimizer_pb2.ListTrialsResponse(trials=[trial_to_proto(t) for t in trials])
 
     async def CancelStudy(
         self, request: optimizer_pb2.CancelStudyRequest, context: Any
     ) -> optimizer_pb2.CancelStudyResponse:
         """Cancels a study and its running jobs."""
-        return optimizer_pb2.CancelStudyResponse(
-            study=await self._optimizer.cancel_study(request.study_id)
-        )
+        study = await self._optimizer.cancel_study(request.study_id)
+        return optimizer_pb2.CancelStudyResponse(study=study_to_proto(study))
 
     async def WatchStudy(
         self, request: optimizer_pb2.WatchStudyRequest, context: Any
     ) -> AsyncIterator[optimizer_pb2.StudyEvent]:
         """The study's events until it finishes."""
         async for event in self._optimizer.watch(request.study_id):
-            yield event
+            yield event_to_proto(event)

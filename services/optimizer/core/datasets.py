@@ -14,16 +14,16 @@ import io
 import json
 from pathlib import Path
 
-from loratune.common.v1 import common_pb2
 from services.common.errors import InvalidArgument
 from services.common.names import excerpt
+from services.optimizer.core.records import DatasetRef
 
 _HEAD_BYTES = 1 << 20
 _CSV_DELIMITERS = (",", ";", "\t", "|")
 _FORMATS = ("csv", "jsonl", "json")
 
 
-def check_dataset(dataset: common_pb2.DatasetSpec) -> None:
+def check_dataset(dataset: DatasetRef) -> None:
     """Raises InvalidArgument naming the first bad field of `dataset`."""
     fraction = dataset.validation_fraction
     if not 0.0 <= fraction < 1.0 or fraction != fraction:
@@ -36,8 +36,7 @@ def check_dataset(dataset: common_pb2.DatasetSpec) -> None:
             f"must be one of {', '.join(_FORMATS)} or empty, got '{excerpt(dataset.format)}'",
             field="dataset.format",
         )
-    classification = dataset.task_type == common_pb2.TASK_TYPE_CLASSIFICATION
-    if classification:
+    if dataset.classification:
         required = [
             ("dataset.text_field", dataset.text_field or "text"),
             ("dataset.label_field", dataset.label_field or "label"),

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import json_format
-
-from loratune.common.v1 import common_pb2
+from services.optimizer.core.ports import Evaluation
+from services.optimizer.core.views import EVALUATION_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -35,19 +34,11 @@ def _write_json(path: Path, content: Any) -> None:
     tmp.replace(path)
 
 
-def write_evaluation(trial_dir: Path, result: common_pb2.EvaluationResult, step: int) -> None:
+def write_evaluation(trial_dir: Path, evaluation: Evaluation, step: int) -> None:
     """evaluation_results.json (the full result) and eval/* TensorBoard scalars at `step`."""
-    _write_json(trial_dir / "evaluation_results.json", json_format.MessageToDict(result))
-    scalars = {"eval/objective": result.objective}
-    if result.HasField("classification"):
-        scalars["eval/f1_macro"] = result.classification.f1_macro
-        scalars["eval/f1_micro"] = result.classification.f1_micro
-        scalars["eval/accuracy"] = result.classification.accuracy
-    if result.HasField("bertscore"):
-        scalars["eval/bertscore_f1"] = result.bertscore.f1
-        scalars["eval/combined"] = result.combined_score
-    if result.HasField("judge"):
-        scalars["eval/judge_mean"] = result.judge.mean_score
+    _write_json(trial_dir / EVALUATION_FILE, dict(evaluation.document))
+    scalars = {"eval/objective": evaluation.objective}
+    scalars |= {f"eval/{name}": value for name, value in evaluation.figures.items()}
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # the optimizer image may ship without torch
@@ -68,24 +59,16 @@ class EpochResult:
     epoch: float
     eval_loss: float
     adapter_dir: str  # "" when the trainer saved none for this epoch
-    result: common_pb2.EvaluationResult
+    evaluation: Evaluation
 
     def record(self) -> dict[str, Any]:
         """A small JSON-ready summary (the trial's curve in storage)."""
-        record: dict[str, Any] = {
+        return {
             "epoch": self.index,
-            "objective": self.result.objective,
+            "objective": self.evaluation.objective,
             "eval_loss": self.eval_loss,
+            **self.evaluation.figures,
         }
-        if self.result.HasField("classification"):
-            c = self.result.classification
-            record.update(f1_macro=c.f1_macro, f1_micro=c.f1_micro, accuracy=c.accuracy)
-        if self.result.HasField("bertscore"):
-            record.update(bertscore_f1=self.result.bertscore.f1)
-            record.update(combined=self.result.combined_score)
-        if self.result.HasField("judge"):
-            record.update(judge_mean=self.result.judge.mean_score)
-        return record
 
 
 def best_epoch(epochs: Sequence[EpochResult]) -> EpochResult:
@@ -94,27 +77,24 @@ def best_epoch(epochs: Sequence[EpochResult]) -> EpochResult:
         raise ValueError("no evaluated epoch")
     best = epochs[0]
     for epoch in epochs[1:]:
-        if epoch.result.objective > best.result.objective:
+        if epoch.evaluation.objective > best.evaluation.objective:
             best = epoch
     return best
 
 
-def write_curve(trial_dir: Path, epochs: Sequence[EpochResult]) -> None:
-    """evaluation_curve.json: every epoch's full evaluation, in order."""
+def record_epoch(trial_dir: Path, epochs: Sequence[EpochResult]) -> None:
+    """After each epoch: its evaluation as the trial's latest, and the whole curve so far."""
+    write_evaluation(trial_dir, epochs[-1].evaluation, epochs[-1].index)
     _write_json(
         trial_dir / CURVE_FILE,
-        {
-            "epochs": [
-                {**e.record(), "evaluation": json_format.MessageToDict(e.result)} for e in epochs
-            ]
-        },
+        {"epochs": [{**e.record(), "evaluation": dict(e.evaluation.document)} for e in epochs]},
     )
 
 
 def keep_epoch(trial_dir: Path, best: EpochResult) -> None:
     """Makes the trial's folder hold `best`'s adapter and evaluation (see keep_adapter)."""
     keep_adapter(trial_dir, best.adapter_dir)
-    _write_json(trial_dir / "evaluation_results.json", json_format.MessageToDict(best.result))
+    _write_json(trial_dir / EVALUATION_FILE, dict(best.evaluation.document))
 
 
 def keep_adapter(job_dir: Path, adapter_dir: str) -> None:
@@ -132,16 +112,6 @@ def keep_adapter(job_dir: Path, adapter_dir: str) -> None:
     epochs_dir = job_dir / EPOCHS_DIR
     if epochs_dir.is_dir():
         shutil.rmtree(epochs_dir, ignore_errors=True)
-
-
-def read_evaluation(trial_dir: Path) -> common_pb2.EvaluationResult | None:
-    """The trial's last evaluation, when it has one."""
-    path = trial_dir / "evaluation_results.json"
-    if not path.is_file():
-        return None
-    return json_format.ParseDict(
-        json.loads(path.read_text(encoding="utf-8")), common_pb2.EvaluationResult()
-    )
 
 
 def publish_best(trial_dir: Path, models_root: Path, run_name: str) -> Path:

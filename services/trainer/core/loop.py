@@ -37,11 +37,13 @@ from services.trainer.core.tokenize import (
     collate_prompts,
 )
 from services.trainer.core.types import (
+    DEFAULT_LOOP_OPTIONS,
     Cancelled,
     EncodedData,
     EncodedExample,
     EvaluationEvent,
     JobSpec,
+    LoopOptions,
     NanLoss,
     PreparedData,
     ProgressEvent,
@@ -51,10 +53,6 @@ from services.trainer.core.types import (
 
 __all__ = [
     "DEFAULT_GENERATION_EVAL_SAMPLES",
-    "HEAD_LR_MULTIPLIER",
-    "HEAD_MIN_LEARNING_RATE",
-    "HEAD_ONLY_FRACTION",
-    "LINEAR_PROBE",
     "TENSORBOARD_KEY",
     "LengthGroupedBatchSampler",
     "LoopResult",
@@ -73,21 +71,6 @@ DEFAULT_GENERATION_EVAL_SAMPLES = 64
 # `RunContext.extra[TENSORBOARD_KEY]` may hold a ScalarLogger (artifacts.TensorBoardLogger).
 TENSORBOARD_KEY = "tensorboard"
 _MAX_GRAD_NORM = 1.0
-# A classification head that starts from random weights (a decoder's `score`, or any head
-# with LINEAR_PROBE off) must learn the whole mapping, while the LoRA matrices only nudge
-# pretrained layers: at the LoRA's learning rate the head is the bottleneck (measured on
-# bench/banking77_longtail.py). It trains at this multiple of the adapter's learning rate,
-# and at least at HEAD_MIN_LEARNING_RATE. A probed head trains at the adapter's rate.
-HEAD_LR_MULTIPLIER = 10.0
-HEAD_MIN_LEARNING_RATE = 5e-3
-# Linear probing, then fine-tuning (Kumar et al., 2022, "Fine-Tuning can Distort Pretrained
-# Features"): a random head's first gradients push the adapter in arbitrary directions, so a
-# classification run trains the head alone for this fraction of its optimizer steps before
-# the adapter joins. Those steps need no backward pass through the backbone.
-HEAD_ONLY_FRACTION = 0.0
-# Fit a fresh head's final linear layer on the frozen features before the first step
-# (probe.linear_probe_head): fine-tuning then starts from a logistic regression's solution.
-LINEAR_PROBE = True
 _Amp = Callable[[], contextlib.AbstractContextManager[Any]]
 # Batches sorted together by length: large enough to cut most padding, small enough that
 # the order stays random across the epoch.
@@ -211,12 +194,14 @@ def train(
     scalar_logger: ScalarLogger | None = None,
     probe_cache: ProbeFeatureCache | None = None,
     checkpoint: Callable[[int, EvaluationEvent], str] | None = None,
+    options: LoopOptions = DEFAULT_LOOP_OPTIONS,
 ) -> LoopResult:
     """Train the prepared adapter on `encoded.train`, evaluating at the end of each epoch.
 
-    A fresh encoder head is first fitted by the linear probe (LINEAR_PROBE); with
-    `probe_cache`, the frozen features of an earlier job on the same base and rows are
-    reused instead of a forward pass.
+    A fresh encoder head is first fitted by the linear probe (`options.linear_probe`);
+    with `probe_cache`, the frozen features of an earlier job on the same base and rows
+    are reused instead of a forward pass. `options` also sets the head-only phase and the
+    learning rate of an unprobed head.
 
     `checkpoint(epoch, evaluation)`, when given, saves the adapter as it is after each
     evaluated epoch and returns its folder, which the EvaluationEvent then carries
@@ -265,7 +250,7 @@ def train(
     # Only an encoder head is probed: a decoder job builds no probe batches and hashes no rows.
     if (
         task is Task.CLASSIFICATION
-        and LINEAR_PROBE
+        and options.linear_probe
         and final_linear(model, len(data.labels)) is not None
     ):
         probed = linear_probe_head(
@@ -288,7 +273,13 @@ def train(
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer | None = torch.optim.AdamW(
-        parameter_groups(model, training.learning_rate, task, head_probed=probed is not None),
+        parameter_groups(
+            model,
+            training.learning_rate,
+            task,
+            head_probed=probed is not None,
+            options=options,
+        ),
         lr=training.learning_rate,
         weight_decay=training.weight_decay,
         # One fused kernel for all parameters on CUDA (the trainable ones are float32 there).
@@ -301,7 +292,7 @@ def train(
     # runs through the backbone) and come back when the phase ends, or on the way out.
     head_ids = {id(p) for p in head_parameters(model)} if task is Task.CLASSIFICATION else set()
     adapter = [p for p in trainable if id(p) not in head_ids]
-    head_only_steps = int(HEAD_ONLY_FRACTION * total_steps) if head_ids and adapter else 0
+    head_only_steps = int(options.head_only_fraction * total_steps) if head_ids and adapter else 0
     if head_only_steps:
         for parameter in adapter:
             parameter.requires_grad_(False)
@@ -395,21 +386,28 @@ def train(
     )
 
 
-def head_learning_rate(learning_rate: float) -> float:
+def head_learning_rate(learning_rate: float, options: LoopOptions = DEFAULT_LOOP_OPTIONS) -> float:
     """The classification head's peak learning rate for an adapter trained at `learning_rate`:
-    `HEAD_LR_MULTIPLIER` times it, and at least `HEAD_MIN_LEARNING_RATE` (never below the
-    adapter's own)."""
-    return max(learning_rate * HEAD_LR_MULTIPLIER, HEAD_MIN_LEARNING_RATE, learning_rate)
+    `options.head_lr_multiplier` times it, and at least `options.head_min_learning_rate`
+    (never below the adapter's own)."""
+    return max(
+        learning_rate * options.head_lr_multiplier, options.head_min_learning_rate, learning_rate
+    )
 
 
 def parameter_groups(
-    model: torch.nn.Module, learning_rate: float, task: Task, *, head_probed: bool = False
+    model: torch.nn.Module,
+    learning_rate: float,
+    task: Task,
+    *,
+    head_probed: bool = False,
+    options: LoopOptions = DEFAULT_LOOP_OPTIONS,
 ) -> list[dict[str, Any]]:
     """AdamW's parameter groups: the adapter at `learning_rate`, a classification head at
-    `head_learning_rate(learning_rate)`, or at `learning_rate` when the linear probe has
-    already fitted it (`head_probed`: fine-tuning then refines a solution, as in LP-FT;
-    measured on bench/banking77_longtail.py, probe + head at 10x: macro-F1 0.8825, probe
-    + head at the adapter's rate: 0.8854).
+    `head_learning_rate(learning_rate, options)`, or at `learning_rate` when the linear
+    probe has already fitted it (`head_probed`: fine-tuning then refines a solution, as in
+    LP-FT; measured on bench/banking77_longtail.py, probe + head at 10x: macro-F1 0.8825,
+    probe + head at the adapter's rate: 0.8854).
 
     The adapter's group comes first, so `param_groups[0]["lr"]` is the learning rate the
     job asked for (what progress events and TensorBoard report).
@@ -422,7 +420,7 @@ def parameter_groups(
         {"params": [p for p in trainable if id(p) not in head_ids], "lr": learning_rate},
         {
             "params": [p for p in trainable if id(p) in head_ids],
-            "lr": learning_rate if head_probed else head_learning_rate(learning_rate),
+            "lr": learning_rate if head_probed else head_learning_rate(learning_rate, options),
         },
     ]
     return [group for group in groups if group["params"]]

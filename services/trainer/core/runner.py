@@ -28,12 +28,14 @@ from services.trainer.core.models import (
 from services.trainer.core.probe import ProbeFeatureCache
 from services.trainer.core.tokenize import TokenizationCache
 from services.trainer.core.types import (
+    DEFAULT_LOOP_OPTIONS,
     CompletedEvent,
     DatasetPreparedEvent,
     EvaluationEvent,
     Event,
     FailureReason,
     JobSpec,
+    LoopOptions,
     PreparedData,
     ProgressEvent,
     RunContext,
@@ -51,12 +53,27 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 class LocalRunner:
-    """Runs jobs on this process's device; keeps the base model and tokenised data warm."""
+    """Runs jobs on this process's device; keeps the base model and tokenised data warm.
 
-    def __init__(self, tokenization_cache_entries: int = 8, device: str | None = None) -> None:
+    `options` (the linear probe, the head-only phase, the head's learning rate) apply to
+    every job it runs: the deployment decides them, not a request.
+    """
+
+    def __init__(
+        self,
+        tokenization_cache_entries: int = 8,
+        device: str | None = None,
+        options: LoopOptions = DEFAULT_LOOP_OPTIONS,
+    ) -> None:
+        self._options = options
         self._models = BaseModelCache(device)
         self._tokens = TokenizationCache(max(tokenization_cache_entries, 1))
         self._probe_features = ProbeFeatureCache(entries=2)
+
+    @property
+    def options(self) -> LoopOptions:
+        """The training loop's options every job of this runner gets."""
+        return self._options
 
     def validate(self, spec: JobSpec) -> PreparedData:
         """Parameters, output folder, base model, data and target modules, before acceptance."""
@@ -131,6 +148,7 @@ class LocalRunner:
                 scalar_logger=board,
                 probe_cache=self._probe_features,
                 checkpoint=checkpoint,
+                options=self._options,
             )
         save_artifacts(model, data, spec, result, out_dir)
         return CompletedEvent(artifact_dir=str(out_dir), train_seconds=result.train_seconds)

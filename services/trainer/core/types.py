@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 
 class Task(enum.Enum):
@@ -81,6 +82,52 @@ class JobSpec:
     output_dir: str
     max_eval_samples: int = 0  # 0 = all (classification) or 64 (generation)
     max_new_tokens: int = 128
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How the training loop treats a classification head: a deployment's choice
+    (`TrainerSettings`, or a benchmark's flags), the same for every job it runs.
+
+    The defaults are what the trainer ships with (the probe and the head's learning rate
+    were chosen on bench/banking77_longtail.py, whose flags override each of them).
+
+    Raises:
+        ValueError: a value out of its range.
+    """
+
+    # Fit a fresh encoder head's final linear layer on the frozen features before the first
+    # step (probe.linear_probe_head): fine-tuning then starts from a logistic regression's
+    # solution (LP-FT: Kumar et al., 2022, "Fine-Tuning can Distort Pretrained Features").
+    linear_probe: bool = True
+    # Share of a classification run's optimizer steps that train the head alone before the
+    # adapter joins (a random head's first gradients push the adapter in arbitrary
+    # directions). Those steps need no backward pass through the backbone. In [0, 1).
+    head_only_fraction: float = 0.0
+    # A head that starts from random weights (a decoder's `score`, or any head without the
+    # probe) must learn the whole mapping while the LoRA matrices only nudge pretrained
+    # layers: at the adapter's learning rate the head is the bottleneck. It trains at this
+    # multiple of the adapter's rate, and at least at `head_min_learning_rate`. A probed
+    # head trains at the adapter's rate.
+    head_lr_multiplier: float = 10.0
+    head_min_learning_rate: float = 5e-3
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.head_only_fraction < 1.0:  # NaN fails too
+            raise ValueError(
+                f"head_only_fraction must lie in [0, 1), not {self.head_only_fraction}"
+            )
+        if not (math.isfinite(self.head_lr_multiplier) and self.head_lr_multiplier > 0):
+            raise ValueError(f"head_lr_multiplier must be positive, not {self.head_lr_multiplier}")
+        if not (math.isfinite(self.head_min_learning_rate) and self.head_min_learning_rate >= 0):
+            raise ValueError(
+                f"head_min_learning_rate must not be negative, not {self.head_min_learning_rate}"
+            )
+
+
+# The options every job gets unless the deployment says otherwise (frozen: nothing can flip
+# them for everyone at run time).
+DEFAULT_LOOP_OPTIONS: Final = LoopOptions()
 
 
 # ---- what data preparation hands to the model layer -------------------------------------

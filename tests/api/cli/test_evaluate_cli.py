@@ -122,6 +122,32 @@ async def test_generation_with_judge_against_a_running_evaluator(
     assert data["combinedScore"] == pytest.approx(0.4 * data["bertscore"]["f1"] + 0.6 * 0.70)
 
 
+async def test_refusals_exit_2_from_a_running_evaluator_as_in_process(
+    tmp_path: Path, evaluator: Any
+) -> None:
+    preds = write(tmp_path / "p.txt", ["the card arrived", "refund in five days"])
+    refs = write(tmp_path / "r.txt", ["my card has arrived", "refunds take 5 days"])
+    prompts = write(tmp_path / "q.txt", ["card?", "refund?"])
+    common = ["evaluate", "--task", "generation", "--evaluator", evaluator.server.address]
+    common += ["--output", str(tmp_path / "o.json"), "--timeout", "60"]
+    files = ["--predictions", str(preds), "--prompts", str(prompts)]
+
+    # The server runs on this test's event loop: the CLI (with its own loop) runs in a thread.
+    result = await asyncio.to_thread(
+        runner.invoke, app, [*common, *files, "--references", str(refs), "--judge", "nope"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "error (NOT_FOUND): LLM Judge model not found: 'nope'" in result.output
+
+    short = write(tmp_path / "short.txt", ["my card has arrived"])
+    result = await asyncio.to_thread(
+        runner.invoke, app, [*common, *files, "--references", str(short)]
+    )
+    assert result.exit_code == 2, result.output
+    assert "error (INVALID_ARGUMENT): references: has 1 items" in result.output
+    assert not (tmp_path / "o.json").exists()
+
+
 def test_generation_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORATUNE_BERTSCORE_MODEL", packaged_minilm_path())
     monkeypatch.setenv("LORATUNE_BERTSCORE_LAYERS", "6")

@@ -62,12 +62,12 @@ def test_judge_one_item_prints_score_and_reasoning(gemini: FakeGemini) -> None:
     assert "score: 88/100" in result.output and "Same amount." in result.output
 
 
-def test_unknown_model_is_a_clear_error(gemini: FakeGemini) -> None:
+def test_unknown_model_is_a_refused_request(gemini: FakeGemini) -> None:
     result = runner.invoke(
         app, ["judge", "--model", "nope", "--prompt", "p", "--candidate", "c", "--reference", "r"]
     )
-    assert result.exit_code == 1
-    assert "NOT_FOUND" in result.output and "LLM Judge model not found: 'nope'" in result.output
+    assert result.exit_code == 2, result.output
+    assert "error (NOT_FOUND): LLM Judge model not found: 'nope'" in result.output
 
 
 def test_serve_judge_gateway_process(gemini: FakeGemini) -> None:

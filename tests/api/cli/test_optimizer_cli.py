@@ -1,4 +1,5 @@
-"""`loratune demo-data`, `tune` (in-process and remote), `studies`, `trials`, `watch`, `cancel`."""
+"""`loratune up`, `demo-data`, `tune` (in-process and remote), `studies`, `trials`, `watch`,
+`cancel`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import csv
 import json
 import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,12 +20,13 @@ from typing import Any
 import grpc
 import pytest
 from click.testing import Result
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
 
 from loratune.common.v1 import common_pb2
 from loratune.optimizer.v1 import optimizer_pb2, optimizer_pb2_grpc
 from services.cli.main import app
-from services.cli.optimizer_commands import LocalStack, StackOptions
+from services.cli.stack import LocalStack, StackOptions
 from services.common.client import ClientSettings
 from services.common.config import CommonSettings
 from tests.unit.trainer.conftest import build_tiny_qwen
@@ -215,4 +221,52 @@ async def test_client_commands_against_a_running_stack(
 
     result = await invoke(["trials", "missing", "--optimizer", address])
     assert result.exit_code == 2
-    assert "NOT_FOUND" in result.output and "missing" in result.output
+    assert "error (NOT_FOUND): no study 'missing'" in result.output
+    result = await invoke(["watch", "missing", "--optimizer", address])
+    assert result.exit_code == 2
+    assert "error (NOT_FOUND): no study 'missing'" in result.output
+
+
+def test_an_optimizer_that_cannot_be_reached_exits_1() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"  # bound, never listening: refused
+    result = runner.invoke(app, ["studies", "--optimizer", address], env=ENV)
+    assert result.exit_code == 1, result.output
+    assert "error (UNAVAILABLE)" in result.output
+
+
+async def test_up_prints_the_addresses_and_stops_on_sigterm(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        optimizer = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "LORATUNE_OPTIMIZER_ADDRESS"}
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "services.cli.main", "up", "--optimizer-port", str(optimizer)),
+        *("--trainer-port", "0", "--evaluator-port", "0", "--judge-port", "0"),
+        *("--metrics-port-base", "-1", "--artifact-root", str(tmp_path / "runs")),
+        env={**env, "COLUMNS": "200", "LORATUNE_GRACE_PERIOD_SECONDS": "2"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{optimizer}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(
+                service="loratune.optimizer.v1.OptimizerService"
+            )
+            reply = await health.Check(request, timeout=90, wait_for_ready=True)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        process.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    text = output.decode()
+    assert process.returncode == 0, text
+    for name in ("optimizer", "trainer", "evaluator", "judge gateway"):
+        assert re.search(rf"{name}\s+.*127\.0\.0\.1:\d+", text), text
+    assert f"loratune tune --optimizer 127.0.0.1:{optimizer}" in text
+    assert "SIGTERM received; stopping" in text
+    assert "Traceback" not in text

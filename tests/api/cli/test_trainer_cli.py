@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import pytest
 from typer.testing import CliRunner
 
+from loratune.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.cli.main import app
+from services.common.config import CommonSettings
+from services.common.errors import NotFound
+from services.common.server import RunningServer, ServiceDefinition, start_server
 from services.evaluator.core.bertscore import packaged_minilm_path
 
 runner = CliRunner()
@@ -169,3 +177,55 @@ def test_train_reports_bad_hyperparameters(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "hyperparameters.lora.rank" in result.output
+
+
+class RestartedTrainer(trainer_pb2_grpc.TrainerServiceServicer):
+    """Accepts a job, then knows none: a trainer that restarted between the two calls."""
+
+    async def StartTraining(
+        self, request: trainer_pb2.StartTrainingRequest, context: Any
+    ) -> trainer_pb2.StartTrainingResponse:
+        return trainer_pb2.StartTrainingResponse(job=trainer_pb2.TrainingJob(job_id=request.job_id))
+
+    async def WatchTraining(
+        self, request: trainer_pb2.WatchTrainingRequest, context: Any
+    ) -> AsyncIterator[trainer_pb2.TrainingEvent]:
+        raise NotFound(f"no job '{request.job_id}' on this trainer (it may have restarted)")
+        yield trainer_pb2.TrainingEvent()  # a server-streaming method
+
+
+@pytest.fixture
+async def restarted_trainer() -> AsyncIterator[RunningServer]:
+    fake = RestartedTrainer()
+    definition = ServiceDefinition(
+        full_name=trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name,
+        register=lambda s: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(fake, s),
+    )
+    server = await start_server(
+        [definition], CommonSettings(reflection=False), host="127.0.0.1", metrics_port=None
+    )
+    yield server
+    await server.stop(0)
+
+
+async def test_a_job_the_trainer_does_not_know_exits_2(
+    tmp_path: Path, restarted_trainer: RunningServer
+) -> None:
+    data = write_csv(tmp_path / "payments.csv")
+    args = ["train", "--dataset", str(data), "--text-field", "comment", "--label-field", "code"]
+    args += ["--base-model", "base", "--output", str(tmp_path / "job")]
+    # The server runs on this test's event loop: the CLI (with its own loop) runs in a thread.
+    result = await asyncio.to_thread(
+        runner.invoke, app, [*args, "--trainer", restarted_trainer.address]
+    )
+    assert result.exit_code == 2, result.output
+    pattern = r"error \(NOT_FOUND\): no job 'train-[0-9a-f]{8}' on this trainer"
+    assert re.search(pattern, result.output), result.output
+
+
+def test_a_folder_without_an_adapter_is_refused(tmp_path: Path) -> None:
+    data = write_csv(tmp_path / "payments.csv")
+    args = ["evaluate-adapter", "--adapter", str(tmp_path / "none"), "--dataset", str(data)]
+    result = runner.invoke(app, [*args, "--text-field", "comment", "--label-field", "code"])
+    assert result.exit_code == 2, result.output
+    assert "error (INVALID_ARGUMENT): adapter_dir:" in result.output

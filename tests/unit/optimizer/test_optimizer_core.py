@@ -12,14 +12,30 @@ import optuna
 import pytest
 
 from loratune.common.v1 import common_pb2
-from loratune.evaluator.v1 import evaluator_pb2
 from loratune.optimizer.v1 import optimizer_pb2
-from loratune.trainer.v1 import trainer_pb2
 from services.common.defaults import TrainingDefaults
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.optimizer.api.convert import (
+    evaluation_from_proto,
+    hyperparameters_to_proto,
+    study_request_from_proto,
+    study_to_proto,
+    trial_to_proto,
+)
 from services.optimizer.clients import StaticTrainers
 from services.optimizer.core.optimizer import Optimizer, OptimizerOptions
-from services.optimizer.core.ports import JudgeModel
+from services.optimizer.core.ports import (
+    Evaluation,
+    EvaluationRequest,
+    JobCompleted,
+    JobEvaluation,
+    JobEvent,
+    JobFailed,
+    JobProgress,
+    JudgeModel,
+    TrainerState,
+    TrainingJob,
+)
 
 
 class FakeTrainers:
@@ -27,35 +43,35 @@ class FakeTrainers:
 
     def __init__(self, epochs: int = 3) -> None:
         self.epochs = epochs
-        self.jobs: dict[str, trainer_pb2.StartTrainingRequest] = {}
+        self.jobs: dict[str, TrainingJob] = {}
         self.cancelled: list[str] = []
-        self.fail_with: dict[int, trainer_pb2.Failed] = {}  # trial number -> failure
+        self.fail_with: dict[int, JobFailed] = {}  # trial number -> failure
         self.lose: set[int] = set()  # trial numbers whose trainer disappears
         self.curve: list[float] | None = None  # objective per epoch for every trial
         self.started = 0
 
-    async def start(self, address: str, request: trainer_pb2.StartTrainingRequest) -> None:
+    async def start(self, address: str, request: TrainingJob) -> None:
         self.jobs[request.job_id] = request
         self.started += 1
 
-    async def watch(self, address: str, job_id: str) -> AsyncIterator[trainer_pb2.TrainingEvent]:
+    async def watch(self, address: str, job_id: str) -> AsyncIterator[JobEvent]:
+        if job_id not in self.jobs:  # as a restarted trainer answers
+            raise NotFound(f"no job '{job_id}' on this trainer (it may have restarted)")
         request = self.jobs[job_id]
         number = int(job_id.split("-t")[1].split("-")[0])
-        lr = request.hyperparameters.training.learning_rate
+        lr = request.hyperparameters.learning_rate
         for epoch in range(1, self.epochs + 1):
             await asyncio.sleep(0)
             if job_id in self.cancelled:
-                yield trainer_pb2.TrainingEvent(
-                    failed=trainer_pb2.Failed(reason=trainer_pb2.FAILURE_REASON_CANCELLED)
-                )
+                yield JobFailed("CANCELLED", "cancelled by a client")
                 return
             if number in self.lose:
                 self.lose.discard(number)
                 raise Unavailable("trainer 127.0.0.1:1: connection reset")
             if number in self.fail_with:
-                yield trainer_pb2.TrainingEvent(failed=self.fail_with.pop(number))
+                yield self.fail_with.pop(number)
                 return
-            yield trainer_pb2.TrainingEvent(progress=trainer_pb2.Progress(epoch=epoch, step=epoch))
+            yield JobProgress(epoch=epoch, step=epoch, total_steps=self.epochs, loss=1.0)
             # Higher learning rates score better here; the score rises with epochs.
             score = min(1.0, lr * 100 + 0.1 * epoch)
             if self.curve is not None:
@@ -66,22 +82,22 @@ class FakeTrainers:
                 folder = folder / "epochs" / f"epoch-{epoch}"
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "adapter_model.safetensors").write_text(f"epoch {epoch}")
-            yield trainer_pb2.TrainingEvent(
-                evaluation=trainer_pb2.EvaluationPoint(
-                    epoch=epoch,
-                    predictions=[f"{score}"],
-                    references=["x"],
-                    labels=["x"],
-                    adapter_dir=str(folder),
-                )
+            yield JobEvaluation(
+                epoch=epoch,
+                step=epoch,
+                eval_loss=1.0,
+                predictions=[f"{score}"],
+                references=["x"],
+                labels=["x"],
+                adapter_dir=str(folder),
             )
-        yield trainer_pb2.TrainingEvent(completed=trainer_pb2.Completed(artifact_dir="/tmp"))
+        yield JobCompleted(artifact_dir="/tmp")
 
     async def cancel(self, address: str, job_id: str) -> None:
         self.cancelled.append(job_id)
 
-    async def status(self, address: str) -> trainer_pb2.GetTrainerStatusResponse | None:
-        return trainer_pb2.GetTrainerStatusResponse(device="cpu")
+    async def status(self, address: str) -> TrainerState | None:
+        return TrainerState(busy=False)
 
 
 class FakeEvaluator:
@@ -91,17 +107,19 @@ class FakeEvaluator:
         self.unavailable = 0
         self.calls = 0
 
-    async def evaluate(self, request: evaluator_pb2.EvaluateRequest) -> common_pb2.EvaluationResult:
+    async def evaluate(self, request: EvaluationRequest) -> Evaluation:
         self.calls += 1
         if self.unavailable:
             self.unavailable -= 1
             raise Unavailable("evaluator: connection refused")
         value = float(request.predictions[0])
-        return common_pb2.EvaluationResult(
-            task_type=request.task_type,
-            objective=value,
-            objective_name="f1_macro",
-            classification=common_pb2.ClassificationMetrics(f1_macro=value),
+        return evaluation_from_proto(
+            common_pb2.EvaluationResult(
+                task_type=common_pb2.TASK_TYPE_CLASSIFICATION,
+                objective=value,
+                objective_name="f1_macro",
+                classification=common_pb2.ClassificationMetrics(f1_macro=value),
+            )
         )
 
 
@@ -146,10 +164,21 @@ def create(data: Path, n: int = 6, **kw: Any) -> optimizer_pb2.CreateStudyReques
 async def run(
     optimizer: Optimizer, request: optimizer_pb2.CreateStudyRequest
 ) -> optimizer_pb2.Study:
-    study = await optimizer.create_study(request)
+    study = await create_with(optimizer, request)
     async for _ in optimizer.watch(study.study_id):
         pass
-    return optimizer.get_study(study.study_id)
+    return study_to_proto(await optimizer.get_study(study.study_id))
+
+
+async def create_with(
+    optimizer: Optimizer, request: optimizer_pb2.CreateStudyRequest
+) -> optimizer_pb2.Study:
+    """CreateStudy as the servicer does it: the message in, the message out."""
+    return study_to_proto(await optimizer.create_study(study_request_from_proto(request)))
+
+
+async def trials_of(optimizer: Optimizer, study_id: str) -> list[optimizer_pb2.Trial]:
+    return [trial_to_proto(t) for t in await optimizer.list_trials(study_id)]
 
 
 async def test_median_pruner_prunes_and_cancels_the_job(tmp_path: Path, data: Path) -> None:
@@ -160,7 +189,7 @@ async def test_median_pruner_prunes_and_cancels_the_job(tmp_path: Path, data: Pa
     assert study.trials_complete + study.trials_pruned == 8
     assert study.trials_pruned >= 1
     assert trainers.cancelled  # a pruned trial's job is cancelled at once
-    trials = optimizer.list_trials(study.study_id)
+    trials = await trials_of(optimizer, study.study_id)
     # The first trial runs the environment's defaults.
     assert trials[0].hyperparameters.training.learning_rate == pytest.approx(1e-4)
     assert trials[0].hyperparameters.lora.rank == 16
@@ -172,7 +201,7 @@ async def test_a_trial_keeps_its_best_epoch_not_its_last(tmp_path: Path, data: P
     optimizer = make(tmp_path, trainers, FakeEvaluator())
     study = await run(optimizer, create(data, n=5, pruner="none"))
     assert study.state == optimizer_pb2.STUDY_STATE_COMPLETED
-    trials = optimizer.list_trials(study.study_id)
+    trials = await trials_of(optimizer, study.study_id)
     for trial in trials:
         assert trial.objective == pytest.approx(0.9) and trial.best_epoch == 2
         assert list(trial.epoch_objectives) == pytest.approx([0.5, 0.9, 0.7])
@@ -205,24 +234,25 @@ async def test_a_lost_trainer_runs_the_same_trial_again_uncounted(
     trainers.lose = {1}
     optimizer = make(tmp_path, trainers, FakeEvaluator())
     study = await run(optimizer, create(data, n=5, pruner="none"))
-    trials = optimizer.list_trials(study.study_id)
+    trials = await trials_of(optimizer, study.study_id)
     assert study.trials_complete == 5 and study.trials_failed == 0 and len(trials) == 5
     again = trials[1]
     assert again.attempt == 2 and again.state == optimizer_pb2.TRIAL_STATE_COMPLETE
     assert len(again.interruptions) == 1 and "lost" in again.interruptions[0]
     jobs = [trainers.jobs[j] for j in ("s-t1-a1", "s-t1-a2")]
-    assert jobs[0].hyperparameters == jobs[1].hyperparameters == again.hyperparameters
+    assert jobs[0].hyperparameters == jobs[1].hyperparameters
+    assert hyperparameters_to_proto(jobs[0].hyperparameters) == again.hyperparameters
     assert jobs[0].output_dir == jobs[1].output_dir == again.artifact_dir
 
 
 async def test_a_trainer_shutting_down_costs_no_failure(tmp_path: Path, data: Path) -> None:
     trainers = FakeTrainers(epochs=2)
-    shutdown = trainer_pb2.Failed(reason=trainer_pb2.FAILURE_REASON_SHUTDOWN, message="SIGTERM")
+    shutdown = JobFailed("SHUTDOWN", "SIGTERM")
     trainers.fail_with = {0: shutdown, 2: shutdown}
     optimizer = make(tmp_path, trainers, FakeEvaluator(), max_trial_failures=1)
     study = await run(optimizer, create(data, n=5, pruner="none"))
     assert study.state == optimizer_pb2.STUDY_STATE_COMPLETED, study.failure_reason
-    trials = optimizer.list_trials(study.study_id)
+    trials = await trials_of(optimizer, study.study_id)
     assert study.trials_complete == 5 and study.trials_failed == 0 and len(trials) == 5
     assert [len(t.interruptions) for t in trials] == [1, 0, 1, 0, 0]
     assert "shut down" in trials[0].interruptions[0]
@@ -230,10 +260,10 @@ async def test_a_trainer_shutting_down_costs_no_failure(tmp_path: Path, data: Pa
 
 async def test_endless_interruptions_fail_the_trial_in_the_end(tmp_path: Path, data: Path) -> None:
     trainers = FakeTrainers(epochs=1)
-    shutdown = trainer_pb2.Failed(reason=trainer_pb2.FAILURE_REASON_SHUTDOWN, message="SIGTERM")
+    shutdown = JobFailed("SHUTDOWN", "SIGTERM")
 
-    class Always(dict[int, trainer_pb2.Failed]):
-        def pop(self, key: int, *default: Any) -> trainer_pb2.Failed:
+    class Always(dict[int, JobFailed]):
+        def pop(self, key: int, *default: Any) -> JobFailed:
             return shutdown
 
         def __contains__(self, key: object) -> bool:
@@ -242,40 +272,62 @@ async def test_endless_interruptions_fail_the_trial_in_the_end(tmp_path: Path, d
     trainers.fail_with = Always()
     optimizer = make(tmp_path, trainers, FakeEvaluator(), max_trial_interruptions=2)
     study = await run(optimizer, create(data, n=5, pruner="none"))
-    trials = optimizer.list_trials(study.study_id)
+    trials = await trials_of(optimizer, study.study_id)
     assert trials[0].state == optimizer_pb2.TRIAL_STATE_FAIL
     assert "interrupted 3 times" in trials[0].failure_reason
     assert study.trials_complete == 5
 
 
-async def test_out_of_memory_configuration_is_not_run_again(tmp_path: Path, data: Path) -> None:
-    trainers = FakeTrainers(epochs=1)
-    trainers.fail_with = {
-        0: trainer_pb2.Failed(
-            reason=trainer_pb2.FAILURE_REASON_OUT_OF_MEMORY, message="CUDA out of memory"
-        )
-    }
+class OutOfMemoryAtRank4(FakeTrainers):
+    """A trainer on which every rank-4 job runs out of memory at once."""
+
+    def __init__(self) -> None:
+        super().__init__(epochs=1)
+        self.ranks: list[int] = []
+
+    async def start(self, address: str, request: TrainingJob) -> None:
+        await super().start(address, request)
+        number = int(request.job_id.split("-t")[1].split("-")[0])
+        self.ranks.append(request.hyperparameters.rank)
+        if request.hyperparameters.rank == 4:
+            self.fail_with[number] = JobFailed("OUT_OF_MEMORY", "CUDA out of memory")
+
+
+async def test_out_of_memory_configuration_is_never_dispatched_again(
+    tmp_path: Path, data: Path
+) -> None:
+    trainers = OutOfMemoryAtRank4()
     optimizer = make(tmp_path, trainers, FakeEvaluator())
-    study = await run(optimizer, create(data, n=5, pruner="none"))
-    assert study.state == optimizer_pb2.STUDY_STATE_COMPLETED and study.trials_complete == 5
-    trials = optimizer.list_trials(study.study_id)
-    oom = trials[0]
-    assert oom.state == optimizer_pb2.TRIAL_STATE_FAIL and "OUT_OF_MEMORY" in oom.failure_reason
-    again = [
-        t
-        for t in trials[1:]
-        if t.hyperparameters == oom.hyperparameters
-        and t.state == optimizer_pb2.TRIAL_STATE_COMPLETE
-    ]
-    assert not again
+    request = create(data, n=5, pruner="none", sampler="random")
+    # Two configurations only (every other dimension fixed), so the sampler proposes the
+    # one that ran out of memory again and again: it must be skipped, not dispatched.
+    request.search_space.CopyFrom(
+        optimizer_pb2.SearchSpace(
+            rank=[4, 8],
+            alpha_multiplier=[2.0],
+            dropout=optimizer_pb2.FloatRange(low=0.05, high=0.05),
+            learning_rate=optimizer_pb2.FloatRange(low=1e-3, high=1e-3),
+            num_epochs=[1],
+            target_modules=[optimizer_pb2.TargetModulesChoice(name="all-linear")],
+            use_rslora=[False],
+            focal_gamma=optimizer_pb2.FloatRange(low=1.0, high=1.0),
+            use_class_weights=[True],
+            use_weighted_sampler=[False],
+        )
+    )
+    study = await run(optimizer, request)
+    assert study.state == optimizer_pb2.STUDY_STATE_COMPLETED, study.failure_reason
+    assert study.trials_complete == 5
+    assert trainers.ranks.count(4) == 1  # the first OOM, and never again
+    trials = await trials_of(optimizer, study.study_id)
+    skipped = [t for t in trials if t.failure_reason.startswith("skipped")]
+    assert skipped, "the sampler never proposed rank 4 again: the test proves nothing"
+    assert all(t.hyperparameters.lora.rank == 0 for t in skipped)  # never built a job
 
 
 async def test_too_many_failures_end_the_study_failed(tmp_path: Path, data: Path) -> None:
     trainers = FakeTrainers(epochs=1)
-    trainers.fail_with = {
-        n: trainer_pb2.Failed(reason=trainer_pb2.FAILURE_REASON_NAN_LOSS, message="loss is nan")
-        for n in range(20)
-    }
+    trainers.fail_with = {n: JobFailed("NAN_LOSS", "loss is nan") for n in range(20)}
     optimizer = make(tmp_path, trainers, FakeEvaluator(), max_trial_failures=3)
     study = await run(optimizer, create(data, n=5))
     assert study.state == optimizer_pb2.STUDY_STATE_FAILED
@@ -296,15 +348,15 @@ async def test_judge_is_checked_at_creation(tmp_path: Path, data: Path) -> None:
     _generation(request, tmp_path)
     request.fine_tuning_params.judge_model_id = "claude"
     with pytest.raises(NotFound, match=r"LLM Judge model not found: 'claude' \(available: gemini"):
-        await optimizer.create_study(request)
+        await create_with(optimizer, request)
     # A judge the gateway knows but holds no credentials for fails now, not trials later.
     request.fine_tuning_params.judge_model_id = "gigachat"
     with pytest.raises(FailedPrecondition) as caught:
-        await optimizer.create_study(request)
+        await create_with(optimizer, request)
     assert caught.value.field == "fine_tuning_params.judge_model_id"
     assert "no credentials" in caught.value.message and "gemini" in caught.value.message
     request.fine_tuning_params.judge_model_id = ""  # the default, which has them
-    study = await optimizer.create_study(request)
+    study = await create_with(optimizer, request)
     assert study.state == optimizer_pb2.STUDY_STATE_QUEUED
     await optimizer.shutdown()
 
@@ -330,7 +382,7 @@ async def test_what_can_be_checked_at_creation_is(
     request = create(data)
     change(request)
     with pytest.raises(InvalidArgument) as caught:
-        await optimizer.create_study(request)
+        await create_with(optimizer, request)
     assert caught.value.field == field
     assert len(caught.value.message) < 400  # never the whole 20,000 characters back
     assert "\n" not in caught.value.message
@@ -391,7 +443,7 @@ async def test_variables_the_user_set_hold_for_every_trial(
         )
 
     study = await run(optimizer(FakeTrainers(epochs=1)), create(data, n=8, pruner="none"))
-    trials = optimizer(FakeTrainers()).list_trials(study.study_id)
+    trials = await trials_of(optimizer(FakeTrainers()), study.study_id)
     assert len(trials) == 8
     for trial in trials:
         _held(trial, {1})
@@ -399,14 +451,14 @@ async def test_variables_the_user_set_hold_for_every_trial(
     request = create(data, n=6, pruner="none", name="searched")
     request.search_space.num_epochs[:] = [2, 3]
     study = await run(optimizer(FakeTrainers(epochs=1)), request)
-    trials = optimizer(FakeTrainers()).list_trials(study.study_id)
+    trials = await trials_of(optimizer(FakeTrainers()), study.study_id)
     assert {t.hyperparameters.training.num_epochs for t in trials} == {2, 3}
     for trial in trials:
         _held(trial, {2, 3})
     # What was set holds after a restart whose environment no longer sets it.
     trainers = FakeTrainers(epochs=1)
     first = optimizer(trainers)
-    await first.create_study(create(data, n=6, pruner="none", name="restarted"))
+    await create_with(first, create(data, n=6, pruner="none", name="restarted"))
     await first.shutdown()
     for name in SET_VARIABLES:
         monkeypatch.delenv(name)
@@ -414,7 +466,95 @@ async def test_variables_the_user_set_hold_for_every_trial(
     await second.resume_all()
     async for _ in second.watch("restarted"):
         pass
-    trials = second.list_trials("restarted")
+    trials = await trials_of(second, "restarted")
     assert sum(t.state == optimizer_pb2.TRIAL_STATE_COMPLETE for t in trials) == 6
     for trial in trials:
         _held(trial, {1})
+
+
+def _schema_1_storage(path: Path, data: Path, root: Path) -> optuna.storages.BaseStorage:
+    """A SQLite storage as the previous version wrote it: the record is protobuf's JSON."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
+    study = optuna.create_study(storage=storage, study_name="old", direction="maximize")
+    request = {
+        "projectId": "7",
+        "studyName": "old",
+        "fineTuningParams": {"baseModelName": "org/model", "nTrials": 5},
+        "dataset": {"uri": str(data), "taskType": "TASK_TYPE_CLASSIFICATION", "seed": "3"},
+        "searchSpace": {"rank": [4, 8], "numEpochs": [1]},
+        "pruner": "none",
+        "training": {"maxSeqLength": 48},
+    }
+    study.set_user_attr(
+        "loratune",
+        {
+            "project_id": 7,
+            "fine_tuning_params": {"baseModelName": "org/model", "nTrials": 5},
+            "request": request,
+            "fingerprint": "0" * 64,
+            "state": "RUNNING",
+            "create_time": "2026-11-30T10:00:00+00:00",
+            "start_time": "2026-11-30T10:00:01+00:00",
+            "objective_name": "f1_macro",
+            "architecture": "decoder",
+            "failures": 0,
+            "oom_configs": [],
+        },
+    )
+    old_hyper = {
+        "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.05, "useRslora": True},
+        "training": {"learningRate": 0.002, "numEpochs": 1, "batchSize": 4, "maxSeqLength": 48},
+        "balancing": {"focalGamma": 1.5, "useClassWeights": True},
+    }
+    distributions = {
+        "rank": optuna.distributions.CategoricalDistribution([4, 8]),
+        "learning_rate": optuna.distributions.FloatDistribution(1e-3, 1e-2, log=True),
+    }
+    for number in range(3):
+        trial = study.ask(distributions)
+        for name, value in (
+            ("attempt", 1),
+            ("job_id", f"old-t{number}-a1"),
+            ("trainer", "127.0.0.1:1"),
+            ("artifact_dir", str(root / "old" / f"trial-{number}")),
+            ("hyperparameters", old_hyper),
+        ):
+            trial.set_user_attr(name, value)
+        if number < 2:
+            study.tell(trial, 0.5 + number / 10)  # two finished before the upgrade
+    return storage  # trial 2 was left running by the old process
+
+
+async def test_a_study_stored_by_the_previous_version_resumes(tmp_path: Path, data: Path) -> None:
+    storage = _schema_1_storage(tmp_path / "optuna.db", data, tmp_path)
+    trainers = FakeTrainers(epochs=1)  # knows no job of the old process: NOT_FOUND
+    optimizer = Optimizer(
+        storage=storage,
+        trainers=trainers,
+        discovery=StaticTrainers(["127.0.0.1:1"]),
+        evaluator=FakeEvaluator(),
+        judges=FakeJudges(),
+        defaults=TrainingDefaults(),
+        options=OptimizerOptions(artifact_root=tmp_path, poll_seconds=0.01),
+    )
+    view = await optimizer.get_study("old")
+    assert view.record.spec.fine_tuning.n_trials == 5
+    assert view.record.spec.dataset.seed == 3 and view.record.spec.training.max_seq_length == 48
+    assert view.record.spec.space.rank == (4, 8)
+    await optimizer.resume_all()
+    async for _ in optimizer.watch("old"):
+        pass
+    study = study_to_proto(await optimizer.get_study("old"))
+    trials = await trials_of(optimizer, "old")
+    assert study.state == optimizer_pb2.STUDY_STATE_COMPLETED, study.failure_reason
+    assert study.trials_complete == 5 and study.trials_failed == 0
+    assert study.project_id == 7 and study.fine_tuning_params.base_model_name == "org/model"
+    # The old trials' hyperparameters read back from protobuf's JSON.
+    assert trials[0].hyperparameters.lora.use_rslora
+    assert trials[0].hyperparameters.training.learning_rate == pytest.approx(0.002)
+    # The trial the old process left running ran again (its job was gone), same number.
+    assert trials[2].attempt == 2 and "lost" in trials[2].interruptions[0]
+    assert trainers.jobs["old-t2-a2"].hyperparameters.rank == 4
+    # Stored again in the current schema.
+    stored = optuna.load_study(study_name="old", storage=storage).user_attrs["loratune"]
+    assert stored["schema"] == 2 and stored["spec"]["dataset"]["task"] == "classification"

@@ -26,6 +26,7 @@ from services.trainer.core.types import (
     Cancelled,
     EncodedExample,
     EvaluationEvent,
+    LoopOptions,
     LoraSpec,
     NanLoss,
     ProgressEvent,
@@ -55,11 +56,8 @@ def _context(recorder: Recorder, every: int = 1, **extra: object) -> RunContext:
 # ---- training on real tiny models ----------------------------------------------------------
 
 
-def test_encoder_classifier_minilm_learns_in_two_epochs(
-    minilm_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_encoder_classifier_minilm_learns_in_two_epochs(minilm_dir: Path) -> None:
     # The steps alone must learn: with the linear probe the head is right before step 1.
-    monkeypatch.setattr(loop, "LINEAR_PROBE", False)
     spec = make_spec(
         minilm_dir,
         Task.CLASSIFICATION,
@@ -72,7 +70,9 @@ def test_encoder_classifier_minilm_learns_in_two_epochs(
     data, encoded = classification_data(rows[:40], rows[40:], prepared.tokenizer)
     recorder = Recorder()
 
-    result = train(prepared, data, encoded, spec, _context(recorder))
+    result = train(
+        prepared, data, encoded, spec, _context(recorder), options=LoopOptions(linear_probe=False)
+    )
 
     progress = recorder.of(ProgressEvent)
     assert [e.step for e in progress] == list(range(1, 11))  # 40 rows / 8, two epochs

@@ -19,7 +19,7 @@ from services.trainer.core.probe import (
     linear_probe_head,
 )
 from services.trainer.core.tokenize import collate
-from services.trainer.core.types import RunContext, Task, TrainingSpec
+from services.trainer.core.types import LoopOptions, RunContext, Task, TrainingSpec
 from tests.unit.trainer.conftest import (
     Recorder,
     classification_data,
@@ -147,13 +147,12 @@ def test_a_decoder_head_over_every_position_is_left_as_it_is(tiny_qwen_dir: Path
     cache.release()
 
 
-def test_training_starts_from_the_probe(minilm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_training_starts_from_the_probe(minilm_dir: Path) -> None:
     """With the probe, the first epoch's evaluation is already right on a task the frozen
     features separate; the probe's accuracy goes to TensorBoard at step 0."""
     rows = sentiment_rows(48, seed=5)
 
     def first_eval(probe: bool) -> tuple[float, dict[str, float]]:
-        monkeypatch.setattr(loop, "LINEAR_PROBE", probe)
         spec = make_spec(
             minilm_dir,
             Task.CLASSIFICATION,
@@ -176,6 +175,7 @@ def test_training_starts_from_the_probe(minilm_dir: Path, monkeypatch: pytest.Mo
             spec,
             RunContext(emit=recorder.emit, should_stop=recorder.should_stop),
             scalar_logger=Scalars(),
+            options=LoopOptions(linear_probe=probe),
         )
         cache.release()
         assert result.last_eval is not None

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from services.trainer.core import loop
 from services.trainer.core.artifacts import (
     load_adapter_for_inference,
     predict_labels,
@@ -26,7 +25,14 @@ from services.trainer.core.models import (
     pooling_of,
     use_mean_pooling,
 )
-from services.trainer.core.types import BalancingSpec, LoraSpec, RunContext, Task, TrainingSpec
+from services.trainer.core.types import (
+    BalancingSpec,
+    LoopOptions,
+    LoraSpec,
+    RunContext,
+    Task,
+    TrainingSpec,
+)
 from tests.unit.trainer.conftest import (
     Recorder,
     classification_data,
@@ -168,13 +174,13 @@ def test_the_head_trains_at_a_higher_learning_rate_than_the_adapter(minilm_dir: 
     groups = parameter_groups(prepared.model, 1e-4, Task.CLASSIFICATION)
     adapter, head_group = groups
     assert adapter["lr"] == 1e-4  # first: the rate progress events report
-    assert head_group["lr"] == head_learning_rate(1e-4) == loop.HEAD_MIN_LEARNING_RATE
+    assert head_group["lr"] == head_learning_rate(1e-4) == LoopOptions().head_min_learning_rate
     assert {id(p) for p in head_group["params"]} == {id(p) for p in head}
     assert all("lora_" in names[id(p)] for p in adapter["params"])
     trainable = sum(p.numel() for p in prepared.model.parameters() if p.requires_grad)
     assert sum(p.numel() for g in groups for p in g["params"]) == trainable
     # Well above the floor the multiplier rules.
-    assert head_learning_rate(2e-3) == pytest.approx(2e-3 * loop.HEAD_LR_MULTIPLIER)
+    assert head_learning_rate(2e-3) == pytest.approx(2e-3 * LoopOptions().head_lr_multiplier)
     assert head_learning_rate(1.0) >= 1.0
     # A head the linear probe has fitted is refined at the adapter's own rate.
     probed = parameter_groups(prepared.model, 1e-4, Task.CLASSIFICATION, head_probed=True)
@@ -187,10 +193,8 @@ def test_generation_has_a_single_parameter_group(tiny_qwen_dir: Path) -> None:
     assert len(groups) == 1 and groups[0]["lr"] == 3e-4
 
 
-def test_the_head_moves_faster_than_at_the_adapter_rate(
-    minilm_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(loop, "LINEAR_PROBE", False)  # the probe would move it before step 1
+def test_the_head_moves_faster_than_at_the_adapter_rate(minilm_dir: Path) -> None:
+    no_probe = LoopOptions(linear_probe=False)  # the probe would move it before step 1
     # One step, no warmup: AdamW's first update is about lr per weight, so the head's
     # largest change tracks its own learning rate, not the adapter's.
     spec = make_spec(
@@ -204,7 +208,7 @@ def test_the_head_moves_faster_than_at_the_adapter_rate(
     data, encoded = classification_data(rows, rows[:2], prepared.tokenizer)
     head = head_parameters(prepared.model)
     before = [p.detach().clone() for p in head]
-    train(prepared, data, encoded, spec, _context(Recorder()))
+    train(prepared, data, encoded, spec, _context(Recorder()), options=no_probe)
     moved = max(float((p.detach() - b).abs().max()) for p, b in zip(head, before, strict=True))
     # Two steps at peak rates lr and lr / 2 (linear decay): at most 1.5 x lr per weight.
     assert moved > 1.5 * 1e-4 * 5

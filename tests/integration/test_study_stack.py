@@ -1,4 +1,4 @@
-"""OptimizerService over gRPC: a whole study on real trainers and a real evaluator (tiny, CPU)."""
+"""A whole study over gRPC on real trainers and a real evaluator (tiny models, CPU)."""
 
 from __future__ import annotations
 
@@ -277,44 +277,3 @@ async def test_classes_left_out_are_reported_and_scored_as_misses(
     with console.capture() as captured:
         render_result(study, trials)
     assert "left out of training" in captured.get() and "rare" in captured.get()
-
-
-def _bad(
-    sentiment: Path, tiny_qwen: Path, tmp_path: Path
-) -> list[tuple[Any, str, grpc.StatusCode]]:
-    ok = study_request(sentiment, tiny_qwen)
-    bad_trials = study_request(sentiment, tiny_qwen, n_trials=3)
-    missing = study_request(tmp_path / "nope.jsonl", tiny_qwen)
-    no_model = study_request(sentiment, tmp_path / "no-model")
-    inverted = study_request(sentiment, tiny_qwen)
-    inverted.search_space.learning_rate.CopyFrom(optimizer_pb2.FloatRange(low=1e-2, high=1e-4))
-    empty_rank = study_request(sentiment, tiny_qwen)
-    empty_rank.search_space.target_modules.add(name="made-up")
-    sampler = study_request(sentiment, tiny_qwen, sampler="annealing")
-    pruner = study_request(sentiment, tiny_qwen, pruner="sometimes")
-    judge = study_request(sentiment, tiny_qwen)
-    judge.fine_tuning_params.use_llm_judge = True
-    del ok
-    invalid = grpc.StatusCode.INVALID_ARGUMENT
-    return [
-        (bad_trials, "fine_tuning_params.n_trials", invalid),
-        (missing, "dataset.uri", invalid),
-        (no_model, "fine_tuning_params.base_model_name", invalid),
-        (inverted, "search_space.learning_rate", invalid),
-        (empty_rank, "search_space.target_modules", invalid),
-        (sampler, "sampler", invalid),
-        (pruner, "pruner", invalid),
-        (judge, "fine_tuning_params.use_llm_judge", invalid),
-    ]
-
-
-async def test_bad_input(stack: Stack, sentiment: Path, tiny_qwen: Path, tmp_path: Path) -> None:
-    stub = await stack.start(n_trainers=1)
-    for request, field, code in _bad(sentiment, tiny_qwen, tmp_path):
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.CreateStudy(request)
-        assert caught.value.code() == code, (field, caught.value.details())
-        assert caught.value.details().startswith(field), (field, caught.value.details())
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.GetStudy(optimizer_pb2.GetStudyRequest(study_id="missing"))
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,0 +1,344 @@
+"""The optimizer's edge: the contract's messages to and from the core's domain types.
+
+Inbound: CreateStudyRequest -> StudyRequest. Outbound: StudyView / TrialView / StudyEvent
+-> Study / Trial / StudyEvent; and, for the gRPC adapters of the ports (clients.py),
+TrainingJob -> StartTrainingRequest, TrainingEvent -> JobEvent, EvaluationRequest ->
+EvaluateRequest, EvaluationResult -> Evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from google.protobuf import json_format
+
+from loratune.common.v1 import common_pb2
+from loratune.evaluator.v1 import evaluator_pb2
+from loratune.optimizer.v1 import optimizer_pb2
+from loratune.trainer.v1 import trainer_pb2
+from services.common.errors import InvalidArgument
+from services.optimizer.core.events import (
+    StudyEvent,
+    StudyFinished,
+    TrialEvaluated,
+    TrialFinished,
+    TrialProgress,
+    TrialStarted,
+)
+from services.optimizer.core.ports import (
+    Evaluation,
+    EvaluationRequest,
+    ExcludedClass,
+    JobCompleted,
+    JobDataPrepared,
+    JobEvaluation,
+    JobEvent,
+    JobFailed,
+    JobProgress,
+    TrainerState,
+    TrainingJob,
+)
+from services.optimizer.core.records import (
+    CLASSIFICATION,
+    GENERATION,
+    DatasetRef,
+    FineTuning,
+    Hyperparameters,
+    StudyRequest,
+    TrainingOverrides,
+)
+from services.optimizer.core.views import StudyView, TrialView
+
+_TASKS = {
+    common_pb2.TASK_TYPE_CLASSIFICATION: CLASSIFICATION,
+    common_pb2.TASK_TYPE_GENERATION: GENERATION,
+}
+_TASK_ENUMS = {name: value for value, name in _TASKS.items()}
+_TRIAL_STATES = {
+    "RUNNING": optimizer_pb2.TRIAL_STATE_RUNNING,
+    "COMPLETE": optimizer_pb2.TRIAL_STATE_COMPLETE,
+    "PRUNED": optimizer_pb2.TRIAL_STATE_PRUNED,
+    "FAIL": optimizer_pb2.TRIAL_STATE_FAIL,
+    "WAITING": optimizer_pb2.TRIAL_STATE_WAITING,
+}
+
+
+# ---- inbound -------------------------------------------------------------------------------
+
+
+def dataset_from_proto(dataset: common_pb2.DatasetSpec) -> DatasetRef:
+    """The domain dataset; an unset task is INVALID_ARGUMENT."""
+    task = _TASKS.get(dataset.task_type)
+    if task is None:
+        raise InvalidArgument(
+            "must be TASK_TYPE_CLASSIFICATION or TASK_TYPE_GENERATION", field="dataset.task_type"
+        )
+    return DatasetRef(
+        uri=dataset.uri,
+        task=task,
+        format=dataset.format,
+        text_field=dataset.text_field,
+        label_field=dataset.label_field,
+        prompt_field=dataset.prompt_field,
+        target_field=dataset.target_field,
+        validation_uri=dataset.validation_uri,
+        validation_fraction=dataset.validation_fraction,
+        seed=dataset.seed,
+    )
+
+
+def study_request_from_proto(request: optimizer_pb2.CreateStudyRequest) -> StudyRequest:
+    """CreateStudyRequest -> StudyRequest."""
+    params = request.fine_tuning_params
+    training = request.training
+    return StudyRequest(
+        project_id=request.project_id,
+        study_name=request.study_name,
+        fine_tuning=FineTuning(
+            use_llm_judge=params.use_llm_judge,
+            judge_model_id=params.judge_model_id,
+            base_model_name=params.base_model_name,
+            n_trials=params.n_trials,
+        ),
+        dataset=dataset_from_proto(request.dataset),
+        search_space=json_format.MessageToDict(
+            request.search_space, preserving_proto_field_name=True
+        ),
+        training=TrainingOverrides(
+            gradient_accumulation=training.gradient_accumulation,
+            max_seq_length=training.max_seq_length,
+            warmup_ratio=training.warmup_ratio,
+            weight_decay=training.weight_decay,
+            quantize_4bit=training.quantize_4bit,
+            seed=training.seed,
+        ),
+        max_parallel_trials=request.max_parallel_trials,
+        sampler=request.sampler,
+        pruner=request.pruner,
+        max_eval_samples=request.max_eval_samples,
+        judge_sample_size=request.judge_sample_size,
+    )
+
+
+# ---- outbound: studies, trials, events -------------------------------------------------------
+
+
+def dataset_to_proto(dataset: DatasetRef) -> common_pb2.DatasetSpec:
+    """DatasetRef -> DatasetSpec."""
+    return common_pb2.DatasetSpec(
+        uri=dataset.uri,
+        format=dataset.format,
+        task_type=_TASK_ENUMS[dataset.task],
+        text_field=dataset.text_field,
+        label_field=dataset.label_field,
+        prompt_field=dataset.prompt_field,
+        target_field=dataset.target_field,
+        validation_uri=dataset.validation_uri,
+        validation_fraction=dataset.validation_fraction,
+        seed=dataset.seed,
+    )
+
+
+def hyperparameters_to_proto(hyper: Hyperparameters) -> common_pb2.Hyperparameters:
+    """Hyperparameters -> the contract's three groups."""
+    return json_format.ParseDict(hyper.to_storage(), common_pb2.Hyperparameters())
+
+
+def evaluation_to_proto(document: Mapping[str, Any]) -> common_pb2.EvaluationResult:
+    """An evaluation document (the contract's JSON) -> EvaluationResult."""
+    return json_format.ParseDict(
+        dict(document), common_pb2.EvaluationResult(), ignore_unknown_fields=True
+    )
+
+
+def _stamp(value: str | datetime | None, message: Any) -> None:
+    if not value:
+        return
+    message.FromDatetime(datetime.fromisoformat(value) if isinstance(value, str) else value)
+
+
+def trial_to_proto(view: TrialView) -> optimizer_pb2.Trial:
+    """TrialView -> Trial."""
+    message = optimizer_pb2.Trial(
+        number=view.number,
+        state=_TRIAL_STATES[view.state],
+        artifact_dir=view.artifact_dir,
+        trainer=view.trainer,
+        attempt=view.attempt,
+        failure_reason=view.failure_reason,
+        best_epoch=view.best_epoch,
+        epoch_objectives=list(view.epoch_objectives),
+        interruptions=list(view.interruptions),
+    )
+    if view.hyperparameters is not None:
+        message.hyperparameters.CopyFrom(hyperparameters_to_proto(view.hyperparameters))
+    if view.evaluation is not None:
+        message.evaluation.CopyFrom(evaluation_to_proto(view.evaluation))
+    _stamp(view.start_time, message.start_time)
+    _stamp(view.end_time, message.end_time)
+    if view.objective is not None:
+        message.objective = view.objective
+    return message
+
+
+def study_to_proto(view: StudyView) -> optimizer_pb2.Study:
+    """StudyView -> Study."""
+    record, spec = view.record, view.record.spec
+    fine = spec.fine_tuning
+    message = optimizer_pb2.Study(
+        study_id=view.study_id,
+        project_id=spec.project_id,
+        state=optimizer_pb2.StudyState.Value(f"STUDY_STATE_{record.state}"),
+        fine_tuning_params=optimizer_pb2.FineTuningParams(
+            use_llm_judge=fine.use_llm_judge,
+            judge_model_id=fine.judge_model_id,
+            base_model_name=fine.base_model_name,
+            n_trials=fine.n_trials,
+        ),
+        dataset=dataset_to_proto(spec.dataset),
+        trials_complete=view.counts.get("COMPLETE", 0),
+        trials_pruned=view.counts.get("PRUNED", 0),
+        trials_failed=view.counts.get("FAIL", 0),
+        trials_running=view.counts.get("RUNNING", 0),
+        trials_waiting=view.counts.get("WAITING", 0),
+        failure_reason=record.failure_reason,
+        best_model_dir=record.best_model_dir,
+        objective_name=spec.objective_name,
+        excluded_classes=[common_pb2.ExcludedClass(**c) for c in record.excluded_classes or []],
+        excluded_note=view.excluded_note,
+    )
+    _stamp(record.create_time or None, message.create_time)
+    if not record.create_time:
+        message.create_time.SetInParent()
+    _stamp(record.start_time, message.start_time)
+    _stamp(record.end_time, message.end_time)
+    if view.best_trial is not None:
+        message.best_trial.CopyFrom(trial_to_proto(view.best_trial))
+    return message
+
+
+def event_to_proto(event: StudyEvent) -> optimizer_pb2.StudyEvent:
+    """StudyEvent -> the contract's StudyEvent."""
+    message = optimizer_pb2.StudyEvent(study_id=event.study_id)
+    message.time.FromDatetime(event.time)
+    body = event.body
+    if isinstance(body, TrialStarted):
+        message.trial_started.trial.CopyFrom(trial_to_proto(body.trial))
+    elif isinstance(body, TrialProgress):
+        message.trial_progress.CopyFrom(
+            optimizer_pb2.TrialProgress(
+                number=body.number,
+                epoch=body.epoch,
+                step=body.step,
+                total_steps=body.total_steps,
+                loss=body.loss,
+            )
+        )
+    elif isinstance(body, TrialEvaluated):
+        message.trial_evaluated.CopyFrom(
+            optimizer_pb2.TrialEvaluated(
+                number=body.number,
+                epoch=body.epoch,
+                evaluation=evaluation_to_proto(body.evaluation.document),
+            )
+        )
+    elif isinstance(body, TrialFinished):
+        message.trial_finished.trial.CopyFrom(trial_to_proto(body.trial))
+    elif isinstance(body, StudyFinished):
+        message.study_finished.study.CopyFrom(study_to_proto(body.study))
+    return message
+
+
+# ---- the ports' messages (used by clients.py) ------------------------------------------------
+
+
+def job_to_proto(job: TrainingJob) -> trainer_pb2.StartTrainingRequest:
+    """TrainingJob -> StartTrainingRequest."""
+    return trainer_pb2.StartTrainingRequest(
+        job_id=job.job_id,
+        base_model=job.base_model,
+        dataset=dataset_to_proto(job.dataset),
+        hyperparameters=hyperparameters_to_proto(job.hyperparameters),
+        output_dir=job.output_dir,
+        max_eval_samples=job.max_eval_samples,
+    )
+
+
+def job_event_from_proto(event: trainer_pb2.TrainingEvent) -> JobEvent | None:
+    """TrainingEvent -> JobEvent (None for an event the optimizer does not use)."""
+    kind = event.WhichOneof("event")
+    if kind == "progress":
+        p = event.progress
+        return JobProgress(p.epoch, p.step, p.total_steps, p.loss)
+    if kind == "evaluation":
+        e = event.evaluation
+        return JobEvaluation(
+            epoch=e.epoch,
+            step=e.step,
+            eval_loss=e.eval_loss,
+            predictions=list(e.predictions),
+            references=list(e.references),
+            prompts=list(e.prompts),
+            labels=list(e.labels),
+            adapter_dir=e.adapter_dir,
+        )
+    if kind == "dataset_prepared":
+        d = event.dataset_prepared
+        return JobDataPrepared(
+            excluded=[ExcludedClass(c.label, c.train_rows, c.validation_rows) for c in d.excluded]
+        )
+    if kind == "completed":
+        return JobCompleted(event.completed.artifact_dir)
+    if kind == "failed":
+        reason = trainer_pb2.FailureReason.Name(event.failed.reason)
+        return JobFailed(reason.removeprefix("FAILURE_REASON_"), event.failed.message)
+    return None
+
+
+def trainer_state_from_proto(status: trainer_pb2.GetTrainerStatusResponse) -> TrainerState:
+    """GetTrainerStatusResponse -> TrainerState."""
+    return TrainerState(busy=status.busy, shutting_down=status.shutting_down)
+
+
+def evaluation_request_to_proto(request: EvaluationRequest) -> evaluator_pb2.EvaluateRequest:
+    """EvaluationRequest -> EvaluateRequest."""
+    message = evaluator_pb2.EvaluateRequest(
+        task_type=common_pb2.TASK_TYPE_CLASSIFICATION
+        if request.classification
+        else common_pb2.TASK_TYPE_GENERATION,
+        predictions=request.predictions,
+        references=request.references,
+        prompts=request.prompts,
+        labels=request.labels,
+    )
+    if request.judge is not None:
+        message.judge.CopyFrom(
+            evaluator_pb2.JudgeOptions(
+                enabled=request.judge.enabled,
+                judge_model_id=request.judge.judge_model_id,
+                seed=request.judge.seed,
+            )
+        )
+        if request.judge.sample_size:
+            message.judge.sample_size = request.judge.sample_size
+    return message
+
+
+def evaluation_from_proto(result: common_pb2.EvaluationResult) -> Evaluation:
+    """EvaluationResult -> Evaluation: the objective, figures for logs, the whole document."""
+    figures: dict[str, float] = {}
+    if result.HasField("classification"):
+        c = result.classification
+        figures |= {"f1_macro": c.f1_macro, "f1_micro": c.f1_micro, "accuracy": c.accuracy}
+    if result.HasField("bertscore"):
+        figures |= {"bertscore_f1": result.bertscore.f1, "combined": result.combined_score}
+    if result.HasField("judge"):
+        figures["judge_mean"] = result.judge.mean_score
+    return Evaluation(
+        objective=result.objective,
+        objective_name=result.objective_name,
+        figures=figures,
+        document=json_format.MessageToDict(result),
+    )

@@ -1,0 +1,511 @@
+"""One trial's life: dispatch to a trainer, follow its job, evaluate, report, prune, tell.
+
+A trial ends in one of three ways: told (COMPLETE with its best epoch's objective, PRUNED,
+or FAIL with the reason), interrupted through no fault of its own (its trainer stopped or
+vanished, the optimizer restarted: it runs again, same parameters and number, uncounted,
+up to `max_trial_interruptions`), or it stops the study (`fatal`: bad data, a refused job,
+an evaluator that cannot score).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from services.common.errors import InvalidArgument, LoratuneError, ResourceExhausted, Unavailable
+from services.optimizer import metrics
+from services.optimizer.core import results
+from services.optimizer.core.events import (
+    EventBus,
+    TrialEvaluated,
+    TrialFinished,
+    TrialProgress,
+    TrialStarted,
+)
+from services.optimizer.core.ports import (
+    Evaluation,
+    EvaluationRequest,
+    EvaluatorPort,
+    JobCompleted,
+    JobDataPrepared,
+    JobEvaluation,
+    JobFailed,
+    JobProgress,
+    JudgeOptions,
+    TrainerPort,
+    TrainingJob,
+)
+from services.optimizer.core.records import Hyperparameters, StudySpec
+from services.optimizer.core.space import SearchSpace, TrialParameters, suggest
+from services.optimizer.core.store import StudyStore
+from services.optimizer.core.views import excluded_note, trial_view
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LifecycleOptions:
+    """How hard the optimizer tries (from OptimizerSettings)."""
+
+    artifact_root: Path
+    max_trial_attempts: int = 3
+    max_trial_interruptions: int = 10
+    evaluation_retry_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a trial's task ended: done (told, or failed), or interrupted and to run again."""
+
+    number: int
+    interrupted: bool = False
+
+
+@dataclass(frozen=True)
+class TrialRun:
+    """One attempt of one trial on one trainer: what following its job needs."""
+
+    study: optuna.Study
+    spec: StudySpec
+    number: int
+    trial_id: int
+    job_id: str
+    address: str
+    attempt: int
+    params: dict[str, Any]
+    trial_dir: Path
+
+
+def hyperparameters(spec: StudySpec, params: TrialParameters, defaults: Any) -> Hyperparameters:
+    """A trial's hyperparameters: the sampled ones, the request's fixed training settings,
+    and the environment's defaults as stored with the study (`spec.training_defaults`)."""
+    fixed = spec.training
+
+    def default(name: str) -> Any:
+        return spec.training_defaults.get(name, getattr(defaults, name))
+
+    return Hyperparameters(
+        rank=params.rank,
+        alpha=params.alpha,
+        dropout=params.dropout,
+        target_modules=tuple(params.target_modules),
+        use_rslora=params.use_rslora,
+        learning_rate=params.learning_rate,
+        num_epochs=params.num_epochs,
+        batch_size=params.batch_size,
+        gradient_accumulation=fixed.gradient_accumulation or int(default("gradient_accumulation")),
+        max_seq_length=fixed.max_seq_length or int(default("max_seq_length")),
+        warmup_ratio=fixed.warmup_ratio,
+        weight_decay=fixed.weight_decay,
+        quantize_4bit=fixed.quantize_4bit,
+        seed=fixed.seed or spec.dataset.seed,
+        focal_gamma=params.focal_gamma,
+        use_class_weights=params.use_class_weights,
+        use_weighted_sampler=params.use_weighted_sampler,
+        min_samples_per_class=int(default("min_samples_per_class")),
+    )
+
+
+class TrialLifecycle:
+    """Runs trials of any study; the study's runner decides when and where."""
+
+    def __init__(
+        self,
+        store: StudyStore,
+        trainers: TrainerPort,
+        evaluator: EvaluatorPort,
+        bus: EventBus,
+        defaults: Any,
+        options: LifecycleOptions,
+    ) -> None:
+        self._store = store
+        self._trainers = trainers
+        self._evaluator = evaluator
+        self._bus = bus
+        self._defaults = defaults
+        self._options = options
+
+    # ---- starting ----------------------------------------------------------------------
+
+    async def new_trial(
+        self, study: optuna.Study, spec: StudySpec, space: SearchSpace, address: str
+    ) -> Outcome:
+        """Asks the sampler for a trial, stores its hyperparameters and dispatches it."""
+        record = await self._store.record(study.study_name)
+        trial = await self._store.run(study.ask)
+        params = await self._store.run(
+            suggest, trial, space, self._defaults, spec.dataset.classification
+        )
+        key = json.dumps(trial.params, sort_keys=True)
+        if key in record.oom_configs:
+            # Never dispatched: this exact configuration ran out of memory before. Counted, so
+            # a space whose every configuration runs out of memory ends instead of looping.
+            await self.tell_fail(
+                study, trial.number, "skipped: this configuration ran out of memory"
+            )
+            return Outcome(trial.number)
+        hyper = hyperparameters(spec, params, self._defaults)
+        trial_dir = self._options.artifact_root / study.study_name / f"trial-{trial.number}"
+        await self._store.set_trial_attrs(
+            study,
+            trial._trial_id,
+            attempt=int(trial.user_attrs.get("attempt", 1)),
+            artifact_dir=str(trial_dir.resolve()),
+            hyperparameters=hyper.to_storage(),
+            params_key=key,
+        )
+        logger.info("Trial %d: params=%s", trial.number, params.as_log_dict())
+        return await self.dispatch(study, spec, trial.number, address)
+
+    async def dispatch(
+        self, study: optuna.Study, spec: StudySpec, number: int, address: str
+    ) -> Outcome:
+        """Sends a trial (new, or interrupted before) to the trainer at `address`, follows it."""
+        frozen = await self._store.trial(study, number)
+        attrs = frozen.user_attrs
+        attempt = int(attrs.get("attempt", 1))
+        job_id = f"{study.study_name}-t{number}-a{attempt}"
+        await self._store.set_trial_attrs(study, frozen._trial_id, job_id=job_id, trainer=address)
+        logger.info("Trial %d (attempt %d) dispatched to %s", number, attempt, address)
+        frozen = await self._store.trial(study, number)
+        self._bus.publish(study.study_name, TrialStarted(trial_view(frozen)))
+        job = TrainingJob(
+            job_id=job_id,
+            base_model=spec.fine_tuning.base_model_name,
+            dataset=spec.dataset,
+            hyperparameters=Hyperparameters.from_storage(attrs.get("hyperparameters", {})),
+            output_dir=str(attrs.get("artifact_dir", "")),
+            max_eval_samples=spec.max_eval_samples,
+        )
+        try:
+            await self._trainers.start(address, job)
+        except ResourceExhausted:
+            metrics.DISPATCH_ERRORS.labels(reason="busy").inc()
+            return await self.interrupted(study, number, f"trainer {address} was busy")
+        except Unavailable as err:
+            metrics.DISPATCH_ERRORS.labels(reason="unavailable").inc()
+            return await self.interrupted(study, number, f"trainer {address} unavailable: {err}")
+        except InvalidArgument as err:
+            metrics.DISPATCH_ERRORS.labels(reason="invalid").inc()
+            await self.tell_fail(study, number, str(err))
+            await self._store.update(study.study_name, fatal=f"the trainer refused the job: {err}")
+            return Outcome(number)
+        return await self._follow(self._run_of(study, spec, frozen, job_id, address, attempt))
+
+    async def reattach(
+        self, study: optuna.Study, spec: StudySpec, frozen: optuna.trial.FrozenTrial
+    ) -> Outcome:
+        """Follows a job a previous optimizer process dispatched (after a restart)."""
+        attrs = frozen.user_attrs
+        job_id, address = str(attrs.get("job_id", "")), str(attrs.get("trainer", ""))
+        logger.info("reattaching trial %d to job %s on %s", frozen.number, job_id, address)
+        run = self._run_of(study, spec, frozen, job_id, address, int(attrs.get("attempt", 1)))
+        return await self._follow(run)
+
+    @staticmethod
+    def _run_of(
+        study: optuna.Study,
+        spec: StudySpec,
+        frozen: optuna.trial.FrozenTrial,
+        job_id: str,
+        address: str,
+        attempt: int,
+    ) -> TrialRun:
+        return TrialRun(
+            study=study,
+            spec=spec,
+            number=frozen.number,
+            trial_id=frozen._trial_id,
+            job_id=job_id,
+            address=address,
+            attempt=attempt,
+            params=dict(frozen.params),
+            trial_dir=Path(str(frozen.user_attrs.get("artifact_dir", ""))),
+        )
+
+    # ---- following ---------------------------------------------------------------------
+
+    async def _follow(self, run: TrialRun) -> Outcome:
+        """Follows the job's events to the trial's end: evaluate, report, prune, tell.
+
+        The trial's value is its best epoch's objective, and the adapter kept in its folder
+        is that epoch's; every epoch's evaluation stays on record (`epochs` in the trial's
+        attributes, `evaluation_curve.json` in its folder).
+        """
+        started = time.monotonic()
+        study, number = run.study, run.number
+        frozen = await self._store.trial(study, number)
+        trial = optuna.Trial(study, run.trial_id)
+        epochs: list[results.EpochResult] = []
+        excluded: list[dict[str, Any]] = list(frozen.user_attrs.get("excluded_classes", []))
+        # After a restart the replayed evaluations were reported before: not again.
+        reported = set(frozen.intermediate_values)
+        events = self._trainers.watch(run.address, run.job_id)
+        try:
+            while True:
+                try:
+                    event = await anext(events, None)
+                except LoratuneError as err:
+                    # NOT_FOUND after a trainer (or optimizer) restart, UNAVAILABLE or a broken
+                    # stream when it died: not the trial's fault; its parameters run again.
+                    metrics.DISPATCH_ERRORS.labels(reason="trainer_lost").inc()
+                    return await self.interrupted(
+                        study, number, f"trainer {run.address} lost: {err}"
+                    )
+                if event is None:
+                    return await self.interrupted(
+                        study, number, f"trainer {run.address} stopped answering"
+                    )
+                if isinstance(event, JobDataPrepared) and event.excluded:
+                    excluded = await self._record_excluded(run, event)
+                elif isinstance(event, JobProgress):
+                    self._bus.publish(
+                        study.study_name,
+                        TrialProgress(
+                            number, event.epoch, event.step, event.total_steps, event.loss
+                        ),
+                    )
+                elif isinstance(event, JobEvaluation):
+                    try:
+                        evaluation = await self._evaluate(run, event, excluded)
+                    except LoratuneError as err:
+                        # The evaluator refused (a bad judge, bad input) or stayed away past the
+                        # retry budget: the study cannot be scored, so it stops with the reason.
+                        await self.tell_fail(study, number, f"evaluation failed: {err}")
+                        await self._store.update(
+                            study.study_name, fatal=f"evaluation failed: {err}"
+                        )
+                        await self._trainers.cancel(run.address, run.job_id)
+                        return Outcome(number)
+                    epoch = results.EpochResult(
+                        index=len(epochs) + 1,
+                        epoch=event.epoch,
+                        eval_loss=event.eval_loss,
+                        adapter_dir=event.adapter_dir,
+                        evaluation=evaluation,
+                    )
+                    epochs.append(epoch)
+                    await self._store.run(results.record_epoch, run.trial_dir, epochs)
+                    await self._store.set_trial_attrs(
+                        study, run.trial_id, epochs=[e.record() for e in epochs]
+                    )
+                    self._log_evaluation(number, run.params, evaluation)
+                    self._bus.publish(
+                        study.study_name, TrialEvaluated(number, event.epoch, evaluation)
+                    )
+                    if epoch.index not in reported:
+                        await self._store.run(trial.report, evaluation.objective, epoch.index)
+                    if await self._store.run(trial.should_prune):
+                        await self._trainers.cancel(run.address, run.job_id)
+                        await self._store.run(
+                            study.tell, number, state=optuna.trial.TrialState.PRUNED
+                        )
+                        await self._finished(study, number, started, "pruned")
+                        return Outcome(number)
+                elif isinstance(event, JobCompleted):
+                    if not epochs:
+                        await self.tell_fail(
+                            study, number, "the job completed without an evaluation"
+                        )
+                        return Outcome(number)
+                    best = results.best_epoch(epochs)
+                    await self._store.run(results.keep_epoch, run.trial_dir, best)
+                    await self._store.set_trial_attrs(study, run.trial_id, best_epoch=best.index)
+                    if best.index != len(epochs):
+                        logger.info(
+                            "Trial %d: kept epoch %d of %d (%s %.4f, last epoch %.4f)",
+                            number,
+                            best.index,
+                            len(epochs),
+                            best.evaluation.objective_name,
+                            best.evaluation.objective,
+                            epochs[-1].evaluation.objective,
+                        )
+                    await self._store.run(study.tell, number, best.evaluation.objective)
+                    await self._finished(study, number, started, "complete")
+                    return Outcome(number)
+                elif isinstance(event, JobFailed):
+                    if event.reason == "SHUTDOWN":
+                        return await self.interrupted(
+                            study, number, f"trainer {run.address} shut down: {event.message}"
+                        )
+                    await self._job_failed(run, event)
+                    await self._finished(study, number, started, "fail")
+                    return Outcome(number)
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    async def _record_excluded(self, run: TrialRun, event: JobDataPrepared) -> list[dict[str, Any]]:
+        """Keeps the classes a trial did not train on, on the trial and (once) the study."""
+        excluded = [
+            {"label": c.label, "train_rows": c.train_rows, "validation_rows": c.validation_rows}
+            for c in event.excluded
+        ]
+        await self._store.set_trial_attrs(run.study, run.trial_id, excluded_classes=excluded)
+        record = await self._store.record(run.study.study_name)
+        if record.excluded_classes is None:
+            await self._store.update(run.study.study_name, excluded_classes=excluded)
+            logger.warning("study %s: %s", run.study.study_name, excluded_note(excluded))
+        return excluded
+
+    async def _evaluate(
+        self, run: TrialRun, point: JobEvaluation, excluded: list[dict[str, Any]]
+    ) -> Evaluation:
+        """Scores an epoch, retrying while the evaluator is away (its predictions are kept)."""
+        spec = run.spec
+        judge = None
+        if not spec.dataset.classification:
+            judge = JudgeOptions(
+                enabled=spec.fine_tuning.use_llm_judge,
+                judge_model_id=spec.fine_tuning.judge_model_id,
+                sample_size=spec.judge_sample_size,
+                seed=spec.dataset.seed,
+            )
+        request = EvaluationRequest(
+            classification=spec.dataset.classification,
+            predictions=point.predictions,
+            references=point.references,
+            prompts=point.prompts,
+            labels=point.labels,
+            judge=judge,
+        )
+        deadline = time.monotonic() + self._options.evaluation_retry_seconds
+        delay = 0.5
+        while True:
+            try:
+                evaluation = await self._evaluator.evaluate(request)
+                break
+            except Unavailable:
+                if time.monotonic() + delay > deadline:
+                    raise
+                metrics.EVALUATION_RETRIES.inc()
+                logger.warning("evaluator unavailable; retrying in %.1f s", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 15.0)
+        if excluded and spec.dataset.classification:
+            # The evaluator cannot know which classes were left out of training: say so.
+            document = dict(evaluation.document)
+            document["excludedClasses"] = [
+                {"label": c["label"], "trainRows": c["train_rows"]}
+                | {"validationRows": c["validation_rows"]}
+                for c in excluded
+            ]
+            document["excludedNote"] = excluded_note(excluded)
+            evaluation = Evaluation(
+                evaluation.objective, evaluation.objective_name, evaluation.figures, document
+            )
+        return evaluation
+
+    @staticmethod
+    def _log_evaluation(number: int, params: dict[str, Any], evaluation: Evaluation) -> None:
+        f = evaluation.figures
+        if "f1_macro" in f:
+            logger.info("Trial %d: params=%s, F1 macro=%.4f", number, params, f["f1_macro"])
+            logger.info(
+                "Detailed evaluation: Accuracy=%.4f, F1 macro=%.4f, F1 micro=%.4f",
+                f.get("accuracy", 0.0),
+                f["f1_macro"],
+                f.get("f1_micro", 0.0),
+            )
+            return
+        logger.info(
+            "Trial %d: params=%s, BERTScore=%.4f", number, params, f.get("bertscore_f1", 0.0)
+        )
+        if "judge_mean" in f:
+            logger.info(
+                "Detailed evaluation: BERTScore=%.4f, LLM Judge=%.2f, Combined=%.4f",
+                f.get("bertscore_f1", 0.0),
+                f["judge_mean"],
+                f.get("combined", 0.0),
+            )
+        else:
+            logger.info(
+                "Detailed evaluation: BERTScore=%.4f, Combined=%.4f",
+                f.get("bertscore_f1", 0.0),
+                f.get("combined", 0.0),
+            )
+
+    # ---- endings -----------------------------------------------------------------------
+
+    async def _job_failed(self, run: TrialRun, failed: JobFailed) -> None:
+        study, number = run.study, run.number
+        message = f"{failed.reason}: {failed.message}"
+        if failed.reason == "OUT_OF_MEMORY":
+            record = await self._store.record(study.study_name)
+            key = json.dumps(run.params, sort_keys=True)
+            await self._store.update(study.study_name, oom_configs=[*record.oom_configs, key])
+            await self.tell_fail(study, number, message)
+        elif failed.reason == "INVALID_INPUT":
+            await self.tell_fail(study, number, message)
+            await self._store.update(
+                study.study_name, fatal=f"the trainer cannot use the data: {failed.message}"
+            )
+        elif failed.reason == "INTERNAL":
+            await self._retry(run, message)
+        else:
+            await self.tell_fail(study, number, message)
+
+    async def interrupted(self, study: optuna.Study, number: int, reason: str) -> Outcome:
+        """The trial stopped through no fault of its own: it runs again, uncounted (bounded)."""
+        trial = await self._store.trial(study, number)
+        if trial.state.is_finished():
+            return Outcome(number)
+        attrs = trial.user_attrs
+        interruptions = int(attrs.get("interruptions", 0)) + 1
+        if interruptions > self._options.max_trial_interruptions:
+            await self.tell_fail(
+                study, number, f"interrupted {interruptions} times; last: {reason}"
+            )
+            return Outcome(number)
+        await self._store.set_trial_attrs(
+            study,
+            trial._trial_id,
+            interruptions=interruptions,
+            interruption_reasons=[*attrs.get("interruption_reasons", []), reason][-10:],
+            attempt=int(attrs.get("attempt", 1)) + 1,
+            trainer="",
+            job_id="",
+        )
+        metrics.TRIAL_INTERRUPTIONS.inc()
+        logger.warning("Trial %d interrupted (%s); it runs again", number, reason)
+        return Outcome(number, interrupted=True)
+
+    async def tell_fail(
+        self, study: optuna.Study, number: int, reason: str, *, count: bool = True
+    ) -> None:
+        """Marks the trial FAIL with `reason`; a counted failure brings the study's limit near."""
+        trial = await self._store.trial(study, number)
+        if trial.state.is_finished():
+            return
+        await self._store.set_trial_attrs(study, trial._trial_id, failure_reason=reason)
+        await self._store.run(study.tell, number, state=optuna.trial.TrialState.FAIL)
+        logger.warning("Trial %d failed: %s", number, reason)
+        if count:
+            record = await self._store.record(study.study_name)
+            await self._store.update(
+                study.study_name, failures=record.failures + 1, last_failure=reason
+            )
+
+    async def _retry(self, run: TrialRun, reason: str) -> None:
+        """Records the trial FAIL (counted) and enqueues its parameters again (bounded)."""
+        await self.tell_fail(run.study, run.number, reason)
+        if run.attempt < self._options.max_trial_attempts:
+            await self._store.run(
+                run.study.enqueue_trial, run.params, user_attrs={"attempt": run.attempt + 1}
+            )
+            logger.info(
+                "re-enqueued the parameters of trial %d (attempt %d)", run.number, run.attempt + 1
+            )
+
+    async def _finished(self, study: optuna.Study, number: int, started: float, state: str) -> None:
+        metrics.TRIALS.labels(state=state).inc()
+        metrics.TRIAL_DURATION.observe(time.monotonic() - started)
+        trial = await self._store.trial(study, number)
+        self._bus.publish(study.study_name, TrialFinished(trial_view(trial)))

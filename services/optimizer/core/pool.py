@@ -1,0 +1,62 @@
+"""The trainer pool: which trainers are idle, and which of them this optimizer holds."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.optimizer import metrics
+from services.optimizer.core.ports import TrainerDiscovery, TrainerPort
+
+
+class TrainerPool:
+    """Hands out idle trainers: reachable, not stopping, not busy, not already running ours."""
+
+    def __init__(self, discovery: TrainerDiscovery, trainers: TrainerPort) -> None:
+        self._discovery = discovery
+        self._trainers = trainers
+        self._in_use: set[str] = set()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> str | None:
+        """An idle trainer's address, now marked in use; None when there is none."""
+        async with self._lock:
+            addresses = await self._discovery.addresses()
+            idle = busy = unreachable = 0
+            chosen = None
+            for address in addresses:
+                if address in self._in_use:
+                    busy += 1
+                    continue
+                state = await self._trainers.status(address)
+                if state is None or state.shutting_down:
+                    unreachable += 1
+                elif state.busy:
+                    busy += 1
+                else:
+                    idle += 1
+                    if chosen is None:
+                        chosen = address
+            if chosen is not None:
+                self._in_use.add(chosen)
+                idle -= 1
+                busy += 1
+            metrics.TRAINERS.labels(state="idle").set(idle)
+            metrics.TRAINERS.labels(state="busy").set(busy)
+            metrics.TRAINERS.labels(state="unreachable").set(unreachable)
+            return chosen
+
+    def claim(self, address: str) -> None:
+        """Marks a trainer in use (a reattached trial after a restart)."""
+        self._in_use.add(address)
+
+    def release(self, address: str) -> None:
+        """The trainer is free again."""
+        self._in_use.discard(address)
+
+    async def reachable(self) -> int:
+        """How many trainers answer."""
+        count = 0
+        for address in await self._discovery.addresses():
+            if await self._trainers.status(address) is not None:
+                count += 1
+        return count

@@ -1,0 +1,131 @@
+"""Studies and trials as the API shows them, built from storage (no protobuf)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from services.common.names import excerpt
+from services.optimizer.core.records import Hyperparameters, StudyRecord
+
+_STATES = {
+    optuna.trial.TrialState.RUNNING: "RUNNING",
+    optuna.trial.TrialState.COMPLETE: "COMPLETE",
+    optuna.trial.TrialState.PRUNED: "PRUNED",
+    optuna.trial.TrialState.FAIL: "FAIL",
+    optuna.trial.TrialState.WAITING: "WAITING",
+}
+EVALUATION_FILE = "evaluation_results.json"
+
+
+@dataclass(frozen=True)
+class TrialView:
+    """A trial: what it tried, where it is, what it scored."""
+
+    number: int
+    state: str  # RUNNING, COMPLETE, PRUNED, FAIL, WAITING
+    hyperparameters: Hyperparameters | None
+    evaluation: Mapping[str, Any] | None  # the best epoch's result document
+    artifact_dir: str
+    trainer: str
+    attempt: int
+    failure_reason: str
+    start_time: datetime | None
+    end_time: datetime | None
+    objective: float | None
+    best_epoch: int
+    epoch_objectives: Sequence[float]
+    interruptions: Sequence[str]
+
+
+@dataclass(frozen=True)
+class StudyView:
+    """A study: its record, its trial counts and its best trial."""
+
+    study_id: str
+    record: StudyRecord
+    counts: Mapping[str, int]
+    best_trial: TrialView | None
+    excluded_note: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def trial_view(trial: optuna.trial.FrozenTrial) -> TrialView:
+    """A trial from Optuna's record of it and its user attributes."""
+    attrs = trial.user_attrs
+    stored = attrs.get("hyperparameters")
+    artifact_dir = str(attrs.get("artifact_dir", ""))
+    return TrialView(
+        number=trial.number,
+        state=_STATES[trial.state],
+        hyperparameters=Hyperparameters.from_storage(stored) if stored else None,
+        evaluation=read_evaluation(Path(artifact_dir)) if artifact_dir else None,
+        artifact_dir=artifact_dir,
+        trainer=str(attrs.get("trainer", "")),
+        attempt=int(attrs.get("attempt", 1)),
+        failure_reason=str(attrs.get("failure_reason", "")),
+        start_time=trial.datetime_start,
+        end_time=trial.datetime_complete,
+        objective=trial.value,
+        best_epoch=int(attrs.get("best_epoch", 0)),
+        epoch_objectives=[float(e["objective"]) for e in attrs.get("epochs", [])],
+        interruptions=list(attrs.get("interruption_reasons", [])),
+    )
+
+
+def study_view(
+    study_id: str, record: StudyRecord, trials: Sequence[optuna.trial.FrozenTrial]
+) -> StudyView:
+    """A study's view from its record and trials."""
+    counts = dict.fromkeys(_STATES.values(), 0)
+    for trial in trials:
+        counts[_STATES[trial.state]] += 1
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = None
+    if complete:
+        best = trial_view(
+            max(complete, key=lambda t: t.value if t.value is not None else float("-inf"))
+        )
+    return StudyView(
+        study_id=study_id,
+        record=record,
+        counts=counts,
+        best_trial=best,
+        excluded_note=excluded_note(record.excluded_classes or []),
+    )
+
+
+def read_evaluation(trial_dir: Path) -> dict[str, Any] | None:
+    """The trial's evaluation document (its best epoch's once complete), when it has one."""
+    path = trial_dir / EVALUATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return content if isinstance(content, dict) else None
+
+
+def excluded_note(excluded: Sequence[Mapping[str, Any]]) -> str:
+    """How the objective treats the classes not trained on, in words ("" for none)."""
+    if not excluded:
+        return ""
+    rows = sum(int(c["validation_rows"]) for c in excluded)
+    shown = ", ".join(
+        f"{excerpt(str(c['label']), 40)} ({c['train_rows']} train / {c['validation_rows']} "
+        "validation rows)"
+        for c in excluded[:10]
+    )
+    more = f" and {len(excluded) - 10} more" if len(excluded) > 10 else ""
+    return (
+        f"{len(excluded)} classes not trained on (under MIN_SAMPLES_PER_CLASS training rows, "
+        f"or none): {shown}{more}. Their {rows} validation rows stay in the evaluation and "
+        "count as misses, so f1_macro includes each such class at F1 0."
+    )
