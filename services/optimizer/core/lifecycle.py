@@ -9,7 +9,6 @@ an evaluator that cannot score).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -22,6 +21,7 @@ import optuna
 from services.common.errors import InvalidArgument, LoratuneError, ResourceExhausted, Unavailable
 from services.optimizer import metrics
 from services.optimizer.core import results
+from services.optimizer.core.creation import hyperparameters
 from services.optimizer.core.events import (
     EventBus,
     TrialEvaluated,
@@ -30,20 +30,18 @@ from services.optimizer.core.events import (
     TrialStarted,
 )
 from services.optimizer.core.ports import (
-    Evaluation,
-    EvaluationRequest,
     EvaluatorPort,
     JobCompleted,
     JobDataPrepared,
     JobEvaluation,
     JobFailed,
     JobProgress,
-    JudgeOptions,
     TrainerPort,
     TrainingJob,
 )
 from services.optimizer.core.records import Hyperparameters, StudySpec
-from services.optimizer.core.space import SearchSpace, TrialParameters, suggest
+from services.optimizer.core.scoring import Scoring, log_evaluation
+from services.optimizer.core.space import SearchSpace, suggest
 from services.optimizer.core.store import StudyStore
 from services.optimizer.core.views import excluded_note, trial_view
 
@@ -83,36 +81,6 @@ class TrialRun:
     trial_dir: Path
 
 
-def hyperparameters(spec: StudySpec, params: TrialParameters, defaults: Any) -> Hyperparameters:
-    """A trial's hyperparameters: the sampled ones, the request's fixed training settings,
-    and the environment's defaults as stored with the study (`spec.training_defaults`)."""
-    fixed = spec.training
-
-    def default(name: str) -> Any:
-        return spec.training_defaults.get(name, getattr(defaults, name))
-
-    return Hyperparameters(
-        rank=params.rank,
-        alpha=params.alpha,
-        dropout=params.dropout,
-        target_modules=tuple(params.target_modules),
-        use_rslora=params.use_rslora,
-        learning_rate=params.learning_rate,
-        num_epochs=params.num_epochs,
-        batch_size=params.batch_size,
-        gradient_accumulation=fixed.gradient_accumulation or int(default("gradient_accumulation")),
-        max_seq_length=fixed.max_seq_length or int(default("max_seq_length")),
-        warmup_ratio=fixed.warmup_ratio,
-        weight_decay=fixed.weight_decay,
-        quantize_4bit=fixed.quantize_4bit,
-        seed=fixed.seed or spec.dataset.seed,
-        focal_gamma=params.focal_gamma,
-        use_class_weights=params.use_class_weights,
-        use_weighted_sampler=params.use_weighted_sampler,
-        min_samples_per_class=int(default("min_samples_per_class")),
-    )
-
-
 class TrialLifecycle:
     """Runs trials of any study; the study's runner decides when and where."""
 
@@ -127,7 +95,7 @@ class TrialLifecycle:
     ) -> None:
         self._store = store
         self._trainers = trainers
-        self._evaluator = evaluator
+        self._scoring = Scoring(evaluator, options.evaluation_retry_seconds)
         self._bus = bus
         self._defaults = defaults
         self._options = options
@@ -274,7 +242,7 @@ class TrialLifecycle:
                     )
                 elif isinstance(event, JobEvaluation):
                     try:
-                        evaluation = await self._evaluate(run, event, excluded)
+                        evaluation = await self._scoring.score(run.spec, event, excluded)
                     except LoratuneError as err:
                         # The evaluator refused (a bad judge, bad input) or stayed away past the
                         # retry budget: the study cannot be scored, so it stops with the reason.
@@ -296,7 +264,7 @@ class TrialLifecycle:
                     await self._store.set_trial_attrs(
                         study, run.trial_id, epochs=[e.record() for e in epochs]
                     )
-                    self._log_evaluation(number, run.params, evaluation)
+                    log_evaluation(number, run.params, evaluation)
                     self._bus.publish(
                         study.study_name, TrialEvaluated(number, event.epoch, evaluation)
                     )
@@ -354,83 +322,6 @@ class TrialLifecycle:
             await self._store.update(run.study.study_name, excluded_classes=excluded)
             logger.warning("study %s: %s", run.study.study_name, excluded_note(excluded))
         return excluded
-
-    async def _evaluate(
-        self, run: TrialRun, point: JobEvaluation, excluded: list[dict[str, Any]]
-    ) -> Evaluation:
-        """Scores an epoch, retrying while the evaluator is away (its predictions are kept)."""
-        spec = run.spec
-        judge = None
-        if not spec.dataset.classification:
-            judge = JudgeOptions(
-                enabled=spec.fine_tuning.use_llm_judge,
-                judge_model_id=spec.fine_tuning.judge_model_id,
-                sample_size=spec.judge_sample_size,
-                seed=spec.dataset.seed,
-            )
-        request = EvaluationRequest(
-            classification=spec.dataset.classification,
-            predictions=point.predictions,
-            references=point.references,
-            prompts=point.prompts,
-            labels=point.labels,
-            judge=judge,
-        )
-        deadline = time.monotonic() + self._options.evaluation_retry_seconds
-        delay = 0.5
-        while True:
-            try:
-                evaluation = await self._evaluator.evaluate(request)
-                break
-            except Unavailable:
-                if time.monotonic() + delay > deadline:
-                    raise
-                metrics.EVALUATION_RETRIES.inc()
-                logger.warning("evaluator unavailable; retrying in %.1f s", delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 15.0)
-        if excluded and spec.dataset.classification:
-            # The evaluator cannot know which classes were left out of training: say so.
-            document = dict(evaluation.document)
-            document["excludedClasses"] = [
-                {"label": c["label"], "trainRows": c["train_rows"]}
-                | {"validationRows": c["validation_rows"]}
-                for c in excluded
-            ]
-            document["excludedNote"] = excluded_note(excluded)
-            evaluation = Evaluation(
-                evaluation.objective, evaluation.objective_name, evaluation.figures, document
-            )
-        return evaluation
-
-    @staticmethod
-    def _log_evaluation(number: int, params: dict[str, Any], evaluation: Evaluation) -> None:
-        f = evaluation.figures
-        if "f1_macro" in f:
-            logger.info("Trial %d: params=%s, F1 macro=%.4f", number, params, f["f1_macro"])
-            logger.info(
-                "Detailed evaluation: Accuracy=%.4f, F1 macro=%.4f, F1 micro=%.4f",
-                f.get("accuracy", 0.0),
-                f["f1_macro"],
-                f.get("f1_micro", 0.0),
-            )
-            return
-        logger.info(
-            "Trial %d: params=%s, BERTScore=%.4f", number, params, f.get("bertscore_f1", 0.0)
-        )
-        if "judge_mean" in f:
-            logger.info(
-                "Detailed evaluation: BERTScore=%.4f, LLM Judge=%.2f, Combined=%.4f",
-                f.get("bertscore_f1", 0.0),
-                f["judge_mean"],
-                f.get("combined", 0.0),
-            )
-        else:
-            logger.info(
-                "Detailed evaluation: BERTScore=%.4f, Combined=%.4f",
-                f.get("bertscore_f1", 0.0),
-                f.get("combined", 0.0),
-            )
 
     # ---- endings -----------------------------------------------------------------------
 

@@ -8,8 +8,6 @@ the trial lifecycle (`lifecycle.py`); clients follow it on the event bus (`event
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -24,14 +22,12 @@ from services.common.defaults import TrainingDefaults
 from services.common.errors import (
     AlreadyExists,
     FailedPrecondition,
-    InvalidArgument,
-    NotFound,
     Unavailable,
 )
-from services.common.names import ensure_under, excerpt, validate_name
+from services.common.names import ensure_under, validate_name
 from services.optimizer import metrics
 from services.optimizer.core import results
-from services.optimizer.core.datasets import check_dataset
+from services.optimizer.core.creation import StudyCreation, fingerprint, pruner, sampler
 from services.optimizer.core.events import EventBus, StudyEvent, StudyFinished
 from services.optimizer.core.lifecycle import LifecycleOptions, Outcome, TrialLifecycle
 from services.optimizer.core.pool import TrainerPool
@@ -44,15 +40,10 @@ from services.optimizer.core.ports import (
 from services.optimizer.core.records import (
     ACTIVE,
     STATES,
-    FineTuning,
     StudyRecord,
     StudyRequest,
-    StudySpec,
-    searched_dimensions,
-    space_from_request,
-    space_to_dict,
 )
-from services.optimizer.core.space import default_trial, pinned_by_environment, validate
+from services.optimizer.core.space import default_trial
 from services.optimizer.core.store import StudyStore
 from services.optimizer.core.views import StudyView, TrialView, study_view, trial_view
 
@@ -76,50 +67,6 @@ class OptimizerOptions:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
-
-
-def _sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    if name in ("", "tpe"):
-        return optuna.samplers.TPESampler(
-            seed=seed, multivariate=True, constant_liar=True, n_startup_trials=3
-        )
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    raise InvalidArgument(f"unknown sampler '{excerpt(name)}' (tpe, random, gp)", field="sampler")
-
-
-def _pruner(name: str) -> optuna.pruners.BasePruner:
-    if name in ("", "median"):
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner()
-    if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner()
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    raise InvalidArgument(
-        f"unknown pruner '{excerpt(name)}' (median, hyperband, successive_halving, none)",
-        field="pruner",
-    )
-
-
-def fingerprint(spec: StudySpec) -> str:
-    """What makes two requests "the same study" (the environment's pins aside)."""
-    content = {
-        "project_id": spec.project_id,
-        "fine_tuning": asdict(spec.fine_tuning),
-        "dataset": asdict(spec.dataset),
-        "space": space_to_dict(spec.space),
-        "training": asdict(spec.training),
-        "max_parallel_trials": spec.max_parallel_trials,
-        "sampler": spec.sampler,
-        "pruner": spec.pruner,
-        "max_eval_samples": spec.max_eval_samples,
-        "judge_sample_size": spec.judge_sample_size,
-    }
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 async def _cancel_all(tasks: dict[asyncio.Task[Outcome], str]) -> None:
@@ -162,6 +109,7 @@ class Optimizer:
                 evaluation_retry_seconds=options.evaluation_retry_seconds,
             ),
         )
+        self._creation = StudyCreation(judges, defaults)
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._cancelled: set[str] = set()
 
@@ -171,7 +119,7 @@ class Optimizer:
         """Validates, stores and starts a study; the same study_name again is idempotent."""
         if request.study_name:
             validate_name(request.study_name, "study_name", max_length=MAX_STUDY_NAME)
-        spec = await self._spec(request)
+        spec = await self._creation.spec(request)
         study_id = request.study_name or f"study-{request.project_id}-{uuid.uuid4().hex[:8]}"
         # The name becomes the study's folder under the artifact root (and job ids).
         validate_name(study_id, "study_name", max_length=MAX_STUDY_NAME)
@@ -204,94 +152,6 @@ class Optimizer:
             )
         self._start_runner(study_id)
         return await self.get_study(study_id)
-
-    async def _spec(self, request: StudyRequest) -> StudySpec:
-        """The request checked as far as it can be before anything runs, defaults filled."""
-        fine = request.fine_tuning
-        n_trials = fine.n_trials or self._defaults.lora_n_trials
-        if not 5 <= n_trials <= 100:
-            raise InvalidArgument(
-                f"must be between 5 and 100 (got {n_trials})", field="fine_tuning_params.n_trials"
-            )
-        dataset = request.dataset
-        await asyncio.to_thread(check_dataset, dataset)
-        base_model = fine.base_model_name or self._defaults.lora_model_name
-        looks_local = base_model.startswith((".", "/", "~")) or Path(base_model).exists()
-        if looks_local and not Path(base_model).expanduser().exists():
-            raise InvalidArgument(
-                f"local folder '{excerpt(base_model)}' does not exist",
-                field="fine_tuning_params.base_model_name",
-            )
-        if fine.use_llm_judge and dataset.classification:
-            raise InvalidArgument(
-                "the LLM judge scores generated texts; a classification study is scored by "
-                "macro-F1, so turn use_llm_judge off",
-                field="fine_tuning_params.use_llm_judge",
-            )
-        if fine.use_llm_judge:
-            await self._check_judge(fine.judge_model_id)
-        elif fine.judge_model_id:
-            validate_name(fine.judge_model_id, "fine_tuning_params.judge_model_id")
-        pinned = pinned_by_environment(
-            self._defaults, searched_dimensions(request.search_space), dataset.classification
-        )
-        space = space_from_request(request.search_space, dataset.classification, pinned)
-        validate(space)
-        _sampler(request.sampler, 0)
-        _pruner(request.pruner)
-        return StudySpec(
-            project_id=request.project_id,
-            fine_tuning=FineTuning(
-                use_llm_judge=fine.use_llm_judge,
-                judge_model_id=fine.judge_model_id,
-                base_model_name=base_model,
-                n_trials=n_trials,
-            ),
-            dataset=dataset,
-            space=space,
-            training=request.training,
-            max_parallel_trials=request.max_parallel_trials,
-            sampler=request.sampler,
-            pruner=request.pruner,
-            max_eval_samples=request.max_eval_samples,
-            judge_sample_size=request.judge_sample_size,
-            pinned=pinned,
-            # Held for every trial, whatever this process's environment is after a restart.
-            training_defaults={
-                "gradient_accumulation": self._defaults.gradient_accumulation,
-                "max_seq_length": self._defaults.max_seq_length,
-                "min_samples_per_class": self._defaults.min_samples_per_class,
-            },
-        )
-
-    async def _check_judge(self, judge_id: str) -> None:
-        field = "fine_tuning_params.judge_model_id"
-        if judge_id:
-            validate_name(judge_id, field)
-        if self._judges is None:
-            raise FailedPrecondition(
-                "the LLM judge is requested but no judge gateway is configured "
-                "(set LORATUNE_JUDGE_ADDRESS)",
-                field="fine_tuning_params.use_llm_judge",
-            )
-        models = await self._judges.models()
-        ids = [m.id for m in models]
-        chosen = next((m for m in models if m.id == judge_id), None) if judge_id else None
-        if judge_id and chosen is None:
-            raise NotFound(
-                f"LLM Judge model not found: '{excerpt(judge_id)}' (available: {', '.join(ids)})"
-            )
-        if chosen is None:
-            chosen = next((m for m in models if m.is_default), None)
-        if chosen is None:
-            raise FailedPrecondition("the judge gateway has no default judge model", field=field)
-        if not chosen.available:
-            available = ", ".join(m.id for m in models if m.available) or "none available"
-            raise FailedPrecondition(
-                f"judge model '{chosen.id}' has no credentials at the judge gateway (set its "
-                f"provider's key there, or choose one of: {available})",
-                field=field,
-            )
 
     # ---- reading -----------------------------------------------------------------------
 
@@ -382,7 +242,7 @@ class Optimizer:
         record = await self.store.record(study_id)
         spec = record.spec
         study = await self.store.study(
-            study_id, _sampler(spec.sampler, seed=spec.dataset.seed), _pruner(spec.pruner)
+            study_id, sampler(spec.sampler, seed=spec.dataset.seed), pruner(spec.pruner)
         )
         n_trials = spec.fine_tuning.n_trials
         running: dict[asyncio.Task[Outcome], str] = {}
