@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -34,7 +33,6 @@ from services.optimizer.main import service_definition as optimizer_definition
 from services.trainer.config import TrainerSettings
 from services.trainer.main import build_manager
 from services.trainer.main import service_definition as trainer_definition
-from tests.unit.trainer.conftest import build_tiny_qwen
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 FINISHED = (optimizer_pb2.TRIAL_STATE_COMPLETE, optimizer_pb2.TRIAL_STATE_PRUNED)
@@ -44,26 +42,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen3"))
-
-
-@pytest.fixture
-def sentiment(tmp_path: Path) -> Path:
-    words = ["good", "great", "bad", "awful"]
-    rows = [
-        {
-            "text": f"w{i % 7} {words[i % 4]} w{i % 5} w{i % 3}",
-            "label": "pos" if i % 4 < 2 else "neg",
-        }
-        for i in range(48)
-    ]
-    path = tmp_path / "sentiment.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def request(

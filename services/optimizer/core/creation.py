@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +23,11 @@ from services.optimizer.core.ports import JudgeCatalog
 from services.optimizer.core.records import (
     FineTuning,
     Hyperparameters,
+    StudyRecord,
     StudyRequest,
     StudySpec,
     searched_dimensions,
     space_from_request,
-    space_to_dict,
 )
 from services.optimizer.core.space import TrialParameters, pinned_by_environment, validate
 
@@ -64,18 +63,9 @@ def pruner(name: str) -> optuna.pruners.BasePruner:
 
 def fingerprint(spec: StudySpec) -> str:
     """What makes two requests "the same study" (the environment's pins aside)."""
-    content = {
-        "project_id": spec.project_id,
-        "fine_tuning": asdict(spec.fine_tuning),
-        "dataset": asdict(spec.dataset),
-        "space": space_to_dict(spec.space),
-        "training": asdict(spec.training),
-        "max_parallel_trials": spec.max_parallel_trials,
-        "sampler": spec.sampler,
-        "pruner": spec.pruner,
-        "max_eval_samples": spec.max_eval_samples,
-        "judge_sample_size": spec.judge_sample_size,
-    }
+    content = StudyRecord(spec=spec).to_storage()["spec"]
+    for derived in ("pinned", "training_defaults"):
+        content.pop(derived)
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
