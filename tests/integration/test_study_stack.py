@@ -235,6 +235,23 @@ async def test_cancel_stops_the_running_job_on_its_trainer(
         assert not status.busy
 
 
+async def test_a_module_set_the_model_lacks_fails_the_study_on_its_first_trial(
+    stack: Stack, sentiment: Path, tiny_qwen: Path
+) -> None:
+    stub = await stack.start(n_trainers=1)
+    request = study_request(sentiment, tiny_qwen, study_name="nomods", n_trials=5)
+    request.search_space.target_modules.add(name="all-linear")
+    request.search_space.target_modules.add(name="mine", modules=["query_proj"])
+    await stub.CreateStudy(request)
+    await finish(stub, "nomods")
+    study = (await stub.GetStudy(optimizer_pb2.GetStudyRequest(study_id="nomods"))).study
+    assert study.state == optimizer_pb2.STUDY_STATE_FAILED
+    assert "hyperparameters.lora.target_modules" in study.failure_reason
+    assert "query_proj" in study.failure_reason and "q_proj" in study.failure_reason
+    # The named set is tried right after the first trial, before the sampler's own.
+    assert study.trials_failed == 1 and study.trials_complete <= 1
+
+
 async def test_classes_left_out_are_reported_and_scored_as_misses(
     stack: Stack, tiny_qwen: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,7 +17,7 @@ import optuna
 
 from services.common.defaults import TrainingDefaults
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.common.names import excerpt, validate_name
+from services.common.names import MAX_PATH_LENGTH, escape_control, excerpt, validate_name
 from services.optimizer.core.datasets import check_dataset
 from services.optimizer.core.ports import JudgeCatalog
 from services.optimizer.core.records import (
@@ -87,6 +87,12 @@ class StudyCreation:
         dataset = request.dataset
         await asyncio.to_thread(check_dataset, dataset)
         base_model = fine.base_model_name or self._defaults.lora_model_name
+        if len(base_model) > MAX_PATH_LENGTH or escape_control(base_model) != base_model:
+            raise InvalidArgument(
+                f"must be a hub name or a path of at most {MAX_PATH_LENGTH} characters without "
+                f"control characters, got '{excerpt(base_model)}'",
+                field="fine_tuning_params.base_model_name",
+            )
         looks_local = base_model.startswith((".", "/", "~")) or Path(base_model).exists()
         if looks_local and not Path(base_model).expanduser().exists():
             raise InvalidArgument(

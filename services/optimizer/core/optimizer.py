@@ -140,6 +140,12 @@ class Optimizer:
         study = await self.store.create(study_id, record)
         first = default_trial(spec.space, self._defaults, spec.dataset.classification)
         await self.store.run(study.enqueue_trial, first, user_attrs={"attempt": 1})
+        # Each named module set the first trial does not use goes first too: a set the model
+        # lacks then fails the study on one of its first trials, not after many have run.
+        for name in spec.space.module_sets:
+            if name != first.get("target_modules"):
+                trial = {**first, "target_modules": name}
+                await self.store.run(study.enqueue_trial, trial, user_attrs={"attempt": 1})
         logger.info(
             "created study %s (%d trials, base model %s)",
             study_id,

@@ -102,6 +102,9 @@ def _bad(data: Path, tmp_path: Path) -> list[tuple[optimizer_pb2.CreateStudyRequ
     case("study_name", study_name="/etc")
     case("study_name", study_name="x\n2026-01-01 INFO forged")
     case("study_name", study_name="y" * 20_000)
+    case(
+        "fine_tuning_params.base_model_name"
+    ).fine_tuning_params.base_model_name = "org/model\n2026-01-01 INFO forged \x1b[31m"
     return cases
 
 
