@@ -143,7 +143,7 @@ class TrialLifecycle:
         await self._store.set_trial_attrs(study, frozen._trial_id, job_id=job_id, trainer=address)
         logger.info("Trial %d (attempt %d) dispatched to %s", number, attempt, address)
         frozen = await self._store.trial(study, number)
-        self._bus.publish(study.study_name, TrialStarted(trial_view(frozen)))
+        self._bus.publish(study.study_name, TrialStarted(await self._store.run(trial_view, frozen)))
         job = TrainingJob(
             job_id=job_id,
             base_model=spec.fine_tuning.base_model_name,
@@ -399,4 +399,4 @@ class TrialLifecycle:
         metrics.TRIALS.labels(state=state).inc()
         metrics.TRIAL_DURATION.observe(time.monotonic() - started)
         trial = await self._store.trial(study, number)
-        self._bus.publish(study.study_name, TrialFinished(trial_view(trial)))
+        self._bus.publish(study.study_name, TrialFinished(await self._store.run(trial_view, trial)))

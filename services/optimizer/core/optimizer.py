@@ -164,7 +164,8 @@ class Optimizer:
     async def get_study(self, study_id: str) -> StudyView:
         """One study."""
         record = await self.store.record(study_id)
-        return study_view(study_id, record, await self.store.trials(study_id))
+        # Views read evaluation files from disk: in the worker thread too.
+        return await self.store.run(study_view, study_id, record, await self.store.trials(study_id))
 
     async def list_studies(self, project_id: int) -> list[StudyView]:
         """Studies, newest first, optionally of one project."""
@@ -172,13 +173,15 @@ class Optimizer:
         for study_id, record in await self.store.all_records():
             if project_id and record.spec.project_id != project_id:
                 continue
-            out.append(study_view(study_id, record, await self.store.trials(study_id)))
+            trials = await self.store.trials(study_id)
+            out.append(await self.store.run(study_view, study_id, record, trials))
         return sorted(out, key=lambda s: s.record.create_time, reverse=True)
 
     async def list_trials(self, study_id: str) -> list[TrialView]:
         """The study's trials by number."""
         await self.store.record(study_id)
-        return [trial_view(t) for t in await self.store.trials(study_id)]
+        trials = await self.store.trials(study_id)
+        return await self.store.run(lambda: [trial_view(t) for t in trials])
 
     async def watch(self, study_id: str) -> AsyncIterator[StudyEvent]:
         """The study's recent events, then live, until it finishes."""

@@ -59,7 +59,12 @@ def _studies() -> dict[str, tuple[optimizer_pb2.Study, list[optimizer_pb2.Trial]
         best_trial=best,
         best_model_dir="/data/runs/models/payments",
         objective_name="f1_macro",
+        excluded_classes=[common_pb2.ExcludedClass(label="91", train_rows=3, validation_rows=1)],
+        excluded_note="1 classes not trained on: 91 (3 train / 1 validation rows). <i>misses</i>",
     )
+    best.best_epoch = 1
+    best.epoch_objectives[:] = [0.8854, 0.87]
+    best.interruptions[:] = ["trainer 10.0.0.7:50052 shut down: SIGTERM"]
     running = optimizer_pb2.Study(
         study_id="<script>alert(1)</script>",
         project_id=8,
@@ -202,6 +207,9 @@ async def test_a_study_page_shows_its_trials_and_best_adapter(start_console: Any
     assert "<tr class=best><td class='n'>1</td>" in text
     assert "<td class='n'>0.8854</td>" in text and "<th>focal γ</th>" in text
     assert "trainer lost &lt;b&gt;mid-trial&lt;/b&gt;; attempt 2" in text
+    # The classes left out, and which epoch a trial kept and why it ran again, are shown.
+    assert "left out of training" in text and "&lt;i&gt;misses&lt;/i&gt;" in text
+    assert "kept epoch 1 of 2" in text and "re-run after: trainer 10.0.0.7:50052 shut down" in text
     assert "http-equiv='refresh'" not in text  # completed: nothing changes any more
 
 
