@@ -29,7 +29,12 @@ from services.optimizer.core.records import (
     searched_dimensions,
     space_from_request,
 )
-from services.optimizer.core.space import TrialParameters, pinned_by_environment, validate
+from services.optimizer.core.space import (
+    PROBE_ONLY,
+    TrialParameters,
+    pinned_by_environment,
+    validate,
+)
 
 
 def sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -114,6 +119,11 @@ class StudyCreation:
         )
         space = space_from_request(request.search_space, dataset.classification, pinned)
         validate(space)
+        if PROBE_ONLY in space.num_epochs and not dataset.classification:
+            raise InvalidArgument(
+                "0 epochs (the linear probe alone) exists for classification only",
+                field="search_space.num_epochs",
+            )
         sampler(request.sampler, 0)
         pruner(request.pruner)
         return StudySpec(
@@ -198,4 +208,5 @@ def hyperparameters(spec: StudySpec, params: TrialParameters, defaults: Any) -> 
         use_class_weights=params.use_class_weights,
         use_weighted_sampler=params.use_weighted_sampler,
         min_samples_per_class=int(default("min_samples_per_class")),
+        probe_only=params.num_epochs == 0,
     )

@@ -43,7 +43,7 @@ from services.optimizer.core.records import (
     StudyRecord,
     StudyRequest,
 )
-from services.optimizer.core.space import default_trial
+from services.optimizer.core.space import PROBE_ONLY, default_trial
 from services.optimizer.core.store import StudyStore
 from services.optimizer.core.views import StudyView, TrialView, study_view, trial_view
 
@@ -139,6 +139,10 @@ class Optimizer:
         record = StudyRecord(spec=spec, fingerprint=print_, create_time=_now())
         study = await self.store.create(study_id, record)
         first = default_trial(spec.space, self._defaults, spec.dataset.classification)
+        if PROBE_ONLY in spec.space.num_epochs and first["num_epochs"] != PROBE_ONLY:
+            # The frozen baseline first: cheap, and the study can never select below it.
+            baseline = {**first, "num_epochs": PROBE_ONLY}
+            await self.store.run(study.enqueue_trial, baseline, user_attrs={"attempt": 1})
         await self.store.run(study.enqueue_trial, first, user_attrs={"attempt": 1})
         # Each named module set the first trial does not use goes first too: a set the model
         # lacks then fails the study on one of its first trials, not after many have run.

@@ -330,6 +330,7 @@ class Hyperparameters:
     use_class_weights: bool
     use_weighted_sampler: bool
     min_samples_per_class: int
+    probe_only: bool = False  # classification: the linear probe alone (num_epochs 0)
 
     def to_storage(self) -> dict[str, Any]:
         """Grouped as the contract groups them (lora / training / balancing), snake_case."""
@@ -365,6 +366,7 @@ class Hyperparameters:
             "use_class_weights": False,
             "use_weighted_sampler": False,
             "min_samples_per_class": 0,
+            "probe_only": False,
         }
         for name, default in defaults.items():
             value = values.get(name)
@@ -397,6 +399,7 @@ _HYPER_GROUPS = {
     "use_class_weights": "balancing",
     "use_weighted_sampler": "balancing",
     "min_samples_per_class": "balancing",
+    "probe_only": "training",
 }
 
 

@@ -18,6 +18,8 @@ from services.common.errors import InvalidArgument
 # as an empty list (the trainer's "all linear layers").
 ATTENTION = "attention"
 ALL_LINEAR = "all-linear"
+# num_epochs 0: no fine-tuning step, the classification head fitted by the linear probe.
+PROBE_ONLY = 0
 # A module name as PEFT matches it: a leaf name or a dotted suffix such as
 # "attention.output.dense" or "layers.0.self_attn.q_proj".
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
@@ -65,7 +67,12 @@ class SearchSpace:
 def default_space(classification: bool) -> SearchSpace:
     """The documented default space for the task."""
     if classification:
-        return SearchSpace(learning_rate=FloatRange(5e-5, 2e-3, log=True))
+        # 0 epochs = the linear probe alone (the frozen-encoder baseline): a point of the
+        # space, evaluated first, so a study never selects below what the frozen encoder
+        # gives (measured on banking77-LT: the frozen probe beat a 20-trial default study).
+        return SearchSpace(
+            learning_rate=FloatRange(5e-5, 2e-3, log=True), num_epochs=(PROBE_ONLY, 2, 3, 4)
+        )
     return SearchSpace()
 
 
@@ -101,8 +108,11 @@ def validate(space: SearchSpace) -> None:
         raise InvalidArgument("ranks must be >= 1", field="search_space.rank")
     if any(m <= 0 for m in space.alpha_multiplier):
         raise InvalidArgument("multipliers must be > 0", field="search_space.alpha_multiplier")
-    if any(e < 1 for e in space.num_epochs):
-        raise InvalidArgument("epochs must be >= 1", field="search_space.num_epochs")
+    if any(e < 0 for e in space.num_epochs):
+        raise InvalidArgument(
+            "epochs must be >= 1, or 0 for the linear probe alone",
+            field="search_space.num_epochs",
+        )
     if any(b < 1 for b in space.batch_size):
         raise InvalidArgument("batch sizes must be >= 1", field="search_space.batch_size")
     _check_range("dropout", space.dropout)

@@ -144,6 +144,7 @@ def job_from_proto(
             weight_decay=training.weight_decay,
             quantize_4bit=training.quantize_4bit,
             seed=training.seed,
+            probe_only=training.probe_only,
         ),
         balancing=BalancingSpec(
             focal_gamma=(

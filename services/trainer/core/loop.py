@@ -250,7 +250,7 @@ def train(
     # Only an encoder head is probed: a decoder job builds no probe batches and hashes no rows.
     if (
         task is Task.CLASSIFICATION
-        and options.linear_probe
+        and (options.linear_probe or training.probe_only)
         and final_linear(model, len(data.labels)) is not None
     ):
         probed = linear_probe_head(
@@ -268,6 +268,24 @@ def train(
             raise Cancelled("cancelled before the first step")
         if probed is not None and scalars is not None:
             scalars.scalar("train/probe_accuracy", probed.train_accuracy, 0)
+
+    if training.probe_only:
+        # The frozen baseline as a trial: the probed head (a decoder's fresh head when it
+        # cannot be probed), evaluated once, no fine-tuning step.
+        model.eval()
+        baseline = _evaluate(prepared, data, encoded, spec, ctx, 1, 0, amp)
+        if baseline is not None:
+            if checkpoint is not None:
+                baseline = dataclasses.replace(baseline, adapter_dir=checkpoint(1, baseline))
+            ctx.emit(baseline)
+        model.eval()
+        return LoopResult(
+            train_seconds=time.perf_counter() - started,
+            steps=0,
+            final_loss=float("nan"),
+            last_eval=baseline,
+            samples_per_second=0.0,
+        )
 
     from transformers import get_linear_schedule_with_warmup
 

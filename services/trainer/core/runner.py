@@ -127,7 +127,7 @@ class LocalRunner:
 
         def checkpoint(epoch: int, evaluation: EvaluationEvent) -> str:
             # The last epoch's adapter is the job's own folder, saved when the job completes.
-            if epoch >= spec.training.num_epochs:
+            if epoch >= spec.training.num_epochs or spec.training.probe_only:
                 return str(out_dir)
             so_far = LoopResult(
                 train_seconds=time.perf_counter() - started,

@@ -57,6 +57,7 @@ class TrainingSpec:
     weight_decay: float = 0.0
     quantize_4bit: bool = False
     seed: int = 42
+    probe_only: bool = False  # classification: the linear probe alone, no fine-tuning step
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from services.common.errors import InvalidArgument
-from services.trainer.core.types import JobSpec
+from services.trainer.core.types import JobSpec, Task
 
 _LORA = "hyperparameters.lora"
 _TRAINING = "hyperparameters.training"
@@ -39,8 +39,13 @@ def validate_parameters(spec: JobSpec) -> None:
         raise InvalidArgument(
             f"must be > 0 (got {training.learning_rate:g})", field=f"{_TRAINING}.learning_rate"
         )
+    if training.probe_only and spec.dataset.task is not Task.CLASSIFICATION:
+        raise InvalidArgument(
+            "the linear probe fits a classification head; generation has none",
+            field=f"{_TRAINING}.probe_only",
+        )
     for name, value in (
-        ("num_epochs", training.num_epochs),
+        ("num_epochs", 1 if training.probe_only else training.num_epochs),
         ("batch_size", training.batch_size),
         ("gradient_accumulation", training.gradient_accumulation),
     ):

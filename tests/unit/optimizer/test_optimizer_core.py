@@ -558,3 +558,30 @@ async def test_a_study_stored_by_the_previous_version_resumes(tmp_path: Path, da
     # Stored again in the current schema.
     stored = optuna.load_study(study_name="old", storage=storage).user_attrs["loratune"]
     assert stored["schema"] == 2 and stored["spec"]["dataset"]["task"] == "classification"
+
+
+async def test_a_classification_study_evaluates_the_frozen_baseline_first(
+    tmp_path: Path, data: Path
+) -> None:
+    trainers = FakeTrainers(epochs=1)
+    optimizer = make(tmp_path, trainers, FakeEvaluator())
+    study = await run(optimizer, create(data, n=5, pruner="none", name="base"))
+    assert study.state == optimizer_pb2.STUDY_STATE_COMPLETED
+    first = trainers.jobs["base-t0-a1"].hyperparameters
+    assert first.probe_only and first.num_epochs == 0
+    second = trainers.jobs["base-t1-a1"].hyperparameters
+    assert not second.probe_only and second.num_epochs == 3  # LORA_NUM_EPOCHS's default
+    assert first.learning_rate == second.learning_rate  # the same point otherwise
+    # A space without 0 epochs (the request's own) has no baseline trial.
+    request = create(data, n=5, pruner="none", name="own")
+    request.search_space.num_epochs[:] = [1, 2]
+    await run(optimizer, request)
+    assert not any(j.hyperparameters.probe_only for k, j in trainers.jobs.items() if "own" in k)
+    # Generation has no head to probe.
+    generation = create(data, n=5, name="gen")
+    _generation(generation, tmp_path)
+    generation.fine_tuning_params.use_llm_judge = False
+    generation.search_space.num_epochs[:] = [0, 1]
+    with pytest.raises(InvalidArgument) as caught:
+        await create_with(optimizer, generation)
+    assert caught.value.field == "search_space.num_epochs"

@@ -54,7 +54,7 @@ BAD_SPACES: list[tuple[str, dict[str, Any], str]] = [
     ("no multiplier", {"alpha_multiplier": ()}, "alpha_multiplier"),
     ("multiplier 0", {"alpha_multiplier": (0.0,)}, "alpha_multiplier"),
     ("no epochs", {"num_epochs": ()}, "num_epochs"),
-    ("0 epochs", {"num_epochs": (0, 2)}, "num_epochs"),
+    ("negative epochs", {"num_epochs": (-1, 2)}, "num_epochs"),
     ("no modules", {"target_modules": ()}, "target_modules"),
     ("no rslora", {"use_rslora": ()}, "use_rslora"),
     ("no class weights", {"use_class_weights": ()}, "use_class_weights"),

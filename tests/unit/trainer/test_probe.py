@@ -253,3 +253,57 @@ def test_the_feature_cache_keeps_the_most_recent_entries() -> None:
     off = ProbeFeatureCache(entries=0)
     off.put("a", torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))
     assert off.get("a") is None
+
+
+def test_probe_only_is_the_frozen_baseline_as_a_job(minilm_dir: Path, tmp_path: Path) -> None:
+    """`probe_only`: the probed head, no fine-tuning step, one evaluation, a saved adapter
+    whose predictions are the evaluation's (the optimizer's baseline trial)."""
+    from services.common.errors import InvalidArgument
+    from services.trainer.core.artifacts import (
+        load_adapter_for_inference,
+        predict_labels,
+        save_artifacts,
+    )
+    from services.trainer.core.types import EvaluationEvent, ProgressEvent
+    from services.trainer.core.validation import validate_parameters
+
+    rows = sentiment_rows(48, seed=5)
+    spec = make_spec(
+        minilm_dir,
+        Task.CLASSIFICATION,
+        tmp_path,
+        training=TrainingSpec(learning_rate=1e-3, num_epochs=3, batch_size=8, probe_only=True),
+    )
+    validate_parameters(spec)
+    cache = BaseModelCache("cpu")
+    prepared = cache.acquire(spec, ["negative", "positive"])
+    lora_before = {
+        n: p.detach().clone() for n, p in prepared.model.named_parameters() if "lora_" in n
+    }
+    data, encoded = classification_data(rows[:32], rows[32:], prepared.tokenizer)
+    recorder = Recorder()
+    result = loop.train(
+        prepared,
+        data,
+        encoded,
+        spec,
+        RunContext(emit=recorder.emit, should_stop=recorder.should_stop),
+        options=LoopOptions(linear_probe=False),  # probe_only probes regardless
+    )
+    assert result.steps == 0 and not recorder.of(ProgressEvent)
+    [evaluation] = recorder.of(EvaluationEvent)
+    right = sum(p == r for p, r in zip(evaluation.predictions, evaluation.references, strict=True))
+    assert right / len(evaluation.references) >= 0.8  # the frozen features separate this
+    for name, parameter in prepared.model.named_parameters():
+        if name in lora_before:
+            assert torch.equal(parameter, lora_before[name]), name  # nothing fine-tuned
+    save_artifacts(prepared, data, spec, result, tmp_path)
+    loaded = load_adapter_for_inference(tmp_path, "cpu")
+    texts = [text for text, _ in rows[32:]]
+    assert predict_labels(loaded, texts, max_length=64) == list(evaluation.predictions)
+    generation = make_spec(
+        minilm_dir, Task.GENERATION, training=TrainingSpec(probe_only=True, num_epochs=1)
+    )
+    with pytest.raises(InvalidArgument) as caught:
+        validate_parameters(generation)
+    assert caught.value.field == "hyperparameters.training.probe_only"

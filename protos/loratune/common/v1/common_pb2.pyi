@@ -162,6 +162,7 @@ class TrainingParams(_message.Message):
     WEIGHT_DECAY_FIELD_NUMBER: _builtins.int
     QUANTIZE_4BIT_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    PROBE_ONLY_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     """Peak learning rate, > 0 (the CLI and optimizer default it from LORA_LEARNING_RATE)."""
     num_epochs: _builtins.int
@@ -180,6 +181,11 @@ class TrainingParams(_message.Message):
     """Load the base model in 4-bit NF4 (QLoRA)."""
     seed: _builtins.int
     """Seed of initialisation, shuffling and dropout."""
+    probe_only: _builtins.bool
+    """Classification: fit the fresh head by the linear probe (logistic regression on the
+    frozen features) and train nothing else: the frozen-encoder baseline, as a trial.
+    `num_epochs` is ignored; the job evaluates once. Refused for generation.
+    """
     def __init__(
         self,
         *,
@@ -192,10 +198,11 @@ class TrainingParams(_message.Message):
         weight_decay: _builtins.float = ...,
         quantize_4bit: _builtins.bool = ...,
         seed: _builtins.int = ...,
+        probe_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "gradient_accumulation", b"gradient_accumulation", "learning_rate", b"learning_rate", "max_seq_length", b"max_seq_length", "num_epochs", b"num_epochs", "quantize_4bit", b"quantize_4bit", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "gradient_accumulation", b"gradient_accumulation", "learning_rate", b"learning_rate", "max_seq_length", b"max_seq_length", "num_epochs", b"num_epochs", "probe_only", b"probe_only", "quantize_4bit", b"quantize_4bit", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
