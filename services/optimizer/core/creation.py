@@ -209,4 +209,6 @@ def hyperparameters(spec: StudySpec, params: TrialParameters, defaults: Any) -> 
         use_weighted_sampler=params.use_weighted_sampler,
         min_samples_per_class=int(default("min_samples_per_class")),
         probe_only=params.num_epochs == 0,
+        posthoc_logit_adjustment=params.posthoc_logit_adjustment,
+        logit_adjust_tau=params.logit_adjust_tau,
     )

@@ -183,6 +183,10 @@ def space_from_dict(content: Mapping[str, Any]) -> SearchSpace:
         focal_gamma=rng(content["focal_gamma"]),
         use_class_weights=tuple(bool(v) for v in content["use_class_weights"]),
         use_weighted_sampler=tuple(bool(v) for v in content["use_weighted_sampler"]),
+        posthoc_logit_adjustment=tuple(
+            bool(v) for v in content.get("posthoc_logit_adjustment", (False,))
+        ),
+        logit_adjust_tau=rng(content.get("logit_adjust_tau", {"low": 0.0, "high": 0.0})),
         module_sets={k: tuple(v) for k, v in content.get("module_sets", {}).items()},
     )
 
@@ -217,6 +221,10 @@ def space_from_request(
         focal_gamma=rng("focal_gamma", space.focal_gamma),
         use_class_weights=values("use_class_weights", bool, space.use_class_weights),
         use_weighted_sampler=values("use_weighted_sampler", bool, space.use_weighted_sampler),
+        posthoc_logit_adjustment=values(
+            "posthoc_logit_adjustment", bool, space.posthoc_logit_adjustment
+        ),
+        logit_adjust_tau=rng("logit_adjust_tau", space.logit_adjust_tau),
         module_sets={
             str(c["name"]): tuple(str(m) for m in c["modules"]) for c in choices if c.get("modules")
         },
@@ -331,6 +339,8 @@ class Hyperparameters:
     use_weighted_sampler: bool
     min_samples_per_class: int
     probe_only: bool = False  # classification: the linear probe alone (num_epochs 0)
+    posthoc_logit_adjustment: bool = False
+    logit_adjust_tau: float = 0.0
 
     def to_storage(self) -> dict[str, Any]:
         """Grouped as the contract groups them (lora / training / balancing), snake_case."""
@@ -367,6 +377,8 @@ class Hyperparameters:
             "use_weighted_sampler": False,
             "min_samples_per_class": 0,
             "probe_only": False,
+            "posthoc_logit_adjustment": False,
+            "logit_adjust_tau": 0.0,
         }
         for name, default in defaults.items():
             value = values.get(name)
@@ -400,6 +412,8 @@ _HYPER_GROUPS = {
     "use_weighted_sampler": "balancing",
     "min_samples_per_class": "balancing",
     "probe_only": "training",
+    "posthoc_logit_adjustment": "balancing",
+    "logit_adjust_tau": "balancing",
 }
 
 

@@ -59,6 +59,8 @@ class SearchSpace:
     focal_gamma: FloatRange = FloatRange(0.0, 3.0)
     use_class_weights: tuple[bool, ...] = (True, False)
     use_weighted_sampler: tuple[bool, ...] = (False, True)
+    posthoc_logit_adjustment: tuple[bool, ...] = (False,)
+    logit_adjust_tau: FloatRange = FloatRange(0.0, 0.0)
     # Named choices of target_modules with their module names (the request's choices that
     # list modules); "attention" and "all-linear" need none, the trainer resolves them.
     module_sets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -122,6 +124,13 @@ def validate(space: SearchSpace) -> None:
     if space.learning_rate.low <= 0:
         raise InvalidArgument("low must be > 0", field="search_space.learning_rate")
     _check_range("focal_gamma", space.focal_gamma)
+    _check_range("logit_adjust_tau", space.logit_adjust_tau)
+    if space.logit_adjust_tau.high > 5:
+        raise InvalidArgument("high must be <= 5", field="search_space.logit_adjust_tau")
+    if not space.posthoc_logit_adjustment:
+        raise InvalidArgument(
+            "needs at least one choice", field="search_space.posthoc_logit_adjustment"
+        )
     _check_module_sets(space)
 
 
@@ -190,6 +199,8 @@ class TrialParameters:
     focal_gamma: float
     use_class_weights: bool
     use_weighted_sampler: bool
+    posthoc_logit_adjustment: bool = False
+    logit_adjust_tau: float = 0.0
 
     def as_log_dict(self) -> dict[str, Any]:
         """The parameters in the form of the users' log lines."""
@@ -243,6 +254,10 @@ def suggest(
             use_weighted_sampler=bool(
                 _suggest_choice(trial, "use_weighted_sampler", space.use_weighted_sampler)
             ),
+            posthoc_logit_adjustment=bool(
+                _suggest_choice(trial, "posthoc_logit_adjustment", space.posthoc_logit_adjustment)
+            ),
+            logit_adjust_tau=_suggest_float(trial, "logit_adjust_tau", space.logit_adjust_tau),
         )
     return params
 
@@ -288,6 +303,8 @@ def default_trial(
             "use_weighted_sampler": nearest(
                 space.use_weighted_sampler, defaults.use_weighted_sampler
             ),
+            "posthoc_logit_adjustment": nearest(space.posthoc_logit_adjustment, False),
+            "logit_adjust_tau": clip(space.logit_adjust_tau, 0.0),
         }
     if space.batch_size:
         params["batch_size"] = nearest(space.batch_size, defaults.lora_batch_size)

@@ -165,6 +165,8 @@ def job_from_proto(
             min_samples_per_class=(
                 balancing.min_samples_per_class or defaults.min_samples_per_class
             ),
+            posthoc_logit_adjustment=balancing.posthoc_logit_adjustment,
+            logit_adjust_tau=balancing.logit_adjust_tau,
         ),
         output_dir=output_dir_from_proto(request.output_dir, job_id, artifact_root),
         max_eval_samples=request.max_eval_samples,
@@ -217,6 +219,7 @@ def event_to_proto(job_id: str, record: EventRecord) -> trainer_pb2.TrainingEven
                 prompts=event.prompts,
                 labels=event.labels,
                 adapter_dir=event.adapter_dir,
+                posthoc_tau=event.posthoc_tau,
             )
         )
     elif isinstance(event, DatasetPreparedEvent):

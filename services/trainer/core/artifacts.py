@@ -21,6 +21,7 @@ from peft import PeftModel
 from torch import nn
 
 from services.common.errors import InvalidArgument
+from services.trainer.core.adjust import folded, log_prior
 from services.trainer.core.loop import LoopResult
 from services.trainer.core.models import (
     HEAD_NAMES,
@@ -29,6 +30,7 @@ from services.trainer.core.models import (
     default_device,
     load_base_model,
 )
+from services.trainer.core.probe import final_linear
 from services.trainer.core.tokenize import collate
 from services.trainer.core.types import (
     ClassStats,
@@ -163,7 +165,9 @@ def save_artifacts(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    prepared.model.save_pretrained(str(out_dir))
+    with folded(*_posthoc_offsets(prepared, data, result)):
+        # The evaluation's post-hoc logit adjustment travels in the head's bias.
+        prepared.model.save_pretrained(str(out_dir))
     prepared.tokenizer.save_pretrained(str(out_dir))
     config = training_config(prepared, data, spec, result, versions or library_versions())
     _write_json(out_dir / TRAINING_CONFIG_FILE, config)
@@ -223,6 +227,8 @@ def training_config(
             "samples_per_second": result.samples_per_second,
             "eval_loss": _finite_or_none(last_eval.eval_loss) if last_eval else None,
             "epoch": int(last_eval.epoch) if last_eval else None,
+            # tau > 0: -tau * log(prior) is folded into the saved head's bias.
+            "posthoc_logit_adjustment_tau": last_eval.posthoc_tau if last_eval else 0.0,
         },
         "versions": dict(versions),
     }
@@ -317,6 +323,17 @@ def predict_labels(
 
 
 # ---- helpers -------------------------------------------------------------------------------
+
+
+def _posthoc_offsets(
+    prepared: PreparedModel, data: PreparedData, result: LoopResult
+) -> tuple[torch.nn.Linear | None, torch.Tensor | None]:
+    """The head and the bias offsets (-tau * log prior) of the evaluation's adjustment."""
+    tau = result.last_eval.posthoc_tau if result.last_eval is not None else 0.0
+    if tau <= 0 or data.task is not Task.CLASSIFICATION or data.stats is None:
+        return None, None
+    head = final_linear(prepared.model, len(prepared.labels))
+    return head, -tau * log_prior(data.stats.counts, prepared.labels)
 
 
 def _match_head_dtype(model: PeftModel, task: Task) -> None:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler, Sampler
 
 from services.common.errors import InvalidArgument
+from services.trainer.core.adjust import LogitAdjustedLoss, choose_tau, log_prior
 from services.trainer.core.balancing import FocalLoss, class_weights, weighted_sampler
 from services.trainer.core.models import (
     PreparedModel,
@@ -451,7 +452,7 @@ def _optimizer_step(
     model: torch.nn.Module,
     group: list[dict[str, torch.Tensor]],
     task: Task,
-    loss_fn: FocalLoss | None,
+    loss_fn: FocalLoss | LogitAdjustedLoss | None,
     amp: _Amp,
     device: torch.device,
     optimizer: torch.optim.Optimizer,
@@ -560,11 +561,17 @@ def _response_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def _classification_loss(prepared: PreparedModel, data: PreparedData, spec: JobSpec) -> FocalLoss:
+def _classification_loss(
+    prepared: PreparedModel, data: PreparedData, spec: JobSpec
+) -> FocalLoss | LogitAdjustedLoss:
     weight = None
     if spec.balancing.use_class_weights and data.stats is not None:
         weight = torch.tensor(class_weights(data.stats.counts, data.labels), dtype=torch.float32)
-    return FocalLoss(spec.balancing.focal_gamma, weight=weight).to(prepared.device)
+    loss = FocalLoss(spec.balancing.focal_gamma, weight=weight).to(prepared.device)
+    if spec.balancing.logit_adjust_tau > 0 and data.stats is not None:
+        prior = log_prior(data.stats.counts, data.labels)
+        return LogitAdjustedLoss(loss, prior, spec.balancing.logit_adjust_tau).to(prepared.device)
+    return loss
 
 
 def _autocast(device: torch.device) -> _Amp:
@@ -604,10 +611,14 @@ def _evaluate(
     try:
         with torch.inference_mode():
             if prepared.task is Task.CLASSIFICATION:
-                eval_loss, predictions = _evaluate_classification(
-                    prepared, rows, batch_size, ctx, amp
-                )
+                eval_loss, logits = _evaluate_classification(prepared, rows, batch_size, ctx, amp)
                 references = [example.label for example in raw]
+                labels = prepared.labels
+                predictions = [labels[i] for i in logits.argmax(-1).tolist()]
+                tau = 0.0
+                if posthoc_adjustable(prepared, data, spec) and data.stats is not None:
+                    prior = log_prior(data.stats.counts, labels)
+                    tau, predictions = choose_tau(logits, prior, references, labels)
                 return EvaluationEvent(
                     epoch=float(epoch),
                     step=step,
@@ -615,6 +626,7 @@ def _evaluate(
                     predictions=predictions,
                     references=references,
                     labels=list(data.labels),
+                    posthoc_tau=tau,
                 )
             eval_loss = _generation_loss(prepared, rows, batch_size, ctx, amp)
             outputs = _generate(prepared, rows, batch_size, spec.max_new_tokens, ctx, amp)
@@ -641,11 +653,11 @@ def _evaluate_classification(
     batch_size: int,
     ctx: RunContext,
     amp: _Amp,
-) -> tuple[float, list[str]]:
+) -> tuple[float, torch.Tensor]:
     """Mean cross-entropy (unweighted, gamma 0: comparable across the trials of a study,
-    whatever balancing each one uses) and the argmax label of every row."""
+    whatever balancing each one uses) and every row's logits (float32, in row order)."""
     pad_id = int(prepared.tokenizer.pad_token_id)
-    predicted_ids = [0] * len(rows)
+    all_logits = torch.zeros(len(rows), len(prepared.labels))
     loss_sum = 0.0
     scored = 0
     order = _length_order(rows)
@@ -663,10 +675,17 @@ def _evaluate_classification(
             F.cross_entropy(logits, targets, reduction="sum", ignore_index=UNTRAINED_LABEL_ID)
         )
         scored += int((targets != UNTRAINED_LABEL_ID).sum())
-        for index, label_id in zip(indices, logits.argmax(-1).tolist(), strict=True):
-            predicted_ids[index] = int(label_id)
-    labels = prepared.labels
-    return loss_sum / max(scored, 1), [labels[i] for i in predicted_ids]
+        all_logits[indices] = logits.detach().cpu()
+    return loss_sum / max(scored, 1), all_logits
+
+
+def posthoc_adjustable(prepared: PreparedModel, data: PreparedData, spec: JobSpec) -> bool:
+    """Whether this job's evaluations choose a post-hoc logit adjustment (the head needs a
+    bias to carry it into the saved adapter)."""
+    if prepared.task is not Task.CLASSIFICATION or not spec.balancing.posthoc_logit_adjustment:
+        return False
+    head = final_linear(prepared.model, len(data.labels))
+    return head is not None and head.bias is not None
 
 
 def _generation_loss(

@@ -68,6 +68,8 @@ class BalancingSpec:
     use_class_weights: bool = True
     use_weighted_sampler: bool = False
     min_samples_per_class: int = 0
+    posthoc_logit_adjustment: bool = False  # choose tau on validation, fold it into the head
+    logit_adjust_tau: float = 0.0  # logit-adjusted loss; 0 = off
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,7 @@ class EvaluationEvent:
     prompts: Sequence[str] = ()
     labels: Sequence[str] = ()
     adapter_dir: str = ""  # where this epoch's adapter was saved ("" = not saved)
+    posthoc_tau: float = 0.0  # the post-hoc logit adjustment the predictions were made with
 
 
 @dataclass(frozen=True)

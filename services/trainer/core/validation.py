@@ -66,6 +66,12 @@ def validate_parameters(spec: JobSpec) -> None:
         raise InvalidArgument(
             f"must be >= 0 (got {training.weight_decay:g})", field=f"{_TRAINING}.weight_decay"
         )
+    _finite(balancing.logit_adjust_tau, f"{_BALANCING}.logit_adjust_tau")
+    if not 0 <= balancing.logit_adjust_tau <= 5:
+        raise InvalidArgument(
+            f"must be in [0, 5] (got {balancing.logit_adjust_tau:g})",
+            field=f"{_BALANCING}.logit_adjust_tau",
+        )
     _finite(balancing.focal_gamma, f"{_BALANCING}.focal_gamma")
     if balancing.focal_gamma < 0:
         raise InvalidArgument(

@@ -585,3 +585,20 @@ async def test_a_classification_study_evaluates_the_frozen_baseline_first(
     with pytest.raises(InvalidArgument) as caught:
         await create_with(optimizer, generation)
     assert caught.value.field == "search_space.num_epochs"
+
+
+async def test_logit_adjustment_reaches_the_trainer_when_the_space_asks(
+    tmp_path: Path, data: Path
+) -> None:
+    trainers = FakeTrainers(epochs=1)
+    optimizer = make(tmp_path, trainers, FakeEvaluator())
+    request = create(data, n=5, pruner="none", name="la")
+    request.search_space.posthoc_logit_adjustment[:] = [True]
+    request.search_space.logit_adjust_tau.CopyFrom(optimizer_pb2.FloatRange(low=0.5, high=1.5))
+    await run(optimizer, request)
+    jobs = [j.hyperparameters for j in trainers.jobs.values()]
+    assert all(h.posthoc_logit_adjustment for h in jobs)
+    assert all(0.5 <= h.logit_adjust_tau <= 1.5 for h in jobs)
+    message = hyperparameters_to_proto(jobs[0])
+    assert message.balancing.posthoc_logit_adjustment
+    assert message.balancing.logit_adjust_tau == pytest.approx(jobs[0].logit_adjust_tau)

@@ -299,6 +299,8 @@ def test_the_first_trial_is_the_defaults_when_they_fit() -> None:
         "focal_gamma": DEFAULTS.focal_loss_gamma,
         "use_class_weights": DEFAULTS.use_class_weights,
         "use_weighted_sampler": DEFAULTS.use_weighted_sampler,
+        "posthoc_logit_adjustment": False,
+        "logit_adjust_tau": 0.0,
         "batch_size": DEFAULTS.lora_batch_size,
     }
 
@@ -332,6 +334,8 @@ def test_defaults_outside_the_space_are_clipped_into_it() -> None:
         "focal_gamma": 1.0,  # 2.0 lowered to the high end
         "use_class_weights": False,
         "use_weighted_sampler": True,
+        "posthoc_logit_adjustment": False,
+        "logit_adjust_tau": 0.0,
         "batch_size": 16,  # 4 is no choice
     }
     # Enqueued as the optimizer does, the trial gets exactly these values.

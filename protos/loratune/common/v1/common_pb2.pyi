@@ -218,6 +218,8 @@ class BalancingParams(_message.Message):
     USE_CLASS_WEIGHTS_FIELD_NUMBER: _builtins.int
     USE_WEIGHTED_SAMPLER_FIELD_NUMBER: _builtins.int
     MIN_SAMPLES_PER_CLASS_FIELD_NUMBER: _builtins.int
+    POSTHOC_LOGIT_ADJUSTMENT_FIELD_NUMBER: _builtins.int
+    LOGIT_ADJUST_TAU_FIELD_NUMBER: _builtins.int
     focal_gamma: _builtins.float
     """Focal loss gamma; 0 = plain cross-entropy; absent = FOCAL_LOSS_GAMMA (2.0)."""
     use_class_weights: _builtins.bool
@@ -226,6 +228,14 @@ class BalancingParams(_message.Message):
     """Draw batches with a weighted random sampler; absent = USE_WEIGHTED_SAMPLER (false)."""
     min_samples_per_class: _builtins.int
     """Classes with fewer training rows are left out; 0 = MIN_SAMPLES_PER_CLASS."""
+    posthoc_logit_adjustment: _builtins.bool
+    """Post-hoc logit adjustment (Menon et al. 2021): each evaluation predicts
+    argmax(logits - tau * log(prior)) with the tau of a grid (0..2) that scores the best
+    macro-F1 on the validation predictions; the chosen tau is folded into the saved head's
+    bias, so the adapter predicts what the evaluation scored.
+    """
+    logit_adjust_tau: _builtins.float
+    """Logit-adjusted loss: train on logits + tau * log(prior); 0 = off."""
     def __init__(
         self,
         *,
@@ -233,10 +243,12 @@ class BalancingParams(_message.Message):
         use_class_weights: _builtins.bool | None = ...,
         use_weighted_sampler: _builtins.bool | None = ...,
         min_samples_per_class: _builtins.int = ...,
+        posthoc_logit_adjustment: _builtins.bool = ...,
+        logit_adjust_tau: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_focal_gamma", b"_focal_gamma", "_use_class_weights", b"_use_class_weights", "_use_weighted_sampler", b"_use_weighted_sampler", "focal_gamma", b"focal_gamma", "use_class_weights", b"use_class_weights", "use_weighted_sampler", b"use_weighted_sampler"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_focal_gamma", b"_focal_gamma", "_use_class_weights", b"_use_class_weights", "_use_weighted_sampler", b"_use_weighted_sampler", "focal_gamma", b"focal_gamma", "min_samples_per_class", b"min_samples_per_class", "use_class_weights", b"use_class_weights", "use_weighted_sampler", b"use_weighted_sampler"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_focal_gamma", b"_focal_gamma", "_use_class_weights", b"_use_class_weights", "_use_weighted_sampler", b"_use_weighted_sampler", "focal_gamma", b"focal_gamma", "logit_adjust_tau", b"logit_adjust_tau", "min_samples_per_class", b"min_samples_per_class", "posthoc_logit_adjustment", b"posthoc_logit_adjustment", "use_class_weights", b"use_class_weights", "use_weighted_sampler", b"use_weighted_sampler"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__focal_gamma: _TypeAlias = _typing.Literal["focal_gamma"]  # noqa: Y015
     _WhichOneofArgType__focal_gamma: _TypeAlias = _typing.Literal["_focal_gamma", b"_focal_gamma"]  # noqa: Y015

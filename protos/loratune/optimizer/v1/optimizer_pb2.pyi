@@ -202,6 +202,8 @@ class SearchSpace(_message.Message):
     USE_CLASS_WEIGHTS_FIELD_NUMBER: _builtins.int
     USE_WEIGHTED_SAMPLER_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    POSTHOC_LOGIT_ADJUSTMENT_FIELD_NUMBER: _builtins.int
+    LOGIT_ADJUST_TAU_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def rank(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """LoRA ranks to choose from."""
@@ -246,6 +248,16 @@ class SearchSpace(_message.Message):
     def batch_size(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Batch sizes to choose from."""
 
+    @_builtins.property
+    def posthoc_logit_adjustment(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Classification: post-hoc logit adjustment (tau chosen per evaluation on the validation
+        predictions, folded into the saved head) off / on; empty = off.
+        """
+
+    @_builtins.property
+    def logit_adjust_tau(self) -> Global___FloatRange:
+        """Classification: tau of the logit-adjusted loss; unset = 0 (off)."""
+
     def __init__(
         self,
         *,
@@ -260,10 +272,12 @@ class SearchSpace(_message.Message):
         use_class_weights: _abc.Iterable[_builtins.bool] | None = ...,
         use_weighted_sampler: _abc.Iterable[_builtins.bool] | None = ...,
         batch_size: _abc.Iterable[_builtins.int] | None = ...,
+        posthoc_logit_adjustment: _abc.Iterable[_builtins.bool] | None = ...,
+        logit_adjust_tau: Global___FloatRange | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["dropout", b"dropout", "focal_gamma", b"focal_gamma", "learning_rate", b"learning_rate"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dropout", b"dropout", "focal_gamma", b"focal_gamma", "learning_rate", b"learning_rate", "logit_adjust_tau", b"logit_adjust_tau"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha_multiplier", b"alpha_multiplier", "batch_size", b"batch_size", "dropout", b"dropout", "focal_gamma", b"focal_gamma", "learning_rate", b"learning_rate", "num_epochs", b"num_epochs", "rank", b"rank", "target_modules", b"target_modules", "use_class_weights", b"use_class_weights", "use_rslora", b"use_rslora", "use_weighted_sampler", b"use_weighted_sampler"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha_multiplier", b"alpha_multiplier", "batch_size", b"batch_size", "dropout", b"dropout", "focal_gamma", b"focal_gamma", "learning_rate", b"learning_rate", "logit_adjust_tau", b"logit_adjust_tau", "num_epochs", b"num_epochs", "posthoc_logit_adjustment", b"posthoc_logit_adjustment", "rank", b"rank", "target_modules", b"target_modules", "use_class_weights", b"use_class_weights", "use_rslora", b"use_rslora", "use_weighted_sampler", b"use_weighted_sampler"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

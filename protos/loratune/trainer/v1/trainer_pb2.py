@@ -26,17 +26,17 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from loratune.common.v1 import common_pb2 as loratune_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!loratune/trainer/v1/trainer.proto\x12\x13loratune.trainer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1floratune/common/v1/common.proto\"\xa4\x01\n\x0bTrainingJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12,\n\x05state\x18\x02 \x01(\x0e\x32\x1d.loratune.trainer.v1.JobState\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x12\n\noutput_dir\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf0\x01\n\x14StartTrainingRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x30\n\x07\x64\x61taset\x18\x03 \x01(\x0b\x32\x1f.loratune.common.v1.DatasetSpec\x12<\n\x0fhyperparameters\x18\x04 \x01(\x0b\x32#.loratune.common.v1.Hyperparameters\x12\x12\n\noutput_dir\x18\x05 \x01(\t\x12\x18\n\x10max_eval_samples\x18\x06 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\r\"F\n\x15StartTrainingResponse\x12-\n\x03job\x18\x01 \x01(\x0b\x32 .loratune.trainer.v1.TrainingJob\"&\n\x14WatchTrainingRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"}\n\x08Progress\x12\r\n\x05\x65poch\x18\x01 \x01(\x01\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\x13\n\x0btotal_steps\x18\x03 \x01(\r\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x06 \x01(\x01\"\xa0\x01\n\x0f\x45valuationPoint\x12\r\n\x05\x65poch\x18\x01 \x01(\x01\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\x11\n\teval_loss\x18\x03 \x01(\x01\x12\x13\n\x0bpredictions\x18\x04 \x03(\t\x12\x12\n\nreferences\x18\x05 \x03(\t\x12\x0f\n\x07prompts\x18\x06 \x03(\t\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12\x13\n\x0b\x61\x64\x61pter_dir\x18\x08 \x01(\t\"\x9d\x01\n\x0f\x44\x61tasetPrepared\x12\x12\n\ntrain_rows\x18\x01 \x01(\r\x12\x17\n\x0fvalidation_rows\x18\x02 \x01(\r\x12\x18\n\x10\x65xcluded_classes\x18\x03 \x03(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x33\n\x08\x65xcluded\x18\x05 \x03(\x0b\x32!.loratune.common.v1.ExcludedClass\"8\n\tCompleted\x12\x14\n\x0c\x61rtifact_dir\x18\x01 \x01(\t\x12\x15\n\rtrain_seconds\x18\x02 \x01(\x01\"M\n\x06\x46\x61iled\x12\x32\n\x06reason\x18\x01 \x01(\x0e\x32\".loratune.trainer.v1.FailureReason\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xf9\x02\n\rTrainingEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\r\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x08progress\x18\n \x01(\x0b\x32\x1d.loratune.trainer.v1.ProgressH\x00\x12:\n\nevaluation\x18\x0b \x01(\x0b\x32$.loratune.trainer.v1.EvaluationPointH\x00\x12\x33\n\tcompleted\x18\x0c \x01(\x0b\x32\x1e.loratune.trainer.v1.CompletedH\x00\x12-\n\x06\x66\x61iled\x18\r \x01(\x0b\x32\x1b.loratune.trainer.v1.FailedH\x00\x12@\n\x10\x64\x61taset_prepared\x18\x0e \x01(\x0b\x32$.loratune.trainer.v1.DatasetPreparedH\x00\x42\x07\n\x05\x65vent\"\'\n\x15\x43\x61ncelTrainingRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"G\n\x16\x43\x61ncelTrainingResponse\x12-\n\x03job\x18\x01 \x01(\x0b\x32 .loratune.trainer.v1.TrainingJob\"\x19\n\x17GetTrainerStatusRequest\"\xf2\x01\n\x18GetTrainerStatusResponse\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0c\n\x04\x62usy\x18\x02 \x01(\x08\x12\x16\n\x0e\x63urrent_job_id\x18\x03 \x01(\t\x12\x19\n\x11loaded_base_model\x18\x04 \x01(\t\x12\x1e\n\x16memory_allocated_bytes\x18\x05 \x01(\x04\x12\x1d\n\x15memory_reserved_bytes\x18\x06 \x01(\x04\x12\x1a\n\x12memory_total_bytes\x18\x07 \x01(\x04\x12\x13\n\x0b\x64\x65vice_name\x18\x08 \x01(\t\x12\x15\n\rshutting_down\x18\t \x01(\x08*\x9b\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*\xe8\x01\n\rFailureReason\x12\x1e\n\x1a\x46\x41ILURE_REASON_UNSPECIFIED\x10\x00\x12 \n\x1c\x46\x41ILURE_REASON_OUT_OF_MEMORY\x10\x01\x12\x1b\n\x17\x46\x41ILURE_REASON_NAN_LOSS\x10\x02\x12 \n\x1c\x46\x41ILURE_REASON_INVALID_INPUT\x10\x03\x12\x1c\n\x18\x46\x41ILURE_REASON_CANCELLED\x10\x04\x12\x1b\n\x17\x46\x41ILURE_REASON_INTERNAL\x10\x05\x12\x1b\n\x17\x46\x41ILURE_REASON_SHUTDOWN\x10\x06\x32\xb6\x03\n\x0eTrainerService\x12\x66\n\rStartTraining\x12).loratune.trainer.v1.StartTrainingRequest\x1a*.loratune.trainer.v1.StartTrainingResponse\x12`\n\rWatchTraining\x12).loratune.trainer.v1.WatchTrainingRequest\x1a\".loratune.trainer.v1.TrainingEvent0\x01\x12i\n\x0e\x43\x61ncelTraining\x12*.loratune.trainer.v1.CancelTrainingRequest\x1a+.loratune.trainer.v1.CancelTrainingResponse\x12o\n\x10GetTrainerStatus\x12,.loratune.trainer.v1.GetTrainerStatusRequest\x1a-.loratune.trainer.v1.GetTrainerStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!loratune/trainer/v1/trainer.proto\x12\x13loratune.trainer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1floratune/common/v1/common.proto\"\xa4\x01\n\x0bTrainingJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12,\n\x05state\x18\x02 \x01(\x0e\x32\x1d.loratune.trainer.v1.JobState\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x12\n\noutput_dir\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf0\x01\n\x14StartTrainingRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x30\n\x07\x64\x61taset\x18\x03 \x01(\x0b\x32\x1f.loratune.common.v1.DatasetSpec\x12<\n\x0fhyperparameters\x18\x04 \x01(\x0b\x32#.loratune.common.v1.Hyperparameters\x12\x12\n\noutput_dir\x18\x05 \x01(\t\x12\x18\n\x10max_eval_samples\x18\x06 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\r\"F\n\x15StartTrainingResponse\x12-\n\x03job\x18\x01 \x01(\x0b\x32 .loratune.trainer.v1.TrainingJob\"&\n\x14WatchTrainingRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"}\n\x08Progress\x12\r\n\x05\x65poch\x18\x01 \x01(\x01\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\x13\n\x0btotal_steps\x18\x03 \x01(\r\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x06 \x01(\x01\"\xb5\x01\n\x0f\x45valuationPoint\x12\r\n\x05\x65poch\x18\x01 \x01(\x01\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\x11\n\teval_loss\x18\x03 \x01(\x01\x12\x13\n\x0bpredictions\x18\x04 \x03(\t\x12\x12\n\nreferences\x18\x05 \x03(\t\x12\x0f\n\x07prompts\x18\x06 \x03(\t\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12\x13\n\x0b\x61\x64\x61pter_dir\x18\x08 \x01(\t\x12\x13\n\x0bposthoc_tau\x18\t \x01(\x01\"\x9d\x01\n\x0f\x44\x61tasetPrepared\x12\x12\n\ntrain_rows\x18\x01 \x01(\r\x12\x17\n\x0fvalidation_rows\x18\x02 \x01(\r\x12\x18\n\x10\x65xcluded_classes\x18\x03 \x03(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x33\n\x08\x65xcluded\x18\x05 \x03(\x0b\x32!.loratune.common.v1.ExcludedClass\"8\n\tCompleted\x12\x14\n\x0c\x61rtifact_dir\x18\x01 \x01(\t\x12\x15\n\rtrain_seconds\x18\x02 \x01(\x01\"M\n\x06\x46\x61iled\x12\x32\n\x06reason\x18\x01 \x01(\x0e\x32\".loratune.trainer.v1.FailureReason\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xf9\x02\n\rTrainingEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\r\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x08progress\x18\n \x01(\x0b\x32\x1d.loratune.trainer.v1.ProgressH\x00\x12:\n\nevaluation\x18\x0b \x01(\x0b\x32$.loratune.trainer.v1.EvaluationPointH\x00\x12\x33\n\tcompleted\x18\x0c \x01(\x0b\x32\x1e.loratune.trainer.v1.CompletedH\x00\x12-\n\x06\x66\x61iled\x18\r \x01(\x0b\x32\x1b.loratune.trainer.v1.FailedH\x00\x12@\n\x10\x64\x61taset_prepared\x18\x0e \x01(\x0b\x32$.loratune.trainer.v1.DatasetPreparedH\x00\x42\x07\n\x05\x65vent\"\'\n\x15\x43\x61ncelTrainingRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"G\n\x16\x43\x61ncelTrainingResponse\x12-\n\x03job\x18\x01 \x01(\x0b\x32 .loratune.trainer.v1.TrainingJob\"\x19\n\x17GetTrainerStatusRequest\"\xf2\x01\n\x18GetTrainerStatusResponse\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0c\n\x04\x62usy\x18\x02 \x01(\x08\x12\x16\n\x0e\x63urrent_job_id\x18\x03 \x01(\t\x12\x19\n\x11loaded_base_model\x18\x04 \x01(\t\x12\x1e\n\x16memory_allocated_bytes\x18\x05 \x01(\x04\x12\x1d\n\x15memory_reserved_bytes\x18\x06 \x01(\x04\x12\x1a\n\x12memory_total_bytes\x18\x07 \x01(\x04\x12\x13\n\x0b\x64\x65vice_name\x18\x08 \x01(\t\x12\x15\n\rshutting_down\x18\t \x01(\x08*\x9b\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*\xe8\x01\n\rFailureReason\x12\x1e\n\x1a\x46\x41ILURE_REASON_UNSPECIFIED\x10\x00\x12 \n\x1c\x46\x41ILURE_REASON_OUT_OF_MEMORY\x10\x01\x12\x1b\n\x17\x46\x41ILURE_REASON_NAN_LOSS\x10\x02\x12 \n\x1c\x46\x41ILURE_REASON_INVALID_INPUT\x10\x03\x12\x1c\n\x18\x46\x41ILURE_REASON_CANCELLED\x10\x04\x12\x1b\n\x17\x46\x41ILURE_REASON_INTERNAL\x10\x05\x12\x1b\n\x17\x46\x41ILURE_REASON_SHUTDOWN\x10\x06\x32\xb6\x03\n\x0eTrainerService\x12\x66\n\rStartTraining\x12).loratune.trainer.v1.StartTrainingRequest\x1a*.loratune.trainer.v1.StartTrainingResponse\x12`\n\rWatchTraining\x12).loratune.trainer.v1.WatchTrainingRequest\x1a\".loratune.trainer.v1.TrainingEvent0\x01\x12i\n\x0e\x43\x61ncelTraining\x12*.loratune.trainer.v1.CancelTrainingRequest\x1a+.loratune.trainer.v1.CancelTrainingResponse\x12o\n\x10GetTrainerStatus\x12,.loratune.trainer.v1.GetTrainerStatusRequest\x1a-.loratune.trainer.v1.GetTrainerStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loratune.trainer.v1.trainer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=2000
-  _globals['_JOBSTATE']._serialized_end=2155
-  _globals['_FAILUREREASON']._serialized_start=2158
-  _globals['_FAILUREREASON']._serialized_end=2390
+  _globals['_JOBSTATE']._serialized_start=2021
+  _globals['_JOBSTATE']._serialized_end=2176
+  _globals['_FAILUREREASON']._serialized_start=2179
+  _globals['_FAILUREREASON']._serialized_end=2411
   _globals['_TRAININGJOB']._serialized_start=125
   _globals['_TRAININGJOB']._serialized_end=289
   _globals['_STARTTRAININGREQUEST']._serialized_start=292
@@ -48,23 +48,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROGRESS']._serialized_start=646
   _globals['_PROGRESS']._serialized_end=771
   _globals['_EVALUATIONPOINT']._serialized_start=774
-  _globals['_EVALUATIONPOINT']._serialized_end=934
-  _globals['_DATASETPREPARED']._serialized_start=937
-  _globals['_DATASETPREPARED']._serialized_end=1094
-  _globals['_COMPLETED']._serialized_start=1096
-  _globals['_COMPLETED']._serialized_end=1152
-  _globals['_FAILED']._serialized_start=1154
-  _globals['_FAILED']._serialized_end=1231
-  _globals['_TRAININGEVENT']._serialized_start=1234
-  _globals['_TRAININGEVENT']._serialized_end=1611
-  _globals['_CANCELTRAININGREQUEST']._serialized_start=1613
-  _globals['_CANCELTRAININGREQUEST']._serialized_end=1652
-  _globals['_CANCELTRAININGRESPONSE']._serialized_start=1654
-  _globals['_CANCELTRAININGRESPONSE']._serialized_end=1725
-  _globals['_GETTRAINERSTATUSREQUEST']._serialized_start=1727
-  _globals['_GETTRAINERSTATUSREQUEST']._serialized_end=1752
-  _globals['_GETTRAINERSTATUSRESPONSE']._serialized_start=1755
-  _globals['_GETTRAINERSTATUSRESPONSE']._serialized_end=1997
-  _globals['_TRAINERSERVICE']._serialized_start=2393
-  _globals['_TRAINERSERVICE']._serialized_end=2831
+  _globals['_EVALUATIONPOINT']._serialized_end=955
+  _globals['_DATASETPREPARED']._serialized_start=958
+  _globals['_DATASETPREPARED']._serialized_end=1115
+  _globals['_COMPLETED']._serialized_start=1117
+  _globals['_COMPLETED']._serialized_end=1173
+  _globals['_FAILED']._serialized_start=1175
+  _globals['_FAILED']._serialized_end=1252
+  _globals['_TRAININGEVENT']._serialized_start=1255
+  _globals['_TRAININGEVENT']._serialized_end=1632
+  _globals['_CANCELTRAININGREQUEST']._serialized_start=1634
+  _globals['_CANCELTRAININGREQUEST']._serialized_end=1673
+  _globals['_CANCELTRAININGRESPONSE']._serialized_start=1675
+  _globals['_CANCELTRAININGRESPONSE']._serialized_end=1746
+  _globals['_GETTRAINERSTATUSREQUEST']._serialized_start=1748
+  _globals['_GETTRAINERSTATUSREQUEST']._serialized_end=1773
+  _globals['_GETTRAINERSTATUSRESPONSE']._serialized_start=1776
+  _globals['_GETTRAINERSTATUSRESPONSE']._serialized_end=2018
+  _globals['_TRAINERSERVICE']._serialized_start=2414
+  _globals['_TRAINERSERVICE']._serialized_end=2852
 # @@protoc_insertion_point(module_scope)

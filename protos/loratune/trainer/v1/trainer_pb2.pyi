@@ -293,6 +293,7 @@ class EvaluationPoint(_message.Message):
     PROMPTS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     ADAPTER_DIR_FIELD_NUMBER: _builtins.int
+    POSTHOC_TAU_FIELD_NUMBER: _builtins.int
     epoch: _builtins.float
     """Epoch just finished."""
     step: _builtins.int
@@ -304,6 +305,10 @@ class EvaluationPoint(_message.Message):
     class weights), so the caller can keep the best epoch rather than the last. The last
     epoch's is the job's output_dir (written before `completed`); earlier epochs' are
     `<output_dir>/epochs/epoch-<n>/`. Empty when nothing was saved.
+    """
+    posthoc_tau: _builtins.float
+    """Classification with post-hoc logit adjustment: the tau the predictions were made with
+    (0 = none), folded into the head saved in `adapter_dir`.
     """
     @_builtins.property
     def predictions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -332,10 +337,11 @@ class EvaluationPoint(_message.Message):
         prompts: _abc.Iterable[_builtins.str] | None = ...,
         labels: _abc.Iterable[_builtins.str] | None = ...,
         adapter_dir: _builtins.str = ...,
+        posthoc_tau: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_dir", b"adapter_dir", "epoch", b"epoch", "eval_loss", b"eval_loss", "labels", b"labels", "predictions", b"predictions", "prompts", b"prompts", "references", b"references", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_dir", b"adapter_dir", "epoch", b"epoch", "eval_loss", b"eval_loss", "labels", b"labels", "posthoc_tau", b"posthoc_tau", "predictions", b"predictions", "prompts", b"prompts", "references", b"references", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
