@@ -211,4 +211,5 @@ def hyperparameters(spec: StudySpec, params: TrialParameters, defaults: Any) -> 
         probe_only=params.num_epochs == 0,
         posthoc_logit_adjustment=params.posthoc_logit_adjustment,
         logit_adjust_tau=params.logit_adjust_tau,
+        sampler_power=params.sampler_power,
     )

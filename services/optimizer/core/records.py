@@ -187,6 +187,7 @@ def space_from_dict(content: Mapping[str, Any]) -> SearchSpace:
             bool(v) for v in content.get("posthoc_logit_adjustment", (False,))
         ),
         logit_adjust_tau=rng(content.get("logit_adjust_tau", {"low": 0.0, "high": 0.0})),
+        sampler_power=rng(content.get("sampler_power", {"low": 0.0, "high": 0.0})),
         module_sets={k: tuple(v) for k, v in content.get("module_sets", {}).items()},
     )
 
@@ -225,6 +226,7 @@ def space_from_request(
             "posthoc_logit_adjustment", bool, space.posthoc_logit_adjustment
         ),
         logit_adjust_tau=rng("logit_adjust_tau", space.logit_adjust_tau),
+        sampler_power=rng("sampler_power", space.sampler_power),
         module_sets={
             str(c["name"]): tuple(str(m) for m in c["modules"]) for c in choices if c.get("modules")
         },
@@ -341,6 +343,7 @@ class Hyperparameters:
     probe_only: bool = False  # classification: the linear probe alone (num_epochs 0)
     posthoc_logit_adjustment: bool = False
     logit_adjust_tau: float = 0.0
+    sampler_power: float = 0.0
 
     def to_storage(self) -> dict[str, Any]:
         """Grouped as the contract groups them (lora / training / balancing), snake_case."""
@@ -379,6 +382,7 @@ class Hyperparameters:
             "probe_only": False,
             "posthoc_logit_adjustment": False,
             "logit_adjust_tau": 0.0,
+            "sampler_power": 0.0,
         }
         for name, default in defaults.items():
             value = values.get(name)
@@ -414,6 +418,7 @@ _HYPER_GROUPS = {
     "probe_only": "training",
     "posthoc_logit_adjustment": "balancing",
     "logit_adjust_tau": "balancing",
+    "sampler_power": "balancing",
 }
 
 

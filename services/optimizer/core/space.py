@@ -61,6 +61,7 @@ class SearchSpace:
     use_weighted_sampler: tuple[bool, ...] = (False, True)
     posthoc_logit_adjustment: tuple[bool, ...] = (False,)
     logit_adjust_tau: FloatRange = FloatRange(0.0, 0.0)
+    sampler_power: FloatRange = FloatRange(0.0, 0.0)
     # Named choices of target_modules with their module names (the request's choices that
     # list modules); "attention" and "all-linear" need none, the trainer resolves them.
     module_sets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -125,6 +126,9 @@ def validate(space: SearchSpace) -> None:
         raise InvalidArgument("low must be > 0", field="search_space.learning_rate")
     _check_range("focal_gamma", space.focal_gamma)
     _check_range("logit_adjust_tau", space.logit_adjust_tau)
+    _check_range("sampler_power", space.sampler_power)
+    if space.sampler_power.high > 1:
+        raise InvalidArgument("high must be <= 1", field="search_space.sampler_power")
     if space.logit_adjust_tau.high > 5:
         raise InvalidArgument("high must be <= 5", field="search_space.logit_adjust_tau")
     if not space.posthoc_logit_adjustment:
@@ -201,6 +205,7 @@ class TrialParameters:
     use_weighted_sampler: bool
     posthoc_logit_adjustment: bool = False
     logit_adjust_tau: float = 0.0
+    sampler_power: float = 0.0
 
     def as_log_dict(self) -> dict[str, Any]:
         """The parameters in the form of the users' log lines."""
@@ -258,6 +263,7 @@ def suggest(
                 _suggest_choice(trial, "posthoc_logit_adjustment", space.posthoc_logit_adjustment)
             ),
             logit_adjust_tau=_suggest_float(trial, "logit_adjust_tau", space.logit_adjust_tau),
+            sampler_power=_suggest_float(trial, "sampler_power", space.sampler_power),
         )
     return params
 
@@ -305,6 +311,7 @@ def default_trial(
             ),
             "posthoc_logit_adjustment": nearest(space.posthoc_logit_adjustment, False),
             "logit_adjust_tau": clip(space.logit_adjust_tau, 0.0),
+            "sampler_power": clip(space.sampler_power, 0.0),
         }
     if space.batch_size:
         params["batch_size"] = nearest(space.batch_size, defaults.lora_batch_size)

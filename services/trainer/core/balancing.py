@@ -84,8 +84,13 @@ class FocalLoss(torch.nn.Module):
         return (alpha_t * terms).sum() / alpha_t.sum()
 
 
-def sampler_weights(label_ids: Sequence[int], n_classes: int) -> torch.Tensor:
-    """Return per-example weights ``1 / count(class)``, so every class is drawn equally often.
+def sampler_weights(label_ids: Sequence[int], n_classes: int, power: float = 0.0) -> torch.Tensor:
+    """Return per-example weights ``count(class) ** (power - 1)``.
+
+    A class is then drawn with probability proportional to ``count(class) ** power``:
+    ``power`` 0 draws every class equally often (class-balanced), 1 as often as it occurs
+    (instance-balanced, a plain shuffle), and values between trade one for the other
+    (square-root sampling at 0.5).
 
     Raises:
         ValueError: a label id is outside ``[0, n_classes)``.
@@ -95,12 +100,17 @@ def sampler_weights(label_ids: Sequence[int], n_classes: int) -> torch.Tensor:
         raise ValueError(
             f"label ids must lie in [0, {n_classes}), got {int(ids.min())}..{int(ids.max())}"
         )
+    if not 0.0 <= power <= 1.0:
+        raise ValueError(f"power must lie in [0, 1], got {power}")
     counts = torch.bincount(ids, minlength=n_classes).double()
-    return 1.0 / counts[ids]
+    return counts[ids] ** (power - 1.0)
 
 
-def weighted_sampler(label_ids: Sequence[int], n_classes: int, seed: int) -> WeightedRandomSampler:
-    """Return a sampler that draws ``len(label_ids)`` examples per epoch, classes at equal rates.
+def weighted_sampler(
+    label_ids: Sequence[int], n_classes: int, seed: int, power: float = 0.0
+) -> WeightedRandomSampler:
+    """Return a sampler that draws ``len(label_ids)`` examples per epoch, each class with
+    probability proportional to ``count ** power`` (0 = classes at equal rates).
 
     Draws are with replacement (a rare class's rows repeat within an epoch) and come from
     a generator seeded with ``seed``: the same seed gives the same sequence of epochs.
@@ -108,7 +118,7 @@ def weighted_sampler(label_ids: Sequence[int], n_classes: int, seed: int) -> Wei
     generator = torch.Generator()
     generator.manual_seed(seed)
     # The sampler takes a tensor as it is (torch.as_tensor); its stub says Sequence[float].
-    weights = cast(Sequence[float], sampler_weights(label_ids, n_classes))
+    weights = cast(Sequence[float], sampler_weights(label_ids, n_classes, power))
     return WeightedRandomSampler(
         weights,
         num_samples=len(label_ids),

@@ -152,6 +152,7 @@ def build_train_loader(
     *,
     n_classes: int = 0,
     use_weighted_sampler: bool = False,
+    sampler_power: float = 0.0,
     pin_memory: bool = False,
 ) -> DataLoader[EncodedExample]:
     """The training DataLoader: seeded shuffle (or class-balanced draws), length-grouped.
@@ -162,7 +163,9 @@ def build_train_loader(
     """
     index_sampler: Sampler[int]
     if use_weighted_sampler and task is Task.CLASSIFICATION:
-        index_sampler = weighted_sampler([e.label_id for e in examples], n_classes, seed)
+        index_sampler = weighted_sampler(
+            [e.label_id for e in examples], n_classes, seed, sampler_power
+        )
     else:
         index_sampler = RandomSampler(examples, generator=torch.Generator().manual_seed(seed))
     batch_sampler = LengthGroupedBatchSampler(
@@ -239,6 +242,7 @@ def train(
         training.seed,
         n_classes=len(data.labels),
         use_weighted_sampler=spec.balancing.use_weighted_sampler,
+        sampler_power=spec.balancing.sampler_power,
         pin_memory=device.type == "cuda",
     )
     accumulation = max(1, training.gradient_accumulation)

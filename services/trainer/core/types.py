@@ -70,6 +70,7 @@ class BalancingSpec:
     min_samples_per_class: int = 0
     posthoc_logit_adjustment: bool = False  # choose tau on validation, fold it into the head
     logit_adjust_tau: float = 0.0  # logit-adjusted loss; 0 = off
+    sampler_power: float = 0.0  # with the sampler: class drawn with p ~ count ** power
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,12 @@ def validate_parameters(spec: JobSpec) -> None:
             f"must be in [0, 5] (got {balancing.logit_adjust_tau:g})",
             field=f"{_BALANCING}.logit_adjust_tau",
         )
+    _finite(balancing.sampler_power, f"{_BALANCING}.sampler_power")
+    if not 0 <= balancing.sampler_power <= 1:
+        raise InvalidArgument(
+            f"must be in [0, 1] (got {balancing.sampler_power:g})",
+            field=f"{_BALANCING}.sampler_power",
+        )
     _finite(balancing.focal_gamma, f"{_BALANCING}.focal_gamma")
     if balancing.focal_gamma < 0:
         raise InvalidArgument(

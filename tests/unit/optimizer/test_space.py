@@ -301,6 +301,7 @@ def test_the_first_trial_is_the_defaults_when_they_fit() -> None:
         "use_weighted_sampler": DEFAULTS.use_weighted_sampler,
         "posthoc_logit_adjustment": False,
         "logit_adjust_tau": 0.0,
+        "sampler_power": 0.0,
         "batch_size": DEFAULTS.lora_batch_size,
     }
 
@@ -336,6 +337,7 @@ def test_defaults_outside_the_space_are_clipped_into_it() -> None:
         "use_weighted_sampler": True,
         "posthoc_logit_adjustment": False,
         "logit_adjust_tau": 0.0,
+        "sampler_power": 0.0,
         "batch_size": 16,  # 4 is no choice
     }
     # Enqueued as the optimizer does, the trial gets exactly these values.

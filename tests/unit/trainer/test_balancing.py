@@ -152,3 +152,21 @@ def test_weighted_sampler_is_reproducible_from_its_seed() -> None:
     first = list(weighted_sampler(label_ids, 2, seed=7))
     assert first == list(weighted_sampler(label_ids, 2, seed=7))
     assert first != list(weighted_sampler(label_ids, 2, seed=8))
+
+
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
+def test_the_sampler_power_draws_classes_in_proportion_to_count_to_that_power(
+    power: float,
+) -> None:
+    counts = {0: 200, 1: 50, 2: 8}
+    label_ids = [label for label, n in counts.items() for _ in range(n)]
+    sampler = weighted_sampler(label_ids, n_classes=3, seed=99, power=power)
+    draws: list[int] = []
+    while len(draws) < 40_000:
+        draws.extend(label_ids[index] for index in sampler)
+    total = sum(n**power for n in counts.values())
+    for label, n in counts.items():
+        share = Counter(draws)[label] / len(draws)
+        assert abs(share - n**power / total) < 0.02, (power, label, share)
+    with pytest.raises(ValueError, match="power"):
+        sampler_weights(label_ids, 3, power=1.5)
