@@ -212,4 +212,5 @@ def hyperparameters(spec: StudySpec, params: TrialParameters, defaults: Any) -> 
         posthoc_logit_adjustment=params.posthoc_logit_adjustment,
         logit_adjust_tau=params.logit_adjust_tau,
         sampler_power=params.sampler_power,
+        two_stage=params.two_stage,
     )

@@ -62,6 +62,7 @@ class SearchSpace:
     posthoc_logit_adjustment: tuple[bool, ...] = (False,)
     logit_adjust_tau: FloatRange = FloatRange(0.0, 0.0)
     sampler_power: FloatRange = FloatRange(0.0, 0.0)
+    two_stage: tuple[bool, ...] = (False,)
     # Named choices of target_modules with their module names (the request's choices that
     # list modules); "attention" and "all-linear" need none, the trainer resolves them.
     module_sets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -131,6 +132,8 @@ def validate(space: SearchSpace) -> None:
         raise InvalidArgument("high must be <= 1", field="search_space.sampler_power")
     if space.logit_adjust_tau.high > 5:
         raise InvalidArgument("high must be <= 5", field="search_space.logit_adjust_tau")
+    if not space.two_stage:
+        raise InvalidArgument("needs at least one choice", field="search_space.two_stage")
     if not space.posthoc_logit_adjustment:
         raise InvalidArgument(
             "needs at least one choice", field="search_space.posthoc_logit_adjustment"
@@ -206,6 +209,7 @@ class TrialParameters:
     posthoc_logit_adjustment: bool = False
     logit_adjust_tau: float = 0.0
     sampler_power: float = 0.0
+    two_stage: bool = False
 
     def as_log_dict(self) -> dict[str, Any]:
         """The parameters in the form of the users' log lines."""
@@ -264,6 +268,7 @@ def suggest(
             ),
             logit_adjust_tau=_suggest_float(trial, "logit_adjust_tau", space.logit_adjust_tau),
             sampler_power=_suggest_float(trial, "sampler_power", space.sampler_power),
+            two_stage=bool(_suggest_choice(trial, "two_stage", space.two_stage)),
         )
     return params
 
@@ -312,6 +317,7 @@ def default_trial(
             "posthoc_logit_adjustment": nearest(space.posthoc_logit_adjustment, False),
             "logit_adjust_tau": clip(space.logit_adjust_tau, 0.0),
             "sampler_power": clip(space.sampler_power, 0.0),
+            "two_stage": nearest(space.two_stage, False),
         }
     if space.batch_size:
         params["batch_size"] = nearest(space.batch_size, defaults.lora_batch_size)

@@ -168,6 +168,7 @@ def job_from_proto(
             posthoc_logit_adjustment=balancing.posthoc_logit_adjustment,
             logit_adjust_tau=balancing.logit_adjust_tau,
             sampler_power=balancing.sampler_power,
+            two_stage=balancing.two_stage,
         ),
         output_dir=output_dir_from_proto(request.output_dir, job_id, artifact_root),
         max_eval_samples=request.max_eval_samples,

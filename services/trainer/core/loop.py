@@ -378,6 +378,7 @@ def train(
                     window_losses, window_samples, window_started = [], 0, now
                 # The scheduler's lr of the step just taken was reported above; advance now.
                 scheduler.step()
+            restore = _two_stage_head(prepared, data, encoded, spec, ctx, amp)
             last_eval = _evaluate(prepared, data, encoded, spec, ctx, epoch + 1, step, amp)
             if last_eval is not None:
                 if checkpoint is not None:
@@ -387,6 +388,8 @@ def train(
                 ctx.emit(last_eval)
                 if scalars is not None:
                     scalars.scalar("eval/loss", last_eval.eval_loss, step)
+            if restore is not None and epoch + 1 < training.num_epochs:
+                restore()  # training goes on with its own head; the last epoch keeps the re-fit
             window_started = time.perf_counter()  # evaluation time is not training throughput
     finally:
         # Free the optimizer state and gradients whether training ended, failed or ran out
@@ -681,6 +684,58 @@ def _evaluate_classification(
         scored += int((targets != UNTRAINED_LABEL_ID).sum())
         all_logits[indices] = logits.detach().cpu()
     return loss_sum / max(scored, 1), all_logits
+
+
+def _two_stage_head(
+    prepared: PreparedModel,
+    data: PreparedData,
+    encoded: EncodedData,
+    spec: JobSpec,
+    ctx: RunContext,
+    amp: _Amp,
+) -> Callable[[], None] | None:
+    """Two-stage training (decoupled classifier re-training, Kang et al. 2020): re-fit the
+    head's final layer on the fine-tuned model's frozen features with class-balanced
+    weights, for this epoch's evaluation and saved adapter. Returns how to put the trained
+    head back (None when the job does not ask for it or the head cannot be probed)."""
+    if prepared.task is not Task.CLASSIFICATION or not spec.balancing.two_stage:
+        return None
+    model = prepared.model
+    head = final_linear(model, len(data.labels))
+    if head is None or data.stats is None:
+        return None
+    weight = head.weight.detach().clone()
+    bias = head.bias.detach().clone() if head.bias is not None else None
+    balanced = torch.tensor(class_weights(data.stats.counts, data.labels), dtype=torch.float32)
+    training = spec.training
+    model.eval()
+    try:
+        linear_probe_head(
+            model,
+            _probe_batches(
+                encoded.train,
+                int(prepared.tokenizer.pad_token_id),
+                training.batch_size,
+                training.seed,
+            ),
+            len(data.labels),
+            prepared.device,
+            class_weight=balanced,
+            amp=amp,
+            should_stop=ctx.should_stop,
+        )
+    finally:
+        model.train()
+    if ctx.should_stop():
+        raise Cancelled("cancelled while re-fitting the head")
+
+    def restore() -> None:
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            if bias is not None and head.bias is not None:
+                head.bias.copy_(bias)
+
+    return restore
 
 
 def posthoc_adjustable(prepared: PreparedModel, data: PreparedData, spec: JobSpec) -> bool:

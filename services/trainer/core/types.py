@@ -71,6 +71,7 @@ class BalancingSpec:
     posthoc_logit_adjustment: bool = False  # choose tau on validation, fold it into the head
     logit_adjust_tau: float = 0.0  # logit-adjusted loss; 0 = off
     sampler_power: float = 0.0  # with the sampler: class drawn with p ~ count ** power
+    two_stage: bool = False  # re-fit the head, class-balanced, on the fine-tuned features
 
 
 @dataclass(frozen=True)

@@ -302,6 +302,7 @@ def test_the_first_trial_is_the_defaults_when_they_fit() -> None:
         "posthoc_logit_adjustment": False,
         "logit_adjust_tau": 0.0,
         "sampler_power": 0.0,
+        "two_stage": False,
         "batch_size": DEFAULTS.lora_batch_size,
     }
 
@@ -338,6 +339,7 @@ def test_defaults_outside_the_space_are_clipped_into_it() -> None:
         "posthoc_logit_adjustment": False,
         "logit_adjust_tau": 0.0,
         "sampler_power": 0.0,
+        "two_stage": False,
         "batch_size": 16,  # 4 is no choice
     }
     # Enqueued as the optimizer does, the trial gets exactly these values.

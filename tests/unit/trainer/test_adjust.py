@@ -115,3 +115,46 @@ def test_the_saved_adapter_predicts_what_the_adjusted_evaluation_scored(
     # The model in memory has no adjustment (it was folded only while saving): it differs.
     raw = LoadedAdapter(prepared.model, prepared.tokenizer, prepared.labels, Task.CLASSIFICATION)
     assert predict_labels(raw, texts, max_length=64) != list(evaluation.predictions)
+
+
+def test_two_stage_refits_the_head_for_evaluation_without_changing_training(
+    minilm_dir: Path, tmp_path: Path
+) -> None:
+    from services.trainer.core.probe import final_linear
+    from services.trainer.core.types import ProgressEvent
+
+    rows = _tail_rows()
+    train_rows, validation = rows[:34] + rows[40:43], rows[34:40] + rows[43:]
+
+    def job(two_stage: bool, out: Path) -> tuple[list[float], torch.Tensor, Recorder, object]:
+        spec = make_spec(
+            minilm_dir,
+            Task.CLASSIFICATION,
+            out,
+            training=TrainingSpec(learning_rate=2e-3, num_epochs=2, batch_size=8, seed=4),
+            balancing=BalancingSpec(focal_gamma=0.0, use_class_weights=False, two_stage=two_stage),
+        )
+        cache = BaseModelCache("cpu")
+        prepared = cache.acquire(spec, ["common", "rare"])
+        data, encoded = classification_data(train_rows, validation, prepared.tokenizer)
+        recorder = Recorder()
+        result = loop.train(
+            prepared, data, encoded, spec, RunContext(recorder.emit, recorder.should_stop, 1)
+        )
+        save_artifacts(prepared, data, spec, result, out)
+        head = final_linear(prepared.model, 2)
+        assert head is not None
+        losses = [e.loss for e in recorder.of(ProgressEvent)]
+        return losses, head.weight.detach().clone(), recorder, prepared
+
+    plain_losses, plain_head, _, _ = job(False, tmp_path / "plain")
+    losses, head, recorder, _ = job(True, tmp_path / "two")
+    # Every step trains exactly as without the re-fit: the trained head comes back after
+    # each earlier epoch's evaluation.
+    assert losses == plain_losses
+    # The last epoch keeps the re-fitted, class-balanced head.
+    assert not torch.allclose(head, plain_head)
+    last = recorder.of(EvaluationEvent)[-1]
+    loaded = load_adapter_for_inference(tmp_path / "two", "cpu")
+    texts = [text for text, _ in validation]
+    assert predict_labels(loaded, texts, max_length=64) == list(last.predictions)

@@ -221,6 +221,7 @@ class BalancingParams(_message.Message):
     POSTHOC_LOGIT_ADJUSTMENT_FIELD_NUMBER: _builtins.int
     LOGIT_ADJUST_TAU_FIELD_NUMBER: _builtins.int
     SAMPLER_POWER_FIELD_NUMBER: _builtins.int
+    TWO_STAGE_FIELD_NUMBER: _builtins.int
     focal_gamma: _builtins.float
     """Focal loss gamma; 0 = plain cross-entropy; absent = FOCAL_LOSS_GAMMA (2.0)."""
     use_class_weights: _builtins.bool
@@ -242,6 +243,11 @@ class BalancingParams(_message.Message):
     count ** sampler_power, in [0, 1]: 0 = class-balanced (the default), 0.5 = square-root
     sampling, 1 = as often as it occurs.
     """
+    two_stage: _builtins.bool
+    """Two-stage training (decoupled classifier re-training, Kang et al. 2020): after each
+    epoch's steps, the head's final layer is re-fitted on the fine-tuned model's frozen
+    features with class-balanced weights for that epoch's evaluation and saved adapter.
+    """
     def __init__(
         self,
         *,
@@ -252,10 +258,11 @@ class BalancingParams(_message.Message):
         posthoc_logit_adjustment: _builtins.bool = ...,
         logit_adjust_tau: _builtins.float = ...,
         sampler_power: _builtins.float = ...,
+        two_stage: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_focal_gamma", b"_focal_gamma", "_use_class_weights", b"_use_class_weights", "_use_weighted_sampler", b"_use_weighted_sampler", "focal_gamma", b"focal_gamma", "use_class_weights", b"use_class_weights", "use_weighted_sampler", b"use_weighted_sampler"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_focal_gamma", b"_focal_gamma", "_use_class_weights", b"_use_class_weights", "_use_weighted_sampler", b"_use_weighted_sampler", "focal_gamma", b"focal_gamma", "logit_adjust_tau", b"logit_adjust_tau", "min_samples_per_class", b"min_samples_per_class", "posthoc_logit_adjustment", b"posthoc_logit_adjustment", "sampler_power", b"sampler_power", "use_class_weights", b"use_class_weights", "use_weighted_sampler", b"use_weighted_sampler"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_focal_gamma", b"_focal_gamma", "_use_class_weights", b"_use_class_weights", "_use_weighted_sampler", b"_use_weighted_sampler", "focal_gamma", b"focal_gamma", "logit_adjust_tau", b"logit_adjust_tau", "min_samples_per_class", b"min_samples_per_class", "posthoc_logit_adjustment", b"posthoc_logit_adjustment", "sampler_power", b"sampler_power", "two_stage", b"two_stage", "use_class_weights", b"use_class_weights", "use_weighted_sampler", b"use_weighted_sampler"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__focal_gamma: _TypeAlias = _typing.Literal["focal_gamma"]  # noqa: Y015
     _WhichOneofArgType__focal_gamma: _TypeAlias = _typing.Literal["_focal_gamma", b"_focal_gamma"]  # noqa: Y015
