@@ -1,36 +1,42 @@
 """Benchmark: LoRA classification with class balancing vs a frozen encoder, long-tailed banking77.
 
-Trains on `train_longtail.csv` (1,614 rows, 77 intents, the rarest with 8 rows) and
-scores on the full `test.csv` (3,080 rows, 40 per intent):
+Follows the protocol of `longtail_protocol.py`: train on `train_longtail.csv` (less 10
+rows held out for validation), select on the 770-row validation split drawn from the
+unused rows of `train.csv`, and score only the selected model, once, on the full
+`test.csv` (3,080 rows, 40 per intent):
 
 - the baseline a user tries first: the same base model frozen, mean-pooled sentence
-  embeddings, and scikit-learn's LogisticRegression(class_weight="balanced") with its
-  defaults (on L2-normalised embeddings the default C=1 over-regularises: 0.85);
+  embeddings, and scikit-learn's LogisticRegression(class_weight="balanced"), its C
+  chosen on the validation split from a small grid (deterministic: run once; its
+  seconds include the search);
 - our trainer's path (`LocalRunner`: validation, base model cache, tokenisation,
   `loop.train`, saved adapter) with the same budget for each balancing setting: plain
   cross-entropy, focal loss only, class weights only, the weighted sampler only, and
-  focal loss + class weights (the trainer's defaults).
+  focal loss + class weights (the trainer's defaults). The loop evaluates the validation
+  split after every epoch; the best epoch by validation macro-F1 (the earliest of
+  equals) is kept as the trainer's clients keep it (`keep_adapter`), reloaded with
+  `load_adapter_for_inference`, and only it predicts test.csv (`predict_labels`). The
+  reloaded adapter must predict the validation split as the trained model did.
 
-Prints macro-F1, the mean F1 of the tail intents (<= 20 training rows), accuracy and
-train seconds per configuration. The LoRA runs' test predictions come from the saved
-adapter reloaded with `artifacts.predict_labels` (the path a user takes). The loop's
-per-epoch evaluation runs on a small fixed slice of test.csv (`--val-per-class` rows per
-intent; it selects nothing, it only shows the curve), and the reloaded adapter must
-predict that slice exactly as the trained model did.
+Each LoRA configuration runs once per `--seeds` seed (training seed; the validation
+split has its own fixed `--split-seed`). Prints validation macro-F1, test macro-F1, the
+mean F1 of the 65 tail intents (<= 20 training rows), of the 12 head intents, accuracy
+and train seconds, per run and as mean ± std over the seeds; differences under one
+point need the three seeds.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/banking77_longtail.py [--epochs 5] [--lr 5e-4]
-        [--batch-size 32] [--max-seq-length 64] [--configs ce,focal,weights,sampler,focal+weights]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/banking77_longtail.py [--seeds 1,2,3]
+        [--epochs 5] [--lr 5e-4] [--batch-size 32] [--max-seq-length 64] [--threads 1]
+        [--configs ce,focal,weights,sampler,focal+weights] [--no-baseline]
+        [--limit-train N --limit-test N: smoke tests only]
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import os
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,14 +45,15 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import longtail_protocol as protocol
 import numpy as np
 import torch
+from longtail_protocol import Protocol, TestScore
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, f1_score
 
 from services.evaluator.core.bertscore import packaged_minilm_path
+from services.optimizer.core.results import keep_adapter
 from services.trainer.core import loop, models
-from services.trainer.core.artifacts import load_adapter_for_inference, predict_labels
 from services.trainer.core.runner import LocalRunner
 from services.trainer.core.types import (
     DEFAULT_LOOP_OPTIONS,
@@ -62,8 +69,9 @@ from services.trainer.core.types import (
     TrainingSpec,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77"
-TAIL_MAX_ROWS = 20
+BASELINE = "frozen encoder + LogReg(balanced)"
+# The baseline's C, chosen on the validation split (the embeddings are not normalised).
+C_GRID = (0.0625, 0.25, 1.0, 4.0, 16.0, 64.0)
 
 # name -> (focal gamma, class weights, weighted sampler)
 CONFIGS: dict[str, tuple[float, bool, bool]] = {
@@ -76,39 +84,27 @@ CONFIGS: dict[str, tuple[float, bool, bool]] = {
 
 
 @dataclass(frozen=True)
-class Score:
+class Run:
+    """One configuration at one seed: what selection saw, and the one test score."""
+
     name: str
-    macro_f1: float
-    tail_f1: float
-    accuracy: float
+    seed: int | None  # None: the deterministic baseline
+    validation_f1: float  # of the selected epoch / C
+    test: TestScore
     train_seconds: float
     note: str = ""
 
+    @property
+    def label(self) -> str:
+        return self.name if self.seed is None else f"{self.name} s{self.seed}"
 
-def read_rows(path: Path) -> list[tuple[str, str]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        return [(row["text"], row["category"]) for row in csv.DictReader(f)]
-
-
-def score(
-    name: str,
-    predictions: Sequence[str],
-    references: Sequence[str],
-    train_counts: Counter[str],
-    seconds: float,
-    note: str = "",
-) -> Score:
-    labels = sorted(train_counts)
-    per_class = f1_score(references, predictions, labels=labels, average=None, zero_division=0)
-    tail = [f for label, f in zip(labels, per_class, strict=True) if train_counts[label] <= 20]
-    return Score(
-        name=name,
-        macro_f1=float(np.mean(per_class)),
-        tail_f1=float(np.mean(tail)),
-        accuracy=float(accuracy_score(references, predictions)),
-        train_seconds=seconds,
-        note=note,
-    )
+    def summary(self) -> str:
+        t = self.test
+        return (
+            f"{self.label}: validation macro-F1 {self.validation_f1:.4f}; test macro-F1 "
+            f"{t.macro_f1:.4f}, tail {t.tail_f1:.4f}, head {t.head_f1:.4f}, accuracy "
+            f"{t.accuracy:.4f}; {self.train_seconds:.1f} s"
+        )
 
 
 # ---- the baseline: frozen encoder, mean pooling, logistic regression -----------------------
@@ -137,61 +133,46 @@ def embed(model_path: str, texts: Sequence[str], max_length: int, batch_size: in
     return np.concatenate(chunks)
 
 
-def run_baseline(
-    model_path: str,
-    train: Sequence[tuple[str, str]],
-    test: Sequence[tuple[str, str]],
-    max_length: int,
-    counts: Counter[str],
-) -> Score:
+def run_baseline(model_path: str, data: Protocol, max_length: int) -> Run:
+    """C by validation macro-F1 (the smallest of equals), then one prediction of test.csv."""
     started = time.perf_counter()
+    train = protocol.read_rows(data.train_path)
     x_train = embed(model_path, [t for t, _ in train], max_length, 64)
-    classifier = LogisticRegression(class_weight="balanced", max_iter=2000)
-    classifier.fit(x_train, [label for _, label in train])
+    x_validation = embed(model_path, [t for t, _ in data.validation], max_length, 64)
+    references = [label for _, label in data.validation]
+    fitted = []
+    for c in C_GRID:
+        classifier = LogisticRegression(C=c, class_weight="balanced", max_iter=2000)
+        classifier.fit(x_train, [label for _, label in train])
+        f1 = protocol.validation_f1(classifier.predict(x_validation).tolist(), references)
+        fitted.append((f1, c, classifier))
+    f1, c, classifier = max(fitted, key=lambda fit: fit[0])  # the first (smallest C) of equals
     seconds = time.perf_counter() - started
-    x_test = embed(model_path, [t for t, _ in test], max_length, 64)
-    predictions = classifier.predict(x_test).tolist()
-    return score(
-        "frozen encoder + LogReg(balanced)",
-        predictions,
-        [label for _, label in test],
-        counts,
-        seconds,
-    )
+    x_test = embed(model_path, [t for t, _ in data.test], max_length, 64)
+    test = protocol.score_test(classifier.predict(x_test).tolist(), data)
+    grid = ", ".join(f"C={fit[1]:g} {fit[0]:.4f}" for fit in fitted)
+    edge = ", at the grid's edge" if c in (C_GRID[0], C_GRID[-1]) else ""
+    note = f"C={c:g} chosen on validation macro-F1{edge} ({grid}); deterministic, run once"
+    return Run(BASELINE, None, f1, test, seconds, note)
 
 
 # ---- our trainer ---------------------------------------------------------------------------
 
 
-def write_validation(test: Sequence[tuple[str, str]], per_class: int, path: Path) -> list[str]:
-    """The first `per_class` rows of every intent of test.csv, as a CSV; returns their labels."""
-    taken: Counter[str] = Counter()
-    rows = []
-    for text, label in test:
-        if taken[label] < per_class:
-            taken[label] += 1
-            rows.append((text, label))
-    with path.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "category"])
-        writer.writerows(rows)
-    return [text for text, _ in rows]
-
-
 def job_spec(
-    args: argparse.Namespace, name: str, out_dir: Path, model_path: str, validation: Path
+    args: argparse.Namespace, name: str, seed: int, out_dir: Path, model_path: str, data: Protocol
 ) -> JobSpec:
     gamma, weights, sampler = CONFIGS[name]
     return JobSpec(
-        job_id=f"bench-{name}",
+        job_id=f"bench-{name}-seed{seed}",
         base_model=model_path,
         dataset=DatasetSpec(
-            uri=str(args.train),
+            uri=str(data.train_path),
             task=Task.CLASSIFICATION,
             text_field="text",
             label_field="category",
-            validation_uri=str(validation),
-            seed=args.seed,
+            validation_uri=str(data.validation_path),
+            seed=seed,
         ),
         lora=LoraSpec(rank=args.rank, alpha=2.0 * args.rank, dropout=0.05),
         training=TrainingSpec(
@@ -200,12 +181,12 @@ def job_spec(
             batch_size=args.batch_size,
             max_seq_length=args.max_seq_length,
             warmup_ratio=args.warmup_ratio,
-            seed=args.seed,
+            seed=seed,
         ),
         balancing=BalancingSpec(
             focal_gamma=gamma, use_class_weights=weights, use_weighted_sampler=sampler
         ),
-        output_dir=str(out_dir / name),
+        output_dir=str(out_dir / f"{name}-seed{seed}"),
     )
 
 
@@ -225,15 +206,8 @@ def loop_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> L
         parser.error(str(err))
 
 
-def run_lora(
-    runner: LocalRunner,
-    spec: JobSpec,
-    name: str,
-    test: Sequence[tuple[str, str]],
-    validation_texts: Sequence[str],
-    counts: Counter[str],
-    args: argparse.Namespace,
-) -> Score:
+def run_lora(runner: LocalRunner, spec: JobSpec, name: str, data: Protocol) -> Run:
+    """Trains, keeps the best validation epoch's adapter, reloads it and scores test once."""
     evaluations: list[EvaluationEvent] = []
 
     def emit(event: Event) -> None:
@@ -242,47 +216,58 @@ def run_lora(
 
     prepared = runner.validate(spec)
     completed = runner.run(spec, prepared, RunContext(emit=emit, should_stop=lambda: False))
-    curve = " ".join(
-        f"{f1_score(e.references, e.predictions, average='macro', zero_division=0):.3f}"
-        for e in evaluations
-    )
-    loaded = load_adapter_for_inference(completed.artifact_dir, "cpu")
-    predictions = predict_labels(
-        loaded, [t for t, _ in test], max_length=args.max_seq_length, batch_size=64
-    )
-    reloaded = predict_labels(
-        loaded, validation_texts, max_length=args.max_seq_length, batch_size=64
-    )
-    last = evaluations[-1].predictions
-    agree = sum(a == b for a, b in zip(reloaded, last, strict=True))
+    curve = [protocol.validation_f1(e.predictions, e.references) for e in evaluations]
+    best = curve.index(max(curve))  # the earliest of equals, as the optimizer keeps it
+    keep_adapter(Path(completed.artifact_dir), evaluations[best].adapter_dir)
+    max_length = spec.training.max_seq_length
+    texts = [text for text, _ in data.validation]
+    reloaded = protocol.predict_adapter(completed.artifact_dir, texts, max_length, "cpu")
+    trained = evaluations[best].predictions
+    agree = sum(a == b for a, b in zip(reloaded, trained, strict=True))
+    test = protocol.score_adapter(completed.artifact_dir, data, max_length, "cpu")
     note = (
-        f"per-epoch macro-F1 on the {len(last)}-row slice: {curve}; "
-        f"reloaded adapter agrees with the trained model on {agree}/{len(last)}"
+        f"validation macro-F1 per epoch {' '.join(f'{f:.3f}' for f in curve)}, kept epoch "
+        f"{best + 1}; reloaded adapter agrees with the trained model on {agree}/{len(trained)}"
     )
-    del loaded
-    references = [label for _, label in test]
-    return score(name, predictions, references, counts, completed.train_seconds, note)
+    return Run(name, spec.training.seed, curve[best], test, completed.train_seconds, note)
 
 
-def print_table(scores: Sequence[Score]) -> None:
-    width = max(len(s.name) for s in scores)
-    print(f"\n{'config':<{width}}  macro-F1  tail-F1  accuracy  train s")
-    for s in scores:
-        print(
-            f"{s.name:<{width}}  {s.macro_f1:8.4f}  {s.tail_f1:7.4f}  {s.accuracy:8.4f}  "
-            f"{s.train_seconds:7.1f}"
+# ---- output --------------------------------------------------------------------------------
+
+COLUMNS = ("val macro-F1", "test macro-F1", "tail F1", "head F1", "accuracy", "train s")
+
+
+def figures(run: Run) -> tuple[float, ...]:
+    t = run.test
+    return (run.validation_f1, t.macro_f1, t.tail_f1, t.head_f1, t.accuracy, run.train_seconds)
+
+
+def print_runs(runs: Sequence[Run]) -> None:
+    """One row per run, then mean ± std per configuration over its seeds."""
+    width = max(len(r.name) for r in runs) + 8
+    print("\nper run (test columns: the selected model, scored once on test.csv)")
+    print(f"{'run':<{width}}  " + "  ".join(f"{c:>13}" for c in COLUMNS))
+    for run in runs:
+        cells = [f"{v:13.4f}" for v in figures(run)[:-1]] + [f"{run.train_seconds:13.1f}"]
+        print(f"{run.label:<{width}}  " + "  ".join(cells))
+    seeds = sorted({r.seed for r in runs if r.seed is not None})
+    print(f"\nmean ± std over seeds {','.join(map(str, seeds))}; {protocol.SEEDS_NOTE}")
+    print(f"{'config':<{width}}  " + "  ".join(f"{c:>15}" for c in COLUMNS))
+    for name in dict.fromkeys(r.name for r in runs):
+        columns = zip(*(figures(r) for r in runs if r.name == name), strict=True)
+        means = (
+            protocol.mean_std(c, 1 if i == len(COLUMNS) - 1 else 4) for i, c in enumerate(columns)
         )
-    notes = [s for s in scores if s.note]
-    if notes:
-        print()
-        for s in notes:
-            print(f"{s.name}: {s.note}")
+        print(f"{name:<{width}}  " + "  ".join(f"{m:>15}" for m in means))
+    print()
+    for r in runs:
+        if r.note:
+            print(f"{r.label}: {r.note}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--train", type=Path, default=DATA / "train_longtail.csv")
-    parser.add_argument("--test", type=Path, default=DATA / "test.csv")
+    protocol.add_arguments(parser)
     parser.add_argument(
         "--model", default="", help="model path or hub name (default: packaged all-MiniLM-L6-v2)"
     )
@@ -292,13 +277,18 @@ def main() -> None:
         help=f"comma-separated LoRA configs among {', '.join(CONFIGS)} (empty: baseline only)",
     )
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument(
+        "--seeds",
+        type=protocol.parse_seeds,
+        default=[1, 2, 3],
+        help="training seeds, each configuration runs once per seed (default 1,2,3)",
+    )
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-seq-length", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--warmup-ratio", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
         "--threads",
         type=int,
@@ -345,13 +335,11 @@ def main() -> None:
         default=None,
         help="ablation: set every dropout of the loaded base model (not LoRA's) to this",
     )
-    parser.add_argument(
-        "--val-per-class",
-        type=int,
-        default=5,
-        help="rows per intent of test.csv for the loop's per-epoch evaluation",
-    )
     args = parser.parse_args()
+    names = [c for c in args.configs.split(",") if c]
+    for name in names:
+        if name not in CONFIGS:
+            parser.error(f"unknown config {name!r}")
     torch.set_num_threads(args.threads)
     if args.pooling != "default":
         forced = args.pooling
@@ -371,42 +359,33 @@ def main() -> None:
         models.load_base_model = load_with_dropout  # type: ignore[assignment]
     options = loop_options(args, parser)
     model_path = args.model or packaged_minilm_path()
-    train = read_rows(args.train)
-    test = read_rows(args.test)
-    counts = Counter(label for _, label in train)
-    tail = sum(1 for n in counts.values() if n <= TAIL_MAX_ROWS)
-    print(
-        f"train {len(train)} rows, {len(counts)} classes ({tail} tail classes with <= "
-        f"{TAIL_MAX_ROWS} rows, {min(counts.values())}..{max(counts.values())} rows); "
-        f"test {len(test)} rows; model {Path(model_path).name}"
-    )
-    print(
-        f"LoRA budget: {args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g}, "
-        f"rank {args.rank}, max_seq_length {args.max_seq_length}, seed {args.seed}, "
-        f"{args.threads} threads; pooling {args.pooling}; "
-        + (
-            f"linear probe, then head lr {args.lr:g}"
-            if options.linear_probe
-            else f"no probe, head lr {loop.head_learning_rate(args.lr, options):g}"
-        )
-        + f"; head alone for {options.head_only_fraction:g} of the steps"
-    )
-    scores: list[Score] = []
-    if not args.no_baseline:
-        scores.append(run_baseline(model_path, train, test, args.max_seq_length, counts))
-        print(f"done: {scores[-1]}", flush=True)
-    runner = LocalRunner(device="cpu", options=options)
+    runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="banking77-bench-") as out:
-        validation = Path(out) / "validation.csv"
-        validation_texts = write_validation(test, args.val_per_class, validation)
-        for name in [c for c in args.configs.split(",") if c]:
-            if name not in CONFIGS:
-                parser.error(f"unknown config {name!r}")
-            spec = job_spec(args, name, Path(out), model_path, validation)
-            scores.append(run_lora(runner, spec, name, test, validation_texts, counts, args))
-            print(f"done: {scores[-1]}", flush=True)
-    runner.release()
-    print_table(scores)
+        data = protocol.prepare(Path(out) / "data", protocol.options_from(args))
+        print(f"{data.describe()}; model {args.model or 'all-MiniLM-L6-v2 (packaged)'}")
+        print(
+            f"LoRA budget: {args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g}, "
+            f"rank {args.rank}, max_seq_length {args.max_seq_length}, seeds "
+            f"{','.join(map(str, args.seeds))}, {args.threads} threads; pooling {args.pooling}; "
+            + (
+                f"linear probe, then head lr {args.lr:g}"
+                if options.linear_probe
+                else f"no probe, head lr {loop.head_learning_rate(args.lr, options):g}"
+            )
+            + f"; head alone for {options.head_only_fraction:g} of the steps"
+        )
+        if not args.no_baseline:
+            runs.append(run_baseline(model_path, data, args.max_seq_length))
+            print(f"done: {runs[-1].summary()}", flush=True)
+        runner = LocalRunner(device="cpu", options=options)
+        for seed in args.seeds:
+            for name in names:
+                spec = job_spec(args, name, seed, Path(out), model_path, data)
+                runs.append(run_lora(runner, spec, name, data))
+                print(f"done: {runs[-1].summary()}", flush=True)
+        runner.release()
+    if runs:
+        print_runs(runs)
 
 
 if __name__ == "__main__":
