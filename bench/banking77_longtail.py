@@ -73,14 +73,22 @@ BASELINE = "frozen encoder + LogReg(balanced)"
 # The baseline's C, chosen on the validation split (the embeddings are not normalised).
 C_GRID = (0.0625, 0.25, 1.0, 4.0, 16.0, 64.0)
 
-# name -> (focal gamma, class weights, weighted sampler)
-CONFIGS: dict[str, tuple[float, bool, bool]] = {
-    "ce": (0.0, False, False),
-    "focal": (2.0, False, False),
-    "weights": (0.0, True, False),
-    "sampler": (0.0, False, True),
-    "focal+weights": (2.0, True, False),
+# name -> BalancingSpec fields (and "probe_only" for TrainingSpec), over plain cross-entropy
+CONFIGS: dict[str, dict[str, Any]] = {
+    "ce": {},
+    "focal": {"focal_gamma": 2.0},
+    "weights": {"use_class_weights": True},
+    "sampler": {"use_weighted_sampler": True},
+    "sqrt-sampler": {"use_weighted_sampler": True, "sampler_power": 0.5},
+    "focal+weights": {"focal_gamma": 2.0, "use_class_weights": True},
+    "probe-only": {"probe_only": True},
+    "posthoc-la": {"posthoc_logit_adjustment": True},
+    "la-loss": {"logit_adjust_tau": 1.0},
+    "two-stage": {"two_stage": True},
+    "two-stage+posthoc-la": {"two_stage": True, "posthoc_logit_adjustment": True},
+    "sampler+posthoc-la": {"use_weighted_sampler": True, "posthoc_logit_adjustment": True},
 }
+_DEFAULT_CONFIGS = ("ce", "focal", "weights", "sampler", "focal+weights")
 
 
 @dataclass(frozen=True)
@@ -162,7 +170,9 @@ def run_baseline(model_path: str, data: Protocol, max_length: int) -> Run:
 def job_spec(
     args: argparse.Namespace, name: str, seed: int, out_dir: Path, model_path: str, data: Protocol
 ) -> JobSpec:
-    gamma, weights, sampler = CONFIGS[name]
+    chosen = dict(CONFIGS[name])
+    probe_only = bool(chosen.pop("probe_only", False))
+    balancing = {"focal_gamma": 0.0, "use_class_weights": False, **chosen}
     return JobSpec(
         job_id=f"bench-{name}-seed{seed}",
         base_model=model_path,
@@ -182,10 +192,9 @@ def job_spec(
             max_seq_length=args.max_seq_length,
             warmup_ratio=args.warmup_ratio,
             seed=seed,
+            probe_only=probe_only,
         ),
-        balancing=BalancingSpec(
-            focal_gamma=gamma, use_class_weights=weights, use_weighted_sampler=sampler
-        ),
+        balancing=BalancingSpec(**balancing),
         output_dir=str(out_dir / f"{name}-seed{seed}"),
     )
 
@@ -273,7 +282,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--configs",
-        default=",".join(CONFIGS),
+        default=",".join(_DEFAULT_CONFIGS),
         help=f"comma-separated LoRA configs among {', '.join(CONFIGS)} (empty: baseline only)",
     )
     parser.add_argument("--no-baseline", action="store_true")

@@ -213,4 +213,5 @@ def hyperparameters(spec: StudySpec, params: TrialParameters, defaults: Any) -> 
         logit_adjust_tau=params.logit_adjust_tau,
         sampler_power=params.sampler_power,
         two_stage=params.two_stage,
+        group_separator=params.group_separator,
     )

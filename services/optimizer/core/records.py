@@ -189,6 +189,7 @@ def space_from_dict(content: Mapping[str, Any]) -> SearchSpace:
         logit_adjust_tau=rng(content.get("logit_adjust_tau", {"low": 0.0, "high": 0.0})),
         sampler_power=rng(content.get("sampler_power", {"low": 0.0, "high": 0.0})),
         two_stage=tuple(bool(v) for v in content.get("two_stage", (False,))),
+        group_separator=tuple(str(v) for v in content.get("group_separator", ("",))),
         module_sets={k: tuple(v) for k, v in content.get("module_sets", {}).items()},
     )
 
@@ -229,6 +230,7 @@ def space_from_request(
         logit_adjust_tau=rng("logit_adjust_tau", space.logit_adjust_tau),
         sampler_power=rng("sampler_power", space.sampler_power),
         two_stage=values("two_stage", bool, space.two_stage),
+        group_separator=values("group_separator", str, space.group_separator),
         module_sets={
             str(c["name"]): tuple(str(m) for m in c["modules"]) for c in choices if c.get("modules")
         },
@@ -347,6 +349,7 @@ class Hyperparameters:
     logit_adjust_tau: float = 0.0
     sampler_power: float = 0.0
     two_stage: bool = False
+    group_separator: str = ""
 
     def to_storage(self) -> dict[str, Any]:
         """Grouped as the contract groups them (lora / training / balancing), snake_case."""
@@ -387,6 +390,7 @@ class Hyperparameters:
             "logit_adjust_tau": 0.0,
             "sampler_power": 0.0,
             "two_stage": False,
+            "group_separator": "",
         }
         for name, default in defaults.items():
             value = values.get(name)
@@ -424,6 +428,7 @@ _HYPER_GROUPS = {
     "logit_adjust_tau": "balancing",
     "sampler_power": "balancing",
     "two_stage": "balancing",
+    "group_separator": "balancing",
 }
 
 

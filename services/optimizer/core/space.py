@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -63,6 +64,8 @@ class SearchSpace:
     logit_adjust_tau: FloatRange = FloatRange(0.0, 0.0)
     sampler_power: FloatRange = FloatRange(0.0, 0.0)
     two_stage: tuple[bool, ...] = (False,)
+    # Hierarchical codes: label separators of a group head ("" = off).
+    group_separator: tuple[str, ...] = ("",)
     # Named choices of target_modules with their module names (the request's choices that
     # list modules); "attention" and "all-linear" need none, the trainer resolves them.
     module_sets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -134,6 +137,17 @@ def validate(space: SearchSpace) -> None:
         raise InvalidArgument("high must be <= 5", field="search_space.logit_adjust_tau")
     if not space.two_stage:
         raise InvalidArgument("needs at least one choice", field="search_space.two_stage")
+    if not space.group_separator:
+        raise InvalidArgument("needs at least one choice", field="search_space.group_separator")
+    # As the trainer checks them: a bad separator fails here, not in every trial.
+    if any(
+        len(separator) > 4 or any(unicodedata.category(c) in ("Cc", "Cf") for c in separator)
+        for separator in space.group_separator
+    ):
+        raise InvalidArgument(
+            "separators must be at most 4 characters, none of them a control character",
+            field="search_space.group_separator",
+        )
     if not space.posthoc_logit_adjustment:
         raise InvalidArgument(
             "needs at least one choice", field="search_space.posthoc_logit_adjustment"
@@ -210,6 +224,7 @@ class TrialParameters:
     logit_adjust_tau: float = 0.0
     sampler_power: float = 0.0
     two_stage: bool = False
+    group_separator: str = ""
 
     def as_log_dict(self) -> dict[str, Any]:
         """The parameters in the form of the users' log lines."""
@@ -269,6 +284,7 @@ def suggest(
             logit_adjust_tau=_suggest_float(trial, "logit_adjust_tau", space.logit_adjust_tau),
             sampler_power=_suggest_float(trial, "sampler_power", space.sampler_power),
             two_stage=bool(_suggest_choice(trial, "two_stage", space.two_stage)),
+            group_separator=str(_suggest_choice(trial, "group_separator", space.group_separator)),
         )
     return params
 
@@ -318,6 +334,7 @@ def default_trial(
             "logit_adjust_tau": clip(space.logit_adjust_tau, 0.0),
             "sampler_power": clip(space.sampler_power, 0.0),
             "two_stage": nearest(space.two_stage, False),
+            "group_separator": nearest(space.group_separator, ""),
         }
     if space.batch_size:
         params["batch_size"] = nearest(space.batch_size, defaults.lora_batch_size)

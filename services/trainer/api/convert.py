@@ -169,6 +169,7 @@ def job_from_proto(
             logit_adjust_tau=balancing.logit_adjust_tau,
             sampler_power=balancing.sampler_power,
             two_stage=balancing.two_stage,
+            group_separator=balancing.group_separator,
         ),
         output_dir=output_dir_from_proto(request.output_dir, job_id, artifact_root),
         max_eval_samples=request.max_eval_samples,

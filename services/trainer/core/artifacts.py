@@ -22,6 +22,7 @@ from torch import nn
 
 from services.common.errors import InvalidArgument
 from services.trainer.core.adjust import folded, log_prior
+from services.trainer.core.hierarchy import GROUP_HEAD_FILE, GroupHead, load_group_head
 from services.trainer.core.loop import LoopResult
 from services.trainer.core.models import (
     HEAD_NAMES,
@@ -159,7 +160,9 @@ def save_artifacts(
       resolved to), base model, dataset fingerprint, label map, split sizes, excluded
       classes, library versions (`versions`, default: the installed ones), train seconds
       and final loss;
-    - `class_weights.json` (classification): counts, weights and excluded classes.
+    - `class_weights.json` (classification): counts, weights and excluded classes;
+    - `group_head.safetensors` (hierarchical codes, core/hierarchy.py): the group head, whose
+      group map is training_config.json's `hierarchy`.
 
     TensorBoard events go to `out_dir/logs/` during training (see TensorBoardLogger).
     """
@@ -169,6 +172,10 @@ def save_artifacts(
         # The evaluation's post-hoc logit adjustment travels in the head's bias.
         prepared.model.save_pretrained(str(out_dir))
     prepared.tokenizer.save_pretrained(str(out_dir))
+    if prepared.group_head is not None:
+        prepared.group_head.save(out_dir)
+    else:
+        (out_dir / GROUP_HEAD_FILE).unlink(missing_ok=True)  # an earlier run's in this folder
     config = training_config(prepared, data, spec, result, versions or library_versions())
     _write_json(out_dir / TRAINING_CONFIG_FILE, config)
     if data.task is Task.CLASSIFICATION and data.stats is not None:
@@ -231,6 +238,10 @@ def training_config(
             "posthoc_logit_adjustment_tau": last_eval.posthoc_tau if last_eval else 0.0,
         },
         "versions": dict(versions),
+        # Hierarchical codes: the group map of group_head.safetensors (None = no group head).
+        "hierarchy": (
+            prepared.group_head.groups.to_json(labels) if prepared.group_head is not None else None
+        ),
     }
 
 
@@ -241,6 +252,8 @@ class LoadedAdapter(NamedTuple):
     tokenizer: Any
     labels: tuple[str, ...]  # classification: index = class id; generation: ()
     task: Task
+    # Hierarchical codes: the group head, attached to the code head (None = none saved).
+    group_head: GroupHead | None = None
 
 
 def load_adapter_for_inference(
@@ -248,9 +261,10 @@ def load_adapter_for_inference(
 ) -> LoadedAdapter:
     """Load the base named in `training_config.json` with the saved adapter (and head).
 
-    Unpacks as `(model, tokenizer, labels, task)`. The model is in eval mode. The base is
-    quantised to 4 bits again when the adapter was trained that way, so the layers the
-    adapter learnt on are the ones it runs on.
+    Unpacks as `(model, tokenizer, labels, task, group_head)`. The model is in eval mode.
+    The base is quantised to 4 bits again when the adapter was trained that way, so the
+    layers the adapter learnt on are the ones it runs on. A group head saved with the
+    adapter (hierarchical codes) is loaded and attached to the code head.
 
     Raises:
         InvalidArgument: the folder holds no training_config.json / adapter, or the base
@@ -269,6 +283,7 @@ def load_adapter_for_inference(
         labels = tuple(str(label) for label in config.get("labels", ()))
         base_model = str(config["base_model"])
         quantize_4bit = bool(config["hyperparameters"]["training"].get("quantize_4bit", False))
+        hierarchy = config.get("hierarchy")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise InvalidArgument(f"{config_path} cannot be read: {err}", field="adapter_dir") from err
     target = torch.device(device) if device is not None else default_device()
@@ -286,7 +301,17 @@ def load_adapter_for_inference(
     model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
     _match_head_dtype(model, task)
     model.eval()
-    return LoadedAdapter(model=model, tokenizer=tokenizer, labels=labels, task=task)
+    group_head = None
+    if hierarchy and task is Task.CLASSIFICATION:
+        try:
+            group_head = load_group_head(model, labels, hierarchy, folder, target)
+        except (OSError, LookupError, ValueError, TypeError, RuntimeError) as err:
+            raise InvalidArgument(
+                f"the group head in {folder} cannot be loaded: {err}", field="adapter_dir"
+            ) from err
+    return LoadedAdapter(
+        model=model, tokenizer=tokenizer, labels=labels, task=task, group_head=group_head
+    )
 
 
 def predict_labels(
@@ -296,7 +321,12 @@ def predict_labels(
     max_length: int = 512,
     batch_size: int = 16,
 ) -> list[str]:
-    """Label names a saved classification adapter predicts for `texts`."""
+    """Label names a saved classification adapter predicts for `texts`.
+
+    With a group head (hierarchical codes) each code scores
+    log_softmax(code logits)[code] + log_softmax(group logits)[group(code)], as the
+    evaluation scored it; the argmax is the prediction.
+    """
     if loaded.task is not Task.CLASSIFICATION:
         raise InvalidArgument("the adapter was trained for generation", field="adapter_dir")
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -318,6 +348,8 @@ def predict_labels(
                     input_ids=batch["input_ids"].to(device),
                     attention_mask=batch["attention_mask"].to(device),
                 ).logits
+                if loaded.group_head is not None:
+                    logits = loaded.group_head.scores(logits)
             predictions.extend(loaded.labels[i] for i in logits.argmax(-1).tolist())
     return predictions
 

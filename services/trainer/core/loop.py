@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, RandomSampler, Sampler
 from services.common.errors import InvalidArgument
 from services.trainer.core.adjust import LogitAdjustedLoss, choose_tau, log_prior
 from services.trainer.core.balancing import FocalLoss, class_weights, weighted_sampler
+from services.trainer.core.hierarchy import HierarchicalLoss, build_group_head
 from services.trainer.core.models import (
     PreparedModel,
     autocast_dtype,
@@ -205,7 +206,9 @@ def train(
     A fresh encoder head is first fitted by the linear probe (`options.linear_probe`);
     with `probe_cache`, the frozen features of an earlier job on the same base and rows
     are reused instead of a forward pass. `options` also sets the head-only phase and the
-    learning rate of an unprobed head.
+    learning rate of an unprobed head. With `balancing.group_separator`, a group head is
+    built for the job (`prepared.group_head`, core/hierarchy.py): probed with the code head,
+    trained with it, and combined with it in every evaluation.
 
     `checkpoint(epoch, evaluation)`, when given, saves the adapter as it is after each
     evaluated epoch and returns its folder, which the EvaluationEvent then carries
@@ -233,6 +236,14 @@ def train(
     training = spec.training
     pad_id = int(prepared.tokenizer.pad_token_id)
     torch.manual_seed(training.seed)
+    if prepared.group_head is not None:
+        prepared.group_head.detach()  # an earlier run's on this model
+    # Hierarchical codes (core/hierarchy.py): None unless the job's labels form groups.
+    group_head = prepared.group_head = (
+        build_group_head(model, data.labels, spec.balancing.group_separator, training.seed, device)
+        if task is Task.CLASSIFICATION
+        else None
+    )
 
     loader = build_train_loader(
         encoded.train,
@@ -268,6 +279,7 @@ def train(
             should_stop=ctx.should_stop,
             cache=probe_cache,
             cache_key=_probe_cache_key(prepared, data, encoded, spec),
+            also_fit=group_head.fit if group_head is not None else None,
         )
         if ctx.should_stop():
             raise Cancelled("cancelled before the first step")
@@ -302,6 +314,7 @@ def train(
             task,
             head_probed=probed is not None,
             options=options,
+            extra_head=list(group_head.parameters()) if group_head is not None else (),
         ),
         lr=training.learning_rate,
         weight_decay=training.weight_decay,
@@ -428,6 +441,7 @@ def parameter_groups(
     *,
     head_probed: bool = False,
     options: LoopOptions = DEFAULT_LOOP_OPTIONS,
+    extra_head: Sequence[torch.nn.Parameter] = (),
 ) -> list[dict[str, Any]]:
     """AdamW's parameter groups: the adapter at `learning_rate`, a classification head at
     `head_learning_rate(learning_rate, options)`, or at `learning_rate` when the linear
@@ -436,7 +450,8 @@ def parameter_groups(
     probe + head at the adapter's rate: 0.8854).
 
     The adapter's group comes first, so `param_groups[0]["lr"]` is the learning rate the
-    job asked for (what progress events and TensorBoard report).
+    job asked for (what progress events and TensorBoard report). `extra_head` (the group
+    head of hierarchical codes, outside the model) trains in the head's group.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     head_ids = (
@@ -445,7 +460,7 @@ def parameter_groups(
     groups = [
         {"params": [p for p in trainable if id(p) not in head_ids], "lr": learning_rate},
         {
-            "params": [p for p in trainable if id(p) in head_ids],
+            "params": [p for p in trainable if id(p) in head_ids] + list(extra_head),
             "lr": learning_rate if head_probed else head_learning_rate(learning_rate, options),
         },
     ]
@@ -459,7 +474,7 @@ def _optimizer_step(
     model: torch.nn.Module,
     group: list[dict[str, torch.Tensor]],
     task: Task,
-    loss_fn: FocalLoss | LogitAdjustedLoss | None,
+    loss_fn: FocalLoss | LogitAdjustedLoss | HierarchicalLoss | None,
     amp: _Amp,
     device: torch.device,
     optimizer: torch.optim.Optimizer,
@@ -570,14 +585,19 @@ def _response_tokens(labels: torch.Tensor) -> int:
 
 def _classification_loss(
     prepared: PreparedModel, data: PreparedData, spec: JobSpec
-) -> FocalLoss | LogitAdjustedLoss:
+) -> FocalLoss | LogitAdjustedLoss | HierarchicalLoss:
+    """The code loss the job asks for; with a group head, plus its weighted group loss."""
     weight = None
     if spec.balancing.use_class_weights and data.stats is not None:
         weight = torch.tensor(class_weights(data.stats.counts, data.labels), dtype=torch.float32)
-    loss = FocalLoss(spec.balancing.focal_gamma, weight=weight).to(prepared.device)
+    loss: FocalLoss | LogitAdjustedLoss = FocalLoss(spec.balancing.focal_gamma, weight=weight).to(
+        prepared.device
+    )
     if spec.balancing.logit_adjust_tau > 0 and data.stats is not None:
         prior = log_prior(data.stats.counts, data.labels)
-        return LogitAdjustedLoss(loss, prior, spec.balancing.logit_adjust_tau).to(prepared.device)
+        loss = LogitAdjustedLoss(loss, prior, spec.balancing.logit_adjust_tau).to(prepared.device)
+    if prepared.group_head is not None:
+        return HierarchicalLoss(loss, prepared.group_head)
     return loss
 
 
@@ -661,8 +681,10 @@ def _evaluate_classification(
     ctx: RunContext,
     amp: _Amp,
 ) -> tuple[float, torch.Tensor]:
-    """Mean cross-entropy (unweighted, gamma 0: comparable across the trials of a study,
-    whatever balancing each one uses) and every row's logits (float32, in row order)."""
+    """Mean cross-entropy of the code logits (unweighted, gamma 0: comparable across the
+    trials of a study, whatever balancing each one uses) and every row's scores (float32,
+    in row order): the code logits, or with a group head the combined
+    log_softmax(code logits)[code] + log_softmax(group logits)[group(code)]."""
     pad_id = int(prepared.tokenizer.pad_token_id)
     all_logits = torch.zeros(len(rows), len(prepared.labels))
     loss_sum = 0.0
@@ -676,13 +698,14 @@ def _evaluate_classification(
         inputs = {key: value.to(prepared.device) for key, value in batch.items()}
         with amp():
             logits = _classification_logits(prepared.model, inputs).float()
+            scores = logits if prepared.group_head is None else prepared.group_head.scores(logits)
         # Rows of a class not trained on have no target the head can score: no loss.
         targets = inputs["labels"]
         loss_sum += float(
             F.cross_entropy(logits, targets, reduction="sum", ignore_index=UNTRAINED_LABEL_ID)
         )
         scored += int((targets != UNTRAINED_LABEL_ID).sum())
-        all_logits[indices] = logits.detach().cpu()
+        all_logits[indices] = scores.detach().cpu()
     return loss_sum / max(scored, 1), all_logits
 
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
@@ -30,6 +30,9 @@ from services.trainer.core.targets import (
     resolve_targets,
 )
 from services.trainer.core.types import JobSpec, LoraSpec, Task
+
+if TYPE_CHECKING:
+    from services.trainer.core.hierarchy import GroupHead
 
 __all__ = [
     "HEAD_NAMES",
@@ -92,6 +95,9 @@ class PreparedModel:
     pooling: str = POOLING_NATIVE  # classification: POOLING_MEAN or POOLING_NATIVE
     # The LoRA targets the request resolved to on this model (core/targets.py), as PEFT got them.
     target_modules: tuple[str, ...] = ()
+    # Hierarchical codes: the group head the training loop built for this job (None = off);
+    # the evaluation and the saved adapter use it with the code head.
+    group_head: GroupHead | None = None
 
 
 @dataclass(frozen=True)

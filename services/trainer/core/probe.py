@@ -182,6 +182,7 @@ def linear_probe_head(
     should_stop: Callable[[], bool] = lambda: False,
     cache: ProbeFeatureCache | None = None,
     cache_key: Hashable | None = None,
+    also_fit: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> ProbeResult | None:
     """Fit the head's final linear layer on the frozen features of `batches` (in place).
 
@@ -190,7 +191,9 @@ def linear_probe_head(
     nothing) when the model has no probe-able head. `should_stop` is checked between
     batches; when it turns true the probe is abandoned (the head is left as it was).
     With `cache` and `cache_key`, features stored under the key are used instead of a
-    forward pass, and newly computed ones are stored.
+    forward pass, and newly computed ones are stored. `also_fit(features, targets)`, when
+    given, fits another head on the same frozen features (the group head of
+    core/hierarchy.py).
     """
     head = final_linear(model, n_classes)
     if head is None:
@@ -211,6 +214,8 @@ def linear_probe_head(
     weight, bias = fit_linear_probe(
         features, targets, n_classes, class_weight=class_weight, bias=head.bias is not None
     )
+    if also_fit is not None:
+        also_fit(features, targets)
     with torch.no_grad():
         head.weight.copy_(weight.to(head.weight.dtype))
         if bias is not None and head.bias is not None:

@@ -72,6 +72,9 @@ class BalancingSpec:
     logit_adjust_tau: float = 0.0  # logit-adjusted loss; 0 = off
     sampler_power: float = 0.0  # with the sampler: class drawn with p ~ count ** power
     two_stage: bool = False  # re-fit the head, class-balanced, on the fine-tuned features
+    # Hierarchical codes: group = the label's part before this separator; "" = off
+    # (core/hierarchy.py: a group head trained beside the code head, combined to predict).
+    group_separator: str = ""
 
 
 @dataclass(frozen=True)

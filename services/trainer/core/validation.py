@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import unicodedata
 
 from services.common.errors import InvalidArgument
 from services.trainer.core.types import JobSpec, Task
@@ -10,6 +11,8 @@ from services.trainer.core.types import JobSpec, Task
 _LORA = "hyperparameters.lora"
 _TRAINING = "hyperparameters.training"
 _BALANCING = "hyperparameters.balancing"
+# A label hierarchy's separator ("." of accounting codes, "_" of banking77's intents).
+_MAX_SEPARATOR_LENGTH = 4
 
 
 def _finite(value: float, field: str) -> None:
@@ -82,6 +85,18 @@ def validate_parameters(spec: JobSpec) -> None:
     if balancing.focal_gamma < 0:
         raise InvalidArgument(
             f"must be >= 0 (got {balancing.focal_gamma:g})", field=f"{_BALANCING}.focal_gamma"
+        )
+    separator = balancing.group_separator
+    if len(separator) > _MAX_SEPARATOR_LENGTH:
+        raise InvalidArgument(
+            f"must be at most {_MAX_SEPARATOR_LENGTH} characters (got {len(separator)})",
+            field=f"{_BALANCING}.group_separator",
+        )
+    # Control and invisible format characters (a tab, a zero-width space) cannot be told
+    # apart in a log line or a label.
+    if any(unicodedata.category(char) in ("Cc", "Cf") for char in separator):
+        raise InvalidArgument(
+            "must not hold control characters", field=f"{_BALANCING}.group_separator"
         )
     fraction = spec.dataset.validation_fraction
     if not spec.dataset.validation_uri and not 0 < fraction < 1:

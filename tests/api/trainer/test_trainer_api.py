@@ -113,7 +113,13 @@ def job(
             ("learning_rate", "num_epochs", "batch_size", "seed", "quantize_4bit"), training
         ),
         **dict.fromkeys(
-            ("focal_gamma", "use_class_weights", "use_weighted_sampler", "min_samples_per_class"),
+            (
+                "focal_gamma",
+                "use_class_weights",
+                "use_weighted_sampler",
+                "min_samples_per_class",
+                "group_separator",
+            ),
             balancing,
         ),
     }
@@ -278,6 +284,8 @@ def _bad(tmp_path: Path, sentiment: Path, tiny_qwen: Path) -> list[tuple[Any, st
         (job(**{**good, "dataset": nofield}), "dataset.text_field"),
         (job(**{**good, "dataset": single}), "dataset.label_field"),
         (job(**good, min_samples_per_class=100), "balancing.min_samples_per_class"),
+        (job(**good, group_separator="\t"), "hyperparameters.balancing.group_separator"),
+        (job(**good, group_separator="-----"), "hyperparameters.balancing.group_separator"),
         (job(**good, rank=0), "hyperparameters.lora.rank"),
         (job(**good, alpha=0), "hyperparameters.lora.alpha"),
         (job(**good, learning_rate=0), "hyperparameters.training.learning_rate"),

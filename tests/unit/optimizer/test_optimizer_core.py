@@ -602,3 +602,17 @@ async def test_logit_adjustment_reaches_the_trainer_when_the_space_asks(
     message = hyperparameters_to_proto(jobs[0])
     assert message.balancing.posthoc_logit_adjustment
     assert message.balancing.logit_adjust_tau == pytest.approx(jobs[0].logit_adjust_tau)
+
+
+async def test_a_group_separator_reaches_the_trainer_when_the_space_asks(
+    tmp_path: Path, data: Path
+) -> None:
+    trainers = FakeTrainers(epochs=1)
+    optimizer = make(tmp_path, trainers, FakeEvaluator())
+    request = create(data, n=5, pruner="none", name="groups")
+    request.search_space.group_separator[:] = ["."]
+    await run(optimizer, request)
+    jobs = [j.hyperparameters for j in trainers.jobs.values()]
+    assert jobs and all(h.group_separator == "." for h in jobs)
+    message = hyperparameters_to_proto(jobs[0])
+    assert message.balancing.group_separator == "."

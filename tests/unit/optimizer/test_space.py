@@ -70,6 +70,9 @@ BAD_SPACES: list[tuple[str, dict[str, Any], str]] = [
     ("lr infinite", {"learning_rate": FloatRange(1e-4, float("inf"))}, "learning_rate"),
     ("gamma < 0", {"focal_gamma": FloatRange(-1.0, 2.0)}, "focal_gamma"),
     ("unknown choice", {"target_modules": ("attention", "made-up")}, "target_modules"),
+    ("no separator choice", {"group_separator": ()}, "group_separator"),
+    ("separator too long", {"group_separator": ("", "-----")}, "group_separator"),
+    ("separator a tab", {"group_separator": ("\t",)}, "group_separator"),
 ]
 
 
@@ -303,6 +306,7 @@ def test_the_first_trial_is_the_defaults_when_they_fit() -> None:
         "logit_adjust_tau": 0.0,
         "sampler_power": 0.0,
         "two_stage": False,
+        "group_separator": "",
         "batch_size": DEFAULTS.lora_batch_size,
     }
 
@@ -340,6 +344,7 @@ def test_defaults_outside_the_space_are_clipped_into_it() -> None:
         "logit_adjust_tau": 0.0,
         "sampler_power": 0.0,
         "two_stage": False,
+        "group_separator": "",
         "batch_size": 16,  # 4 is no choice
     }
     # Enqueued as the optimizer does, the trial gets exactly these values.

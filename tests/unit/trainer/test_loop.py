@@ -406,7 +406,8 @@ def test_artifacts_are_complete_and_a_reloaded_classifier_gives_the_same_logits(
     with torch.inference_mode():
         before = prepared.model(**batch).logits
 
-    model, tokenizer, labels, task = load_adapter_for_inference(out_dir, "cpu")
+    model, tokenizer, labels, task, group_head = load_adapter_for_inference(out_dir, "cpu")
+    assert group_head is None  # no group_separator: no group head
     assert labels == ("negative", "positive") and task is Task.CLASSIFICATION
     with torch.inference_mode():
         after = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
@@ -492,7 +493,7 @@ def test_a_qlora_generation_adapter_reloads_with_the_same_logits(
     inputs = torch.tensor([list(encoded.validation[0].input_ids)])
     with torch.inference_mode():
         before = prepared.model(input_ids=inputs).logits
-    model, _tokenizer, labels, task = load_adapter_for_inference(tmp_path, "cpu")
+    model, _tokenizer, labels, task, _ = load_adapter_for_inference(tmp_path, "cpu")
     assert task is Task.GENERATION and labels == ()
     with torch.inference_mode():
         after = model(input_ids=inputs).logits

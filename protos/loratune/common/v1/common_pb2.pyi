@@ -222,6 +222,7 @@ class BalancingParams(_message.Message):
     LOGIT_ADJUST_TAU_FIELD_NUMBER: _builtins.int
     SAMPLER_POWER_FIELD_NUMBER: _builtins.int
     TWO_STAGE_FIELD_NUMBER: _builtins.int
+    GROUP_SEPARATOR_FIELD_NUMBER: _builtins.int
     focal_gamma: _builtins.float
     """Focal loss gamma; 0 = plain cross-entropy; absent = FOCAL_LOSS_GAMMA (2.0)."""
     use_class_weights: _builtins.bool
@@ -248,6 +249,14 @@ class BalancingParams(_message.Message):
     epoch's steps, the head's final layer is re-fitted on the fine-tuned model's frozen
     features with class-balanced weights for that epoch's evaluation and saved adapter.
     """
+    group_separator: _builtins.str
+    """Hierarchical codes: a label's group is its part before the first occurrence of this
+    separator (e.g. "." groups 60.01 and 60.02 under 60, "_" groups card_arrival under
+    card; a label without it is its own group); empty = off. A group head beside the code
+    head is trained with it, and a code is predicted by
+    log_softmax(code logits)[code] + log_softmax(group logits)[group(code)]. No-op unless
+    the labels form at least 2 groups and fewer groups than labels.
+    """
     def __init__(
         self,
         *,
@@ -259,10 +268,11 @@ class BalancingParams(_message.Message):
         logit_adjust_tau: _builtins.float = ...,
         sampler_power: _builtins.float = ...,
         two_stage: _builtins.bool = ...,
+        group_separator: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_focal_gamma", b"_focal_gamma", "_use_class_weights", b"_use_class_weights", "_use_weighted_sampler", b"_use_weighted_sampler", "focal_gamma", b"focal_gamma", "use_class_weights", b"use_class_weights", "use_weighted_sampler", b"use_weighted_sampler"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_focal_gamma", b"_focal_gamma", "_use_class_weights", b"_use_class_weights", "_use_weighted_sampler", b"_use_weighted_sampler", "focal_gamma", b"focal_gamma", "logit_adjust_tau", b"logit_adjust_tau", "min_samples_per_class", b"min_samples_per_class", "posthoc_logit_adjustment", b"posthoc_logit_adjustment", "sampler_power", b"sampler_power", "two_stage", b"two_stage", "use_class_weights", b"use_class_weights", "use_weighted_sampler", b"use_weighted_sampler"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_focal_gamma", b"_focal_gamma", "_use_class_weights", b"_use_class_weights", "_use_weighted_sampler", b"_use_weighted_sampler", "focal_gamma", b"focal_gamma", "group_separator", b"group_separator", "logit_adjust_tau", b"logit_adjust_tau", "min_samples_per_class", b"min_samples_per_class", "posthoc_logit_adjustment", b"posthoc_logit_adjustment", "sampler_power", b"sampler_power", "two_stage", b"two_stage", "use_class_weights", b"use_class_weights", "use_weighted_sampler", b"use_weighted_sampler"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__focal_gamma: _TypeAlias = _typing.Literal["focal_gamma"]  # noqa: Y015
     _WhichOneofArgType__focal_gamma: _TypeAlias = _typing.Literal["_focal_gamma", b"_focal_gamma"]  # noqa: Y015

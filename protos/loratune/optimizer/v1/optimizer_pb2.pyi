@@ -206,6 +206,7 @@ class SearchSpace(_message.Message):
     LOGIT_ADJUST_TAU_FIELD_NUMBER: _builtins.int
     SAMPLER_POWER_FIELD_NUMBER: _builtins.int
     TWO_STAGE_FIELD_NUMBER: _builtins.int
+    GROUP_SEPARATOR_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def rank(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """LoRA ranks to choose from."""
@@ -270,6 +271,12 @@ class SearchSpace(_message.Message):
     def two_stage(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
         """Classification: two-stage training (class-balanced head re-fit) off / on; empty = off."""
 
+    @_builtins.property
+    def group_separator(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Classification: separators of hierarchical codes to choose from (a group head on the
+        label's part before the separator; "" = off); empty = off.
+        """
+
     def __init__(
         self,
         *,
@@ -288,10 +295,11 @@ class SearchSpace(_message.Message):
         logit_adjust_tau: Global___FloatRange | None = ...,
         sampler_power: Global___FloatRange | None = ...,
         two_stage: _abc.Iterable[_builtins.bool] | None = ...,
+        group_separator: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dropout", b"dropout", "focal_gamma", b"focal_gamma", "learning_rate", b"learning_rate", "logit_adjust_tau", b"logit_adjust_tau", "sampler_power", b"sampler_power"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha_multiplier", b"alpha_multiplier", "batch_size", b"batch_size", "dropout", b"dropout", "focal_gamma", b"focal_gamma", "learning_rate", b"learning_rate", "logit_adjust_tau", b"logit_adjust_tau", "num_epochs", b"num_epochs", "posthoc_logit_adjustment", b"posthoc_logit_adjustment", "rank", b"rank", "sampler_power", b"sampler_power", "target_modules", b"target_modules", "two_stage", b"two_stage", "use_class_weights", b"use_class_weights", "use_rslora", b"use_rslora", "use_weighted_sampler", b"use_weighted_sampler"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha_multiplier", b"alpha_multiplier", "batch_size", b"batch_size", "dropout", b"dropout", "focal_gamma", b"focal_gamma", "group_separator", b"group_separator", "learning_rate", b"learning_rate", "logit_adjust_tau", b"logit_adjust_tau", "num_epochs", b"num_epochs", "posthoc_logit_adjustment", b"posthoc_logit_adjustment", "rank", b"rank", "sampler_power", b"sampler_power", "target_modules", b"target_modules", "two_stage", b"two_stage", "use_class_weights", b"use_class_weights", "use_rslora", b"use_rslora", "use_weighted_sampler", b"use_weighted_sampler"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
