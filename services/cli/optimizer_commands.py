@@ -18,7 +18,13 @@ from rich.table import Table
 from loratune.common.v1 import common_pb2
 from loratune.optimizer.v1 import optimizer_pb2, optimizer_pb2_grpc
 from services.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, run_rpc, usage_error
-from services.cli.labels import modules_label, study_state, trial_note, trial_state
+from services.cli.labels import (
+    model_label,
+    modules_label,
+    study_state,
+    trial_note,
+    trial_state,
+)
 from services.cli.stack import StackOptions, embedded_stack, serve_stack
 from services.common.client import ClientSettings, create_channel
 from services.common.config import CommonSettings
@@ -505,7 +511,7 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
                 console.print(
                     f"study [bold]{created.study_id}[/bold]: "
                     f"{created.fine_tuning_params.n_trials} trials of "
-                    f"{created.fine_tuning_params.base_model_name} "
+                    f"{model_label(created.fine_tuning_params.base_model_name)} "
                     f"({study_state(created.state)})"
                 )
                 if stack is not None:

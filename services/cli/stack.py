@@ -209,14 +209,14 @@ async def serve_stack(options: StackOptions, console: Console) -> int:
 
 
 def _quiet_libraries() -> None:
-    """Keeps transformers' load reports, progress bars and deprecation notes off the display."""
-    import warnings
+    """Keeps transformers' progress bars off the study's live display.
 
+    Its misleading messages are filtered where logging is configured (`quiet_library_noise`
+    in services/common/logging.py); its other warnings still show.
+    """
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 @contextlib.asynccontextmanager

@@ -1,22 +1,30 @@
-"""Logging set-up for every service: plain or JSON lines, secrets redacted, one line a record."""
+"""Logging set-up for every service: plain or JSON lines, secrets redacted, one line a record.
+
+Also where the libraries' misleading messages are filtered (`quiet_library_noise`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import re
 import sys
 import threading
+import warnings
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from services.common.names import escape_control
 
 __all__ = [
+    "FreshHeadLoadReportFilter",
     "JsonFormatter",
+    "MessageFilter",
     "PlainFormatter",
     "SecretRedactingFilter",
     "configure_logging",
+    "quiet_library_noise",
     "register_secret",
     "registered_secret_count",
 ]
@@ -172,3 +180,90 @@ def configure_logging(fmt: str = "plain", level: str = "INFO") -> None:
     formatter: logging.Formatter = JsonFormatter() if fmt == "json" else PlainFormatter()
     handler.setFormatter(formatter)
     root.setLevel(level.upper())
+    quiet_library_noise()
+
+
+# ---- the libraries' noise -----------------------------------------------------------------
+#
+# Each filter drops one message of one library that tells a loratune user something false
+# or nothing they can act on; every other record of the same logger passes. They sit on the
+# emitting logger (not on a handler): transformers logs through a handler of its own that
+# does not propagate to ours, and bitsandbytes warns at import, before any handler is set.
+
+
+class MessageFilter(logging.Filter):
+    """Drops a logger's records whose message matches `pattern`; keeps every other record."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False (drop) for a matching message."""
+        return not self.pattern.search(record.getMessage())
+
+
+# The classification heads the trainer fits (the linear probe) or an adapter supplies
+# (its saved `modules_to_save`); services/trainer/core/targets.py HEAD_NAMES.
+_HEAD_KEY = re.compile(r"^(score|classifier)\.")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class FreshHeadLoadReportFilter(logging.Filter):
+    """Drops transformers' LOAD REPORT when all it reports is a missing classification head.
+
+    `AutoModelForSequenceClassification.from_pretrained` on an encoder checkpoint reports its
+    new `classifier.*` / `score.*` weights as MISSING and advises training them; loratune
+    does just that (or loads the adapter's trained head over them), so the advice misleads.
+    A report with anything else in it (a missing encoder weight, an unexpected or mismatched
+    key, a conversion error) still passes, whole.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False (drop) for a report whose every row is a MISSING head weight."""
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        rows = [
+            [cell.strip() for cell in line.split("|")]
+            for line in _ANSI.sub("", message).splitlines()
+            if "|" in line
+        ]
+        entries = [row[:2] for row in rows[1:] if len(row) >= 2]  # rows[0]: the header
+        if not entries:
+            return True
+        return not all(
+            status == "MISSING" and _HEAD_KEY.match(key) is not None for key, status in entries
+        )
+
+
+# (logger, filter): what each drops and why.
+_LIBRARY_FILTERS: tuple[tuple[str, logging.Filter], ...] = (
+    # bitsandbytes, at import on a CPU with AVX512-BF16: an optional kernel for 4-bit layers
+    # whose weights were repacked for bfloat16. The trainer never lets a layer repack
+    # (services/trainer/core/quantized.py), so no job, 4-bit or not, would use it.
+    (
+        "bitsandbytes.backends.cpu.ops",
+        MessageFilter(r"^Failed to load CPU gemm_4bit_forward from kernels-community\b"),
+    ),
+    ("transformers.modeling_utils", FreshHeadLoadReportFilter()),
+)
+
+
+def quiet_library_noise() -> None:
+    """Install the library message filters; calling it again adds nothing.
+
+    `configure_logging` calls it, and the CLI before any command runs. Logging filters on
+    the exact loggers (see `_LIBRARY_FILTERS`), and one warning: PEFT reads transformers'
+    deprecated `is_gradient_checkpointing` property when it wraps a model, and transformers
+    warns the user of PEFT about it (FutureWarning), which is nothing a loratune user can do.
+    """
+    for name, noise_filter in _LIBRARY_FILTERS:
+        logging.getLogger(name).addFilter(noise_filter)  # the same filter is not added twice
+    # An identical filter replaces the earlier one rather than adding a second.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`is_gradient_checkpointing` is deprecated",
+        category=FutureWarning,
+        module=r"transformers\.modeling_utils",
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import logging
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ from typer.testing import CliRunner
 
 from loratune.common.v1 import common_pb2
 from loratune.optimizer.v1 import optimizer_pb2, optimizer_pb2_grpc
+from services.cli.labels import model_label
 from services.cli.main import app
 from services.cli.stack import LocalStack, StackOptions
 from services.common.client import ClientSettings
@@ -100,6 +102,23 @@ def test_demo_data_is_long_tailed(tmp_path: Path) -> None:
     assert "smallest classes:" in result.output and f"({smallest})" in result.output
 
 
+def test_every_command_filters_the_libraries_noise_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # bitsandbytes warns at import, before a command sets up logging.
+    bitsandbytes = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    monkeypatch.setattr(bitsandbytes, "filters", [])
+    out = tmp_path / "payments.csv"
+    assert runner.invoke(app, ["demo-data", "--output", str(out)], env=ENV).exit_code == 0
+    with caplog.at_level(logging.WARNING):
+        bitsandbytes.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make "
+            "sure you already `pip install kernels` and the kernels >= 0.11.1",
+            "No module named 'kernels'",
+        )
+    assert not caplog.records
+
+
 @pytest.mark.slow
 def test_tune_in_process_ends_with_the_table_and_the_adapter(
     tmp_path: Path, sentiment: Path, tiny_qwen: Path
@@ -109,7 +128,8 @@ def test_tune_in_process_ends_with_the_table_and_the_adapter(
     result = runner.invoke(app, [*args, "--artifact-root", str(root)], env=ENV)
     assert result.exit_code == 0, result.output
     out = result.output
-    assert "study cli: 5 trials of" in out
+    # The base model's folder shortened, so that the line stays one line.
+    assert f"study cli: 5 trials of {model_label(str(tiny_qwen))} (" in out
     assert "5/5 trials" in out and "best f1_macro" in out  # the progress line at its end
     assert "Trials of cli" in out
     assert len(FINISHED_ROW.findall(out)) == 5, out
