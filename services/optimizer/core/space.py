@@ -77,8 +77,14 @@ def default_space(classification: bool) -> SearchSpace:
         # 0 epochs = the linear probe alone (the frozen-encoder baseline): a point of the
         # space, evaluated first, so a study never selects below what the frozen encoder
         # gives (measured on banking77-LT: the frozen probe beat a 20-trial default study).
+        # Post-hoc logit adjustment costs no training and raised test macro-F1 on
+        # banking77-LT in every seed (0.8857 -> 0.8911, 3 seeds): always on. Two-stage
+        # (0.8918) is left to the search. Measured by bench/banking77_longtail.py.
         return SearchSpace(
-            learning_rate=FloatRange(5e-5, 2e-3, log=True), num_epochs=(PROBE_ONLY, 2, 3, 4)
+            learning_rate=FloatRange(5e-5, 2e-3, log=True),
+            num_epochs=(PROBE_ONLY, 2, 3, 4),
+            posthoc_logit_adjustment=(True,),
+            two_stage=(False, True),
         )
     return SearchSpace()
 

@@ -313,6 +313,7 @@ async def test_out_of_memory_configuration_is_never_dispatched_again(
             focal_gamma=optimizer_pb2.FloatRange(low=1.0, high=1.0),
             use_class_weights=[True],
             use_weighted_sampler=[False],
+            two_stage=[False],
         )
     )
     study = await run(optimizer, request)

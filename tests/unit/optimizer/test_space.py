@@ -174,6 +174,7 @@ def test_suggestions_stay_inside_the_space(seed: int) -> None:
         "focal_gamma",
         "use_class_weights",
         "use_weighted_sampler",
+        "two_stage",
     }
 
 
@@ -302,7 +303,7 @@ def test_the_first_trial_is_the_defaults_when_they_fit() -> None:
         "focal_gamma": DEFAULTS.focal_loss_gamma,
         "use_class_weights": DEFAULTS.use_class_weights,
         "use_weighted_sampler": DEFAULTS.use_weighted_sampler,
-        "posthoc_logit_adjustment": False,
+        "posthoc_logit_adjustment": True,
         "logit_adjust_tau": 0.0,
         "sampler_power": 0.0,
         "two_stage": False,
