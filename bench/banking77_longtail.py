@@ -87,6 +87,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "two-stage": {"two_stage": True},
     "two-stage+posthoc-la": {"two_stage": True, "posthoc_logit_adjustment": True},
     "sampler+posthoc-la": {"use_weighted_sampler": True, "posthoc_logit_adjustment": True},
+    # banking77's intents group by their first word (card_*, top_up_*, transfer_*, ...).
+    "hierarchy": {"group_separator": "_"},
+    "hierarchy+posthoc-la": {"group_separator": "_", "posthoc_logit_adjustment": True},
 }
 _DEFAULT_CONFIGS = ("ce", "focal", "weights", "sampler", "focal+weights")
 
