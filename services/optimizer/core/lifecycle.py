@@ -107,7 +107,7 @@ class TrialLifecycle:
     ) -> Outcome:
         """Asks the sampler for a trial, stores its hyperparameters and dispatches it."""
         record = await self._store.record(study.study_name)
-        trial = await self._store.run(study.ask)
+        trial = await self._store.ask(study)
         params = await self._store.run(
             suggest, trial, space, self._defaults, spec.dataset.classification
         )
@@ -137,6 +137,11 @@ class TrialLifecycle:
     ) -> Outcome:
         """Sends a trial (new, or interrupted before) to the trainer at `address`, follows it."""
         frozen = await self._store.trial(study, number)
+        if frozen.state.is_finished():  # told meanwhile: nothing left to run
+            logger.warning(
+                "Trial %d is already %s; not dispatched again", number, frozen.state.name
+            )
+            return Outcome(number)
         attrs = frozen.user_attrs
         attempt = int(attrs.get("attempt", 1))
         job_id = f"{study.study_name}-t{number}-a{attempt}"

@@ -95,6 +95,14 @@ class StudyStore:
             await self.run(study.set_user_attr, META, record.to_storage())
             return record
 
+    async def ask(self, study: optuna.Study) -> optuna.trial.Trial:
+        """`study.ask()`, one at a time per study: two concurrent asks in worker threads could
+        both take the same enqueued trial (Optuna pops a waiting trial without a lock that
+        spans threads), and one trial would then run twice."""
+        lock = self._locks.setdefault(f"ask:{study.study_name}", asyncio.Lock())
+        async with lock:
+            return await self.run(study.ask)
+
     async def trials(
         self, study_id: str, states: tuple[optuna.trial.TrialState, ...] | None = None
     ) -> list[optuna.trial.FrozenTrial]:
