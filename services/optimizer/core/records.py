@@ -326,24 +326,24 @@ def _build(kind: type[Any], values: Mapping[str, Any]) -> Any:
 class Hyperparameters:
     """One trial's hyperparameters as sent to the trainer (the contract's three groups)."""
 
-    rank: int
-    alpha: float
-    dropout: float
-    target_modules: tuple[str, ...]
-    use_rslora: bool
-    learning_rate: float
-    num_epochs: int
-    batch_size: int
-    gradient_accumulation: int
-    max_seq_length: int
-    warmup_ratio: float
-    weight_decay: float
-    quantize_4bit: bool
-    seed: int
-    focal_gamma: float
-    use_class_weights: bool
-    use_weighted_sampler: bool
-    min_samples_per_class: int
+    rank: int = 0
+    alpha: float = 0.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()
+    use_rslora: bool = False
+    learning_rate: float = 0.0
+    num_epochs: int = 0
+    batch_size: int = 0
+    gradient_accumulation: int = 0
+    max_seq_length: int = 0
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    quantize_4bit: bool = False
+    seed: int = 0
+    focal_gamma: float = 0.0
+    use_class_weights: bool = False
+    use_weighted_sampler: bool = False
+    min_samples_per_class: int = 0
     probe_only: bool = False  # classification: the linear probe alone (num_epochs 0)
     posthoc_logit_adjustment: bool = False
     logit_adjust_tau: float = 0.0
@@ -361,47 +361,14 @@ class Hyperparameters:
 
     @classmethod
     def from_storage(cls, stored: Mapping[str, Any]) -> Hyperparameters:
-        """Reads either schema (this one, or protobuf's camelCase JSON of schema 1)."""
+        """Reads either schema (this one, or protobuf's camelCase JSON of schema 1); a field
+        a record lacks takes its default."""
         plain = snake_keys(stored)
-        values: dict[str, Any] = {}
-        for name, group in _HYPER_GROUPS.items():
-            values[name] = plain.get(group, {}).get(name)
-        defaults: dict[str, Any] = {
-            "rank": 0,
-            "alpha": 0.0,
-            "dropout": 0.0,
-            "target_modules": (),
-            "use_rslora": False,
-            "learning_rate": 0.0,
-            "num_epochs": 0,
-            "batch_size": 0,
-            "gradient_accumulation": 0,
-            "max_seq_length": 0,
-            "warmup_ratio": 0.0,
-            "weight_decay": 0.0,
-            "quantize_4bit": False,
-            "seed": 0,
-            "focal_gamma": 0.0,
-            "use_class_weights": False,
-            "use_weighted_sampler": False,
-            "min_samples_per_class": 0,
-            "probe_only": False,
-            "posthoc_logit_adjustment": False,
-            "logit_adjust_tau": 0.0,
-            "sampler_power": 0.0,
-            "two_stage": False,
-            "group_separator": "",
-        }
-        for name, default in defaults.items():
-            value = values.get(name)
-            if value is None:
-                values[name] = default
-            elif isinstance(default, tuple):
-                values[name] = tuple(str(v) for v in value)
-            else:
-                kind: Any = type(default)
-                values[name] = kind(value)
-        return cls(**values)
+        flat = {name: plain.get(group, {}).get(name) for name, group in _HYPER_GROUPS.items()}
+        if flat.get("target_modules") is not None:
+            flat["target_modules"] = tuple(str(m) for m in flat["target_modules"])
+        built: Hyperparameters = _build(cls, flat)
+        return built
 
 
 _HYPER_GROUPS = {
