@@ -26,7 +26,7 @@ point need the three seeds.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/banking77_longtail.py [--seeds 1,2,3]
         [--epochs 5] [--lr 5e-4] [--batch-size 32] [--max-seq-length 64] [--threads 1]
-        [--configs ce,focal,weights,sampler,focal+weights] [--no-baseline]
+        [--configs ce,focal,weights,sampler,focal+weights] [--no-baseline] [--data payments]
         [--limit-train N --limit-test N: smoke tests only]
 """
 
@@ -90,6 +90,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # banking77's intents group by their first word (card_*, top_up_*, transfer_*, ...).
     "hierarchy": {"group_separator": "_"},
     "hierarchy+posthoc-la": {"group_separator": "_", "posthoc_logit_adjustment": True},
+    # The payment codes' own hierarchy (--data payments): `60.01` is in group `60`.
+    "codes-hierarchy": {"group_separator": "."},
+    "codes-hierarchy+posthoc-la": {"group_separator": ".", "posthoc_logit_adjustment": True},
 }
 _DEFAULT_CONFIGS = ("ce", "focal", "weights", "sampler", "focal+weights")
 
@@ -290,6 +293,13 @@ def main() -> None:
     )
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument(
+        "--data",
+        choices=("banking77", "payments"),
+        default="banking77",
+        help="payments: `make demo`'s payment comments with held-out splits "
+        "(bench/payments_protocol.py) instead of banking77-LT",
+    )
+    parser.add_argument(
         "--seeds",
         type=protocol.parse_seeds,
         default=[1, 2, 3],
@@ -373,7 +383,12 @@ def main() -> None:
     model_path = args.model or packaged_minilm_path()
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="banking77-bench-") as out:
-        data = protocol.prepare(Path(out) / "data", protocol.options_from(args))
+        if args.data == "payments":
+            import payments_protocol
+
+            data = payments_protocol.prepare(Path(out) / "data")
+        else:
+            data = protocol.prepare(Path(out) / "data", protocol.options_from(args))
         print(f"{data.describe()}; model {args.model or 'all-MiniLM-L6-v2 (packaged)'}")
         print(
             f"LoRA budget: {args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g}, "
