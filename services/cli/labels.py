@@ -72,7 +72,8 @@ def model_label(name: str) -> str:
 
 
 def trial_note(trial: optimizer_pb2.Trial) -> str:
-    """Which epoch a trial kept, why it failed, and why it ran more than once."""
+    """Which epoch a trial kept, why it failed, why it ran more than once, and a judge that
+    scored only part of its sample or was away (refused evaluations) before the score."""
     parts = []
     if 0 < trial.best_epoch < len(trial.epoch_objectives):
         parts.append(f"kept epoch {trial.best_epoch} of {len(trial.epoch_objectives)}")
@@ -82,4 +83,18 @@ def trial_note(trial: optimizer_pb2.Trial) -> str:
         parts.append(f"attempt {trial.attempt}")
     if trial.interruptions:
         parts.append(f"re-run after: {trial.interruptions[-1]}")
+    if trial.HasField("judge_coverage") and trial.judge_coverage < 1:
+        parts.append(
+            f"judged {trial.judge_judged} of {trial.judge_requested} sampled items "
+            f"(coverage {trial.judge_coverage:.2f})"
+        )
+    if trial.evaluation_refusals:
+        parts.append(
+            f"scored after {trial.evaluation_refusals} refused evaluation attempts "
+            f"(last: {_shorten(trial.last_evaluation_refusal, 120)})"
+        )
     return "; ".join(parts)
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

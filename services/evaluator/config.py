@@ -2,8 +2,47 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Any
+
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.evaluator.core.rescaling import RescaleMode
+
+DEFAULT_BERTSCORE_RESCALE = RescaleMode.NONE
+"""Rescaling when neither the environment nor a request says (to be chosen by measurement)."""
+
+_RESCALE_WORDS = {
+    # Booleans keep their old meaning: true = bert-score's packaged baseline.
+    "true": RescaleMode.PACKAGED,
+    "1": RescaleMode.PACKAGED,
+    "yes": RescaleMode.PACKAGED,
+    "on": RescaleMode.PACKAGED,
+    "false": RescaleMode.NONE,
+    "0": RescaleMode.NONE,
+    "no": RescaleMode.NONE,
+    "off": RescaleMode.NONE,
+    **{mode.value: mode for mode in RescaleMode},
+}
+
+
+def parse_rescale(value: Any) -> RescaleMode:
+    """A ``LORATUNE_BERTSCORE_RESCALE`` value as a RescaleMode.
+
+    Raises:
+        ValueError: naming the variable and the values it takes.
+    """
+    if isinstance(value, RescaleMode):
+        return value
+    if isinstance(value, bool):
+        return RescaleMode.PACKAGED if value else RescaleMode.NONE
+    word = str(value).strip().lower()
+    if word in _RESCALE_WORDS:
+        return _RESCALE_WORDS[word]
+    raise ValueError(
+        f"LORATUNE_BERTSCORE_RESCALE must be none, packaged or references (or true / false, "
+        f"1 / 0, yes / no, meaning packaged / none); got {value!r}"
+    )
 
 
 class EvaluatorSettings(BaseSettings):
@@ -21,7 +60,10 @@ class EvaluatorSettings(BaseSettings):
     bertscore_device: str = ""
     bertscore_lang: str = "en"
     bertscore_idf: bool = False
-    bertscore_rescale: bool = False
+    # How BERTScore is rescaled when a request does not say: none; packaged (bert-score's
+    # baseline file, which needs a hub model name and lang; true means this); references
+    # (a baseline computed from the request's own references, cached per reference set).
+    bertscore_rescale: RescaleMode = DEFAULT_BERTSCORE_RESCALE
     # Bound on the memory of cached sentence embeddings (references come back every trial).
     bertscore_cache_bytes: int = Field(default=512 * 2**20, ge=0)
     # Load the BERTScore model at start-up rather than on the first generation request.
@@ -31,3 +73,8 @@ class EvaluatorSettings(BaseSettings):
     # Least share of the judge sample that must be judged for a combined score.
     judge_min_coverage: float = Field(default=0.6, ge=0.0, le=1.0)
     judge_timeout_seconds: float = Field(default=120.0, gt=0)
+
+    @field_validator("bertscore_rescale", mode="before")
+    @classmethod
+    def _rescale_words(cls, value: Any) -> RescaleMode:
+        return parse_rescale(value)

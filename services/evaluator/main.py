@@ -10,8 +10,13 @@ from services.common.config import CommonSettings
 from services.common.server import ServiceDefinition, run
 from services.evaluator.api.servicer import EvaluatorServicer
 from services.evaluator.config import EvaluatorSettings
-from services.evaluator.core.bertscore import BertScoreEngine, default_model
+from services.evaluator.core.bertscore import (
+    BertScoreEngine,
+    default_model,
+    packaged_baseline,
+)
 from services.evaluator.core.evaluation import Evaluator, EvaluatorOptions
+from services.evaluator.core.rescaling import RescaleMode
 from services.evaluator.judge_client import GrpcJudgeScorer
 from services.evaluator.metrics import EvaluatorMetrics
 
@@ -20,15 +25,41 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = evaluator_pb2.DESCRIPTOR.services_by_name["EvaluatorService"].full_name
 
 
+def _bertscore_model(settings: EvaluatorSettings) -> tuple[str, int | None]:
+    """The BERTScore model and layer the settings name (bert-score's default when empty)."""
+    model, layers = settings.bertscore_model, settings.bertscore_layers
+    if not model:
+        model, default_layers = default_model()
+        layers = layers or default_layers
+    return model, layers
+
+
+def _check_packaged_baseline(settings: EvaluatorSettings) -> None:
+    """Fails at start-up, naming the variable, when bert-score ships no baseline to use."""
+    model, layers = _bertscore_model(settings)
+    try:
+        packaged_baseline(model, layers, settings.bertscore_lang)
+    except ValueError as exc:
+        raise ValueError(
+            f"LORATUNE_BERTSCORE_RESCALE=packaged cannot be used: {exc} "
+            "(LORATUNE_BERTSCORE_RESCALE=references computes a baseline from the references)"
+        ) from exc
+
+
 def build_evaluator(settings: EvaluatorSettings, client: ClientSettings | None = None) -> Evaluator:
-    """The evaluator core wired to its BERTScore engine and, when configured, the judge."""
+    """The evaluator core wired to its BERTScore engine and, when configured, the judge.
+
+    Raises:
+        ValueError: ``LORATUNE_BERTSCORE_RESCALE=packaged`` for a model bert-score ships no
+            baseline for (checked without loading the model).
+    """
+    if settings.bertscore_rescale is RescaleMode.PACKAGED:
+        _check_packaged_baseline(settings)
 
     def make_engine() -> BertScoreEngine:
-        model, layers = settings.bertscore_model, settings.bertscore_layers
-        if not model:
-            model, default_layers = default_model()
-            layers = layers or default_layers
+        model, layers = _bertscore_model(settings)
         logger.info("loading BERTScore model %s (layer %s)", model, layers or "default")
+        # Built unrescaled: each evaluation passes the baseline its rescaling asks for.
         return BertScoreEngine(
             model_type=model,
             num_layers=layers,
@@ -36,7 +67,6 @@ def build_evaluator(settings: EvaluatorSettings, client: ClientSettings | None =
             device=settings.bertscore_device or None,
             idf=settings.bertscore_idf,
             lang=settings.bertscore_lang,
-            rescale_with_baseline=settings.bertscore_rescale,
             cache_max_bytes=settings.bertscore_cache_bytes,
         )
 
@@ -50,6 +80,7 @@ def build_evaluator(settings: EvaluatorSettings, client: ClientSettings | None =
         options=EvaluatorOptions(
             judge_min_coverage=settings.judge_min_coverage,
             judge_timeout_seconds=settings.judge_timeout_seconds,
+            bertscore_rescale=settings.bertscore_rescale,
         ),
         metrics=EvaluatorMetrics(),
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 
@@ -34,18 +35,24 @@ STATUS_TIMEOUT = 5.0
 
 
 class Channels:
-    """One long-lived channel per address."""
+    """One long-lived channel per address (and per retry behaviour)."""
 
     def __init__(self, settings: ClientSettings) -> None:
         self._settings = settings
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, bool], grpc.aio.Channel] = {}
 
-    def get(self, address: str) -> grpc.aio.Channel:
-        """The channel to `address`, created on first use."""
-        channel = self._channels.get(address)
+    def get(self, address: str, *, retries: bool = True) -> grpc.aio.Channel:
+        """The channel to `address`, created on first use.
+
+        `retries=False`: gRPC's own retry of UNAVAILABLE is off, for a caller that retries
+        (and counts the refusals) itself.
+        """
+        key = (address, retries)
+        channel = self._channels.get(key)
         if channel is None:
-            channel = create_channel(address, self._settings)
-            self._channels[address] = channel
+            settings = self._settings if retries else replace(self._settings, max_attempts=1)
+            channel = create_channel(address, settings)
+            self._channels[key] = channel
         return channel
 
     async def close(self) -> None:
@@ -113,7 +120,11 @@ class GrpcEvaluator:
         """Scores one evaluation point."""
         if not self._address:
             raise Unavailable("no evaluator configured (set LORATUNE_EVALUATOR_ADDRESS)")
-        stub = evaluator_pb2_grpc.EvaluatorServiceStub(self._channels.get(self._address))
+        # No hidden retries: Scoring retries an UNAVAILABLE evaluation itself, with its own
+        # backoff and budget, and counts each refusal on the trial. Under gRPC's retries, each
+        # refusal would have re-run BERTScore and the judge up to four times in two seconds.
+        channel = self._channels.get(self._address, retries=False)
+        stub = evaluator_pb2_grpc.EvaluatorServiceStub(channel)
         try:
             response = await stub.Evaluate(evaluation_request_to_proto(request), timeout=600)
         except grpc.aio.AioRpcError as err:

@@ -16,7 +16,9 @@ DISPATCH_ERRORS = Counter(
     "loratune_optimizer_dispatch_errors_total", "Failed dispatches, by reason.", ["reason"]
 )
 EVALUATION_RETRIES = Counter(
-    "loratune_optimizer_evaluation_retries_total", "Evaluations retried (evaluator unavailable)."
+    "loratune_optimizer_evaluation_retries_total",
+    "Evaluations retried after a refusal as unavailable (the evaluator or the judge away, "
+    "or too little of the judge's sample judged).",
 )
 TRIAL_INTERRUPTIONS = Counter(
     "loratune_optimizer_trial_interruptions_total",

@@ -48,6 +48,7 @@ def test_serve_evaluator_process_lifecycle() -> None:
         HF_HUB_OFFLINE="1",
         LORATUNE_BERTSCORE_MODEL=packaged_minilm_path(),
         LORATUNE_BERTSCORE_LAYERS="6",
+        LORATUNE_BERTSCORE_RESCALE="references",
         LORATUNE_LOG_FORMAT="json",
         LORATUNE_GRACE_PERIOD_SECONDS="5",
     )
@@ -73,16 +74,24 @@ def test_serve_evaluator_process_lifecycle() -> None:
         wait_serving(address, time.monotonic() + 60)
         with grpc.insecure_channel(address) as channel:
             stub = evaluator_pb2_grpc.EvaluatorServiceStub(channel)
-            result = stub.Evaluate(
+            response = stub.Evaluate(
                 evaluator_pb2.EvaluateRequest(
                     task_type=common_pb2.TASK_TYPE_GENERATION,
-                    predictions=["the card arrived", ""],
+                    predictions=["<think>which card?</think>the card arrived", ""],
                     references=["my card has arrived", "where is my money"],
                 ),
                 timeout=120,
-            ).result
+            )
+            result = response.result
             assert result.bertscore.pairs == 2 and result.bertscore.empty_texts == 1
             assert 0 < result.objective < 1
+            # LORATUNE_BERTSCORE_RESCALE=references: rescaled against the references.
+            bert = result.bertscore
+            assert response.bertscore_rescale == evaluator_pb2.BERTSCORE_RESCALE_REFERENCES
+            assert "-rescaled-refs:" in bert.hash and bert.rescaled_with_baseline
+            # The matching pair (twice the mean: the other pair is empty) beats "unrelated".
+            assert 0 < bert.baseline_f1 < 2 * bert.raw_f1
+            assert response.reasoning_stripped == 1
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
         assert 'loratune_evaluator_evaluations_total{task_type="generation"} 1.0' in metrics
         proc.send_signal(signal.SIGTERM)
@@ -94,6 +103,7 @@ def test_serve_evaluator_process_lifecycle() -> None:
     assert proc.returncode == 0, output
     assert "SIGTERM received" in output
     assert "Detailed evaluation: BERTScore=" in output
+    assert "1 of 2 predictions had a reasoning block, stripped before scoring" in output
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT])

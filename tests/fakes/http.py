@@ -7,6 +7,7 @@ import contextlib
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
@@ -161,6 +162,7 @@ class FakeServer:
         self._peak = 0
         self._stopping = threading.Event()
         self._connections: set[socket.socket] = set()
+        self._outage: _Outage | None = None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -199,6 +201,24 @@ class FakeServer:
         with self._lock:
             self._script.extend(replies)
 
+    def outage(self, seconds: float, reply: Reply | None = None) -> None:
+        """The provider goes away when next asked, for `seconds`: every request in that window
+        answers `reply` (default: 503, in the provider's error format) instead of the script
+        or the responder; after it, they answer again. Checks of `route` still come first.
+
+        It starts at the next request, not now, so that a test can arm it ahead of the call
+        it means to hit however long the work before that call takes.
+        """
+        default = Reply.error(503, message="The model is overloaded. Please try again later.")
+        with self._lock:
+            self._outage = _Outage(seconds, reply or default)
+
+    @property
+    def outage_replies(self) -> int:
+        """Requests answered by the current (or last) outage."""
+        with self._lock:
+            return self._outage.answered if self._outage is not None else 0
+
     @property
     def pending(self) -> int:
         """How many scripted replies are still queued."""
@@ -223,6 +243,7 @@ class FakeServer:
             self._script.clear()
             self._requests.clear()
             self._peak = self._in_flight
+            self._outage = None
         self.responder = self.default_reply
         self.latency = self._initial_latency
         self.handler_errors.clear()
@@ -304,10 +325,23 @@ class FakeServer:
         with self._lock:
             return self._script.popleft() if self._script else None
 
+    def _in_outage(self) -> Reply | None:
+        with self._lock:
+            outage = self._outage
+            if outage is None:
+                return None
+            now = time.monotonic()
+            if outage.started is None:
+                outage.started = now
+            if now >= outage.started + outage.seconds:
+                return None
+            outage.answered += 1
+            return outage.reply
+
     def _reply_for(self, request: RecordedRequest) -> Reply:
         reply = self.route(request)
         if reply is None:
-            reply = self._next_scripted() or self.responder(request)
+            reply = self._in_outage() or self._next_scripted() or self.responder(request)
         delay = 0.0
         for _ in range(_MAX_RENDER_DEPTH):
             if reply.render is None:
@@ -320,6 +354,16 @@ class FakeServer:
 
 
 _MAX_RENDER_DEPTH = 16
+
+
+@dataclass
+class _Outage:
+    """A window in which every request gets `reply`; it opens at the first request."""
+
+    seconds: float
+    reply: Reply
+    started: float | None = None
+    answered: int = 0
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from loratune.common.v1 import common_pb2
 from loratune.evaluator.v1 import evaluator_pb2
+from services.common.errors import InvalidArgument
 from services.evaluator.core.models import (
     DEFAULT_BERTSCORE_WEIGHT,
     DEFAULT_JUDGE_WEIGHT,
@@ -13,6 +14,7 @@ from services.evaluator.core.models import (
     TaskType,
     Weights,
 )
+from services.evaluator.core.rescaling import RescaleMode
 
 _TASKS: dict[int, TaskType] = {
     common_pb2.TASK_TYPE_CLASSIFICATION: TaskType.CLASSIFICATION,
@@ -24,9 +26,35 @@ _TASKS_BACK = {
 }
 
 
+_RESCALES: dict[evaluator_pb2.BertScoreRescale.ValueType, RescaleMode] = {
+    evaluator_pb2.BERTSCORE_RESCALE_NONE: RescaleMode.NONE,
+    evaluator_pb2.BERTSCORE_RESCALE_PACKAGED: RescaleMode.PACKAGED,
+    evaluator_pb2.BERTSCORE_RESCALE_REFERENCES: RescaleMode.REFERENCES,
+}
+_RESCALES_BACK = {mode: value for value, mode in _RESCALES.items()}
+
+
 def task_from_proto(value: int) -> TaskType | None:
     """The domain task type; None for UNSPECIFIED or unknown values (rejected later)."""
     return _TASKS.get(value)
+
+
+def rescale_from_proto(value: evaluator_pb2.BertScoreRescale.ValueType) -> RescaleMode | None:
+    """The requested rescaling; None for UNSPECIFIED (the evaluator's setting).
+
+    Raises:
+        InvalidArgument: a value this evaluator does not know.
+    """
+    if value == evaluator_pb2.BERTSCORE_RESCALE_UNSPECIFIED:
+        return None
+    mode = _RESCALES.get(value)
+    if mode is None:
+        raise InvalidArgument(
+            f"unknown value {value}; use BERTSCORE_RESCALE_NONE, _PACKAGED or _REFERENCES "
+            "(or leave it unset for the evaluator's setting)",
+            field="bertscore_rescale",
+        )
+    return mode
 
 
 def input_from_proto(request: evaluator_pb2.EvaluateRequest) -> EvaluationInput:
@@ -51,6 +79,7 @@ def input_from_proto(request: evaluator_pb2.EvaluateRequest) -> EvaluationInput:
             else DEFAULT_BERTSCORE_WEIGHT,
             judge=weights.judge if weights.HasField("judge") else DEFAULT_JUDGE_WEIGHT,
         ),
+        bertscore_rescale=rescale_from_proto(request.bertscore_rescale),
     )
 
 
@@ -104,7 +133,10 @@ def result_to_proto(evaluation: Evaluation) -> common_pb2.EvaluationResult:
                 pairs=bert.pairs,
                 empty_texts=bert.empty,
                 truncated_texts=bert.truncated,
-                rescaled_with_baseline="rescaled" in bert.hash,
+                rescaled_with_baseline=bert.baseline is not None,
+                # None: a scorer that does not report it, i.e. one that never rescales.
+                raw_f1=bert.f1_mean if bert.raw_f1_mean is None else bert.raw_f1_mean,
+                baseline_f1=bert.baseline.f1 if bert.baseline is not None else 0.0,
             )
         )
     judge = evaluation.judge
@@ -121,3 +153,15 @@ def result_to_proto(evaluation: Evaluation) -> common_pb2.EvaluationResult:
             )
         )
     return result
+
+
+def response_to_proto(evaluation: Evaluation) -> evaluator_pb2.EvaluateResponse:
+    """The domain evaluation as an EvaluateResponse: the result and how it was reached."""
+    response = evaluator_pb2.EvaluateResponse(
+        result=result_to_proto(evaluation), reasoning_stripped=evaluation.reasoning_stripped
+    )
+    bert = evaluation.bertscore
+    if bert is not None:
+        kind = bert.baseline.kind if bert.baseline is not None else RescaleMode.NONE
+        response.bertscore_rescale = _RESCALES_BACK[kind]
+    return response

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
-from services.evaluator.api.convert import input_from_proto, result_to_proto
+from services.evaluator.api.convert import input_from_proto, response_to_proto
 from services.evaluator.core.evaluation import Evaluator
 
 
@@ -26,4 +26,4 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         evaluation = await self._evaluator.evaluate(
             input_from_proto(request), deadline_seconds=context.time_remaining()
         )
-        return evaluator_pb2.EvaluateResponse(result=result_to_proto(evaluation))
+        return response_to_proto(evaluation)

@@ -28,11 +28,14 @@ from bert_score.utils import (
 from torch.nn.utils.rnn import pad_sequence
 from transformers import GPT2Tokenizer, RobertaTokenizer
 
+from services.evaluator.core.rescaling import Baseline, RescaleMode
+
 __all__ = [
     "BertScoreEngine",
     "BertScoreEnginePool",
     "BertScoreResult",
     "default_model",
+    "packaged_baseline",
     "packaged_minilm_path",
 ]
 
@@ -49,6 +52,8 @@ class BertScoreResult:
 
     ``precision``/``recall``/``f1`` hold one value per (candidate, reference) pair, in input
     order. The means are taken over *all* pairs, including empty pairs (which score 0.0).
+    With a ``baseline`` the scores are rescaled and the ``raw_*_mean`` fields hold the means
+    before rescaling (equal to the means without one; None from scorers that do not say).
     """
 
     precision: list[float]
@@ -65,6 +70,10 @@ class BertScoreResult:
     truncated: int
     cache_hits: int
     cache_misses: int
+    baseline: Baseline | None = None
+    raw_precision_mean: float | None = None
+    raw_recall_mean: float | None = None
+    raw_f1_mean: float | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +164,27 @@ def _load_baseline(lang: str | None, model_type: str, num_layers: int) -> torch.
     return torch.tensor([float(v) for v in body[num_layers][1:4]], dtype=torch.float64).float()
 
 
+def packaged_baseline(model_type: str, num_layers: int | None, lang: str | None) -> Baseline:
+    """bert-score's packaged baseline for (lang, hub model, layer), as a ``PACKAGED`` Baseline.
+
+    ``num_layers=None`` is bert-score's default layer for the model. Reads one small file
+    and loads no model, so settings can be checked at start-up.
+
+    Raises:
+        ValueError: no lang, a local model folder, or no packaged file for (lang, model, layer).
+    """
+    layers = _resolve_num_layers(model_type, num_layers)
+    p, r, f = _load_baseline(lang, model_type, layers).tolist()
+    return Baseline(kind=RescaleMode.PACKAGED, precision=p, recall=r, f1=f, tag="rescaled")
+
+
+def _baseline_tensor(baseline: Baseline) -> torch.Tensor:
+    """The (P, R, F) tensor bert-score subtracts: float32, like its packaged baselines."""
+    return torch.tensor(
+        [baseline.precision, baseline.recall, baseline.f1], dtype=torch.float64
+    ).float()
+
+
 class BertScoreEngine:
     """Long-lived BERTScore scorer for one (model, num_layers) setting.
 
@@ -171,6 +201,9 @@ class BertScoreEngine:
     like ``bert_score.score(idf=True)``; an empty reference counts as a document holding only the
     special tokens (what ``sent_encode`` yields for it). Cached embeddings are idf-independent, so
     the cache is used with idf too.
+
+    ``score`` can also rescale with a baseline given per call (see ``rescaling``), when the
+    engine was built without ``rescale_with_baseline``; the hash then records that baseline.
 
     ``score`` is thread-safe: model use and the cache are guarded by one lock.
     """
@@ -204,20 +237,23 @@ class BertScoreEngine:
         self._idf = bool(idf)
         self._lang = lang
         self._rescale = bool(rescale_with_baseline)
-        self._baseline: torch.Tensor | None = (
-            _load_baseline(lang, model_type, self._num_layers) if self._rescale else None
+        self._baseline: Baseline | None = (
+            packaged_baseline(model_type, self._num_layers, lang) if self._rescale else None
         )
         self._cache_max_bytes = cache_max_bytes
         self._device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self._hash = str(
-            get_hash(
-                model_type,
-                self._num_layers,
-                self._idf,
-                self._rescale,
-                use_custom_baseline=False,
-                use_fast_tokenizer=False,
+        self._raw_hash, self._hash = (
+            str(
+                get_hash(
+                    model_type,
+                    self._num_layers,
+                    self._idf,
+                    rescale,
+                    use_custom_baseline=False,
+                    use_fast_tokenizer=False,
+                )
             )
+            for rescale in (False, self._rescale)
         )
 
         logger.info(
@@ -266,6 +302,28 @@ class BertScoreEngine:
         """Device the model runs on."""
         return self._device
 
+    @property
+    def rescales(self) -> bool:
+        """Whether the engine itself rescales with bert-score's packaged baseline."""
+        return self._rescale
+
+    def packaged_baseline(self) -> Baseline:
+        """bert-score's packaged baseline for this model, layer and the engine's lang.
+
+        Raises:
+            ValueError: bert-score ships none for them (e.g. a local model folder).
+        """
+        return packaged_baseline(self._model_type, self._num_layers, self._lang)
+
+    def hash_with(self, baseline: Baseline | None) -> str:
+        """The settings string of scores rescaled with ``baseline`` (None: not rescaled).
+
+        bert-score's own form, ``<model>_L<n>_<idf>_version=...(hug_trans=...)``, plus
+        ``-<baseline.tag>``: ``-rescaled`` for a packaged baseline (bert-score's hash),
+        ``-rescaled-refs:<digest>`` for one computed from references.
+        """
+        return self._raw_hash if baseline is None else f"{self._raw_hash}-{baseline.tag}"
+
     def cache_stats(self) -> tuple[int, int]:
         """Return ``(entries, bytes)`` currently held by the embedding cache."""
         with self._lock:
@@ -277,8 +335,21 @@ class BertScoreEngine:
             self._cache.clear()
             self._cache_bytes = 0
 
-    def score(self, candidates: Sequence[str], references: Sequence[str]) -> BertScoreResult:
+    def score(
+        self,
+        candidates: Sequence[str],
+        references: Sequence[str],
+        baseline: Baseline | None = None,
+        *,
+        idf_references: Sequence[str] | None = None,
+    ) -> BertScoreResult:
         """Score each candidate against the reference at the same position.
+
+        ``baseline`` rescales every non-empty pair as ``(s - b) / (1 - b)``, exactly as
+        bert-score does with its packaged baseline; without one the engine's own setting
+        applies (``rescale_with_baseline``). ``idf_references`` (idf on only) are the documents
+        the idf weights come from instead of ``references``: a baseline scores other pairs of
+        the same references and must weigh tokens as the real call does.
 
         Empty / whitespace-only candidates or references are not sent to the model: such a pair
         scores P = R = F1 = 0.0 and is counted in ``empty``; the means are over all pairs,
@@ -289,9 +360,16 @@ class BertScoreEngine:
         cache.
 
         Raises:
-            ValueError: the two sequences differ in length.
+            ValueError: the two sequences differ in length, or a ``baseline`` is given to an
+                engine that already rescales with its packaged one.
             TypeError: an item is not a ``str``.
         """
+        if baseline is not None and self._baseline is not None:
+            raise ValueError(
+                "this engine already rescales with bert-score's packaged baseline; build it "
+                "with rescale_with_baseline=False to rescale with another baseline"
+            )
+        applied = baseline if baseline is not None else self._baseline
         cands = list(candidates)
         refs = list(references)
         if len(cands) != len(refs):
@@ -313,7 +391,8 @@ class BertScoreEngine:
             stats, hits, misses = self._lookup_or_embed(wanted)
 
             if self._idf:
-                idf_dict: Mapping[int, float] = self._idf_dict(refs, stats)
+                idf_docs = refs if idf_references is None else list(idf_references)
+                idf_dict: Mapping[int, float] = self._idf_dict(idf_docs, stats)
                 weights = {t: self._weights(s.ids, idf_dict) for t, s in stats.items()}
             else:
                 weights = {t: s.weights for t, s in stats.items()}
@@ -321,6 +400,8 @@ class BertScoreEngine:
             p_out = [0.0] * n
             r_out = [0.0] * n
             f_out = [0.0] * n
+            raw = ([0.0] * n, [0.0] * n, [0.0] * n)
+            scale = None if applied is None else _baseline_tensor(applied)
             # Same pair batching as bert_score.bert_cos_score_idf (chunks of batch_size in input
             # order): padding inside greedy matching can change results, so chunks must agree.
             # Dropping the empty rows never changes a chunk's padded length.
@@ -334,10 +415,14 @@ class BertScoreEngine:
                 hyp_stats = self._pad_batch([cands[i] for i in rows], stats, weights)
                 p, r, f = greedy_cos_idf(*ref_stats, *hyp_stats, False)
                 preds = torch.stack((p, r, f), dim=-1).cpu()
-                if self._baseline is not None:
-                    preds = (preds - self._baseline) / (1 - self._baseline)
+                if scale is not None:
+                    for row, values in zip(rows, preds.tolist(), strict=True):
+                        raw[0][row], raw[1][row], raw[2][row] = values
+                    preds = (preds - scale) / (1 - scale)
                 for row, (pv, rv, fv) in zip(rows, preds.tolist(), strict=True):
                     p_out[row], r_out[row], f_out[row] = pv, rv, fv
+            if scale is None:
+                raw = (p_out, r_out, f_out)
 
         truncated = sum(stats[t].truncated for i in live for t in (cands[i], refs[i]))
         return BertScoreResult(
@@ -349,12 +434,16 @@ class BertScoreEngine:
             f1_mean=_mean(f_out),
             model=self._model_type,
             num_layers=self._num_layers,
-            hash=self._hash,
+            hash=self.hash_with(applied),
             pairs=n,
             empty=sum(empty_flags),
             truncated=truncated,
             cache_hits=hits,
             cache_misses=misses,
+            baseline=applied,
+            raw_precision_mean=_mean(raw[0]),
+            raw_recall_mean=_mean(raw[1]),
+            raw_f1_mean=_mean(raw[2]),
         )
 
     # -- internals -----------------------------------------------------------------------------

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from services.common.reasoning import strip_reasoning
 from services.evaluator.core.bertscore import BertScoreResult
 from services.evaluator.core.classification import classification_report
 from services.evaluator.core.models import (
@@ -24,6 +26,13 @@ from services.evaluator.core.models import (
     JudgeScorer,
     TaskType,
     Weights,
+)
+from services.evaluator.core.rescaling import (
+    Baseline,
+    BaselineUnavailable,
+    ReferenceBaselines,
+    RescaleMode,
+    distinct_references,
 )
 from services.evaluator.metrics import EvaluatorMetrics
 
@@ -38,6 +47,8 @@ class EvaluatorOptions:
 
     judge_min_coverage: float = 0.6
     judge_timeout_seconds: float = 120.0
+    # How BERTScore is rescaled when a request does not say (LORATUNE_BERTSCORE_RESCALE).
+    bertscore_rescale: RescaleMode = RescaleMode.NONE
 
 
 def judge_sample(n_items: int, sample_size: int, seed: int) -> tuple[int, ...]:
@@ -48,6 +59,17 @@ def judge_sample(n_items: int, sample_size: int, seed: int) -> tuple[int, ...]:
     """
     k = min(sample_size, n_items)
     return tuple(sorted(random.Random(seed).sample(range(n_items), k)))
+
+
+def strip_reasoning_blocks(predictions: Sequence[str]) -> tuple[list[str], int]:
+    """Predictions without reasoning blocks, and how many had one.
+
+    A prediction "had one" when stripping changed more than its surrounding whitespace
+    (which neither BERTScore nor the judge sees anyway).
+    """
+    cleaned = [strip_reasoning(p) for p in predictions]
+    had = sum(1 for raw, clean in zip(predictions, cleaned, strict=True) if clean != raw.strip())
+    return cleaned, had
 
 
 def validate(request: EvaluationInput) -> None:
@@ -83,6 +105,14 @@ def validate(request: EvaluationInput) -> None:
             raise InvalidArgument(
                 f"must be at least 1 when the judge is enabled (got {judge.sample_size})",
                 field="judge.sample_size",
+            )
+    if request.task is TaskType.GENERATION and request.bertscore_rescale is RescaleMode.REFERENCES:
+        distinct = len(distinct_references(request.references))
+        if distinct < 2:
+            raise InvalidArgument(
+                "BERTSCORE_RESCALE_REFERENCES needs at least 2 distinct non-empty references "
+                f"to compute its baseline from mismatched pairs (got {distinct})",
+                field="bertscore_rescale",
             )
 
 
@@ -121,6 +151,7 @@ class Evaluator:
         self._judge = judge
         self._options = options
         self._metrics = metrics
+        self._reference_baselines = ReferenceBaselines()
 
     def bertscorer(self) -> BertScorer:
         """The long-lived BERTScore engine, loaded on first use (thread-safe)."""
@@ -142,17 +173,7 @@ class Evaluator:
             result = await self._generation(request, deadline_seconds)
         seconds = time.perf_counter() - started
         self._metrics.evaluations.labels(task_type=request.task.value).inc()
-        return Evaluation(
-            task=result.task,
-            num_examples=result.num_examples,
-            objective=result.objective,
-            objective_name=result.objective_name,
-            combined=result.combined,
-            classification=result.classification,
-            bertscore=result.bertscore,
-            judge=result.judge,
-            seconds=seconds,
-        )
+        return dataclasses.replace(result, seconds=seconds)
 
     async def _classification(self, request: EvaluationInput) -> Evaluation:
         report = await asyncio.to_thread(
@@ -176,6 +197,20 @@ class Evaluator:
     async def _generation(
         self, request: EvaluationInput, deadline_seconds: float | None
     ) -> Evaluation:
+        predictions, stripped = strip_reasoning_blocks(request.predictions)
+        if stripped:
+            logger.info(
+                "%d of %d predictions had a reasoning block, stripped before scoring",
+                stripped,
+                len(predictions),
+            )
+            self._metrics.reasoning_stripped.inc(stripped)
+        request = dataclasses.replace(request, predictions=predictions)
+        # Resolved before the judge is asked, so a rescaling that cannot be honoured costs
+        # no judge call; without rescaling nothing waits.
+        baseline = None
+        if self._rescale_mode(request) is not RescaleMode.NONE:
+            baseline = await asyncio.to_thread(self._baseline, request)
         judge_options = request.judge
         if judge_options.enabled:
             if self._judge is None:
@@ -188,11 +223,11 @@ class Evaluator:
                 "LLM Judge enabled with model: %s", judge_options.model_id or "(gateway default)"
             )
             bertscore, judge = await asyncio.gather(
-                self._bertscore(request), self._judge_sample(request, deadline_seconds)
+                self._bertscore(request, baseline), self._judge_sample(request, deadline_seconds)
             )
         else:
             logger.info("LLM Judge disabled, using BERTScore only")
-            bertscore, judge = await self._bertscore(request), None
+            bertscore, judge = await self._bertscore(request, baseline), None
 
         if judge is None:
             combined = bertscore.f1_mean
@@ -216,18 +251,74 @@ class Evaluator:
             combined=combined,
             bertscore=bertscore,
             judge=judge,
+            reasoning_stripped=stripped,
         )
 
-    async def _bertscore(self, request: EvaluationInput) -> BertScoreResult:
+    def _rescale_mode(self, request: EvaluationInput) -> RescaleMode:
+        return request.bertscore_rescale or self._options.bertscore_rescale
+
+    def _baseline(self, request: EvaluationInput) -> Baseline | None:
+        """The rescaling baseline of a generation request (blocking: a worker thread).
+
+        A rescaling the request asks for and that cannot be honoured is INVALID_ARGUMENT;
+        the evaluator's own setting instead falls back to no rescaling with a warning, so a
+        study whose references allow no baseline still runs (every trial the same way, and
+        the hash says the scores are not rescaled).
+        """
+        mode = self._rescale_mode(request)
+        explicit = request.bertscore_rescale is not None
+        scorer = self.bertscorer()
+        if mode is RescaleMode.PACKAGED:
+            try:
+                return scorer.packaged_baseline()
+            except ValueError as exc:
+                if explicit:
+                    raise InvalidArgument(
+                        f"BERTSCORE_RESCALE_PACKAGED cannot be honoured: {exc}",
+                        field="bertscore_rescale",
+                    ) from exc
+                raise FailedPrecondition(
+                    f"LORATUNE_BERTSCORE_RESCALE=packaged cannot be honoured: {exc}"
+                ) from exc
+        if mode is RescaleMode.REFERENCES:
+            started = time.perf_counter()
+            try:
+                baseline, computed = self._reference_baselines.get(scorer, request.references)
+            except BaselineUnavailable as exc:
+                if explicit:
+                    raise InvalidArgument(
+                        f"BERTSCORE_RESCALE_REFERENCES cannot be honoured: {exc}",
+                        field="bertscore_rescale",
+                    ) from exc
+                logger.warning(
+                    "LORATUNE_BERTSCORE_RESCALE=references: %s; BERTScore is not rescaled", exc
+                )
+                return None
+            if computed:
+                self._metrics.reference_baseline_seconds.observe(time.perf_counter() - started)
+            return baseline
+        return None
+
+    async def _bertscore(
+        self, request: EvaluationInput, baseline: Baseline | None
+    ) -> BertScoreResult:
         def run() -> BertScoreResult:
             scorer = self.bertscorer()
             started = time.perf_counter()
-            result = scorer.score(request.predictions, request.references)
+            result = scorer.score(request.predictions, request.references, baseline)
             self._metrics.bertscore_seconds.observe(time.perf_counter() - started)
             return result
 
         result = await asyncio.to_thread(run)
         self._metrics.record_bertscore(result)
+        if result.baseline is not None:
+            logger.info(
+                "BERTScore F1 rescaled with the %s baseline F=%.4f: raw %.4f -> %.4f",
+                result.baseline.kind.value,
+                result.baseline.f1,
+                result.raw_f1_mean if result.raw_f1_mean is not None else float("nan"),
+                result.f1_mean,
+            )
         if result.empty:
             logger.warning(
                 "%d of %d pairs had an empty text and scored 0", result.empty, result.pairs

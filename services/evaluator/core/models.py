@@ -9,6 +9,7 @@ from typing import Protocol
 
 from services.evaluator.core.bertscore import BertScoreResult
 from services.evaluator.core.classification import ClassificationReport
+from services.evaluator.core.rescaling import Baseline, RescaleMode
 
 DEFAULT_BERTSCORE_WEIGHT = 0.4
 DEFAULT_JUDGE_WEIGHT = 0.6
@@ -51,6 +52,7 @@ class EvaluationInput:
     labels: Sequence[str] = ()
     judge: JudgeOptions = field(default_factory=JudgeOptions)
     weights: Weights = field(default_factory=Weights)
+    bertscore_rescale: RescaleMode | None = None  # None = the evaluator's setting
 
 
 @dataclass(frozen=True)
@@ -92,10 +94,26 @@ class JudgeScorer(Protocol):
 
 
 class BertScorer(Protocol):
-    """What the evaluator needs of a BERTScore engine."""
+    """What the evaluator needs of a BERTScore engine (built without its own rescaling)."""
 
-    def score(self, candidates: Sequence[str], references: Sequence[str]) -> BertScoreResult:
-        """Scores candidates against references pairwise."""
+    @property
+    def hash(self) -> str:
+        """The settings string of unrescaled scores."""
+        ...
+
+    def score(
+        self,
+        candidates: Sequence[str],
+        references: Sequence[str],
+        baseline: Baseline | None = None,
+        *,
+        idf_references: Sequence[str] | None = None,
+    ) -> BertScoreResult:
+        """Scores candidates against references pairwise, rescaled when given a baseline."""
+        ...
+
+    def packaged_baseline(self) -> Baseline:
+        """bert-score's packaged baseline for the engine's model; ValueError when none ships."""
         ...
 
 
@@ -129,3 +147,4 @@ class Evaluation:
     bertscore: BertScoreResult | None = None
     judge: JudgeResult | None = None
     seconds: float = 0.0
+    reasoning_stripped: int = 0  # generation: predictions that had a reasoning block

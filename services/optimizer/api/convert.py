@@ -180,6 +180,14 @@ def trial_to_proto(view: TrialView) -> optimizer_pb2.Trial:
     _stamp(view.end_time, message.end_time)
     if view.objective is not None:
         message.objective = view.objective
+    scored = view.scored_with
+    if scored is not None:
+        message.judge_judged = scored.judge_judged
+        message.judge_requested = scored.judge_requested
+        if scored.judge_coverage is not None:
+            message.judge_coverage = scored.judge_coverage
+        message.evaluation_refusals = scored.refusals
+        message.last_evaluation_refusal = scored.last_refusal
     return message
 
 
@@ -242,6 +250,8 @@ def event_to_proto(event: StudyEvent) -> optimizer_pb2.StudyEvent:
                 number=body.number,
                 epoch=body.epoch,
                 evaluation=evaluation_to_proto(body.evaluation.document),
+                evaluation_refusals=body.refusals,
+                last_evaluation_refusal=body.last_refusal,
             )
         )
     elif isinstance(body, TrialFinished):
@@ -336,6 +346,7 @@ def evaluation_from_proto(result: common_pb2.EvaluationResult) -> Evaluation:
         figures |= {"bertscore_f1": result.bertscore.f1, "combined": result.combined_score}
     if result.HasField("judge"):
         figures["judge_mean"] = result.judge.mean_score
+        figures["judge_coverage"] = result.judge.coverage
     return Evaluation(
         objective=result.objective,
         objective_name=result.objective_name,

@@ -37,6 +37,9 @@ class TrialEvaluated:
     number: int
     epoch: float
     evaluation: Evaluation
+    # Attempts at this evaluation refused as UNAVAILABLE before it was scored, the last's reason.
+    refusals: int = 0
+    last_refusal: str = ""
 
 
 @dataclass(frozen=True)

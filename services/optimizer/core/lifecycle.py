@@ -247,7 +247,7 @@ class TrialLifecycle:
                     )
                 elif isinstance(event, JobEvaluation):
                     try:
-                        evaluation = await self._scoring.score(run.spec, event, excluded)
+                        scored = await self._scoring.score(run.spec, event, excluded)
                     except LoratuneError as err:
                         # The evaluator refused (a bad judge, bad input) or stayed away past the
                         # retry budget: the study cannot be scored, so it stops with the reason.
@@ -257,21 +257,31 @@ class TrialLifecycle:
                         )
                         await self._trainers.cancel(run.address, run.job_id)
                         return Outcome(number)
+                    evaluation = scored.evaluation
                     epoch = results.EpochResult(
                         index=len(epochs) + 1,
                         epoch=event.epoch,
                         eval_loss=event.eval_loss,
                         adapter_dir=event.adapter_dir,
                         evaluation=evaluation,
+                        refusals=scored.refusals,
+                        last_refusal=scored.last_refusal,
                     )
                     epochs.append(epoch)
                     await self._store.run(results.record_epoch, run.trial_dir, epochs)
                     await self._store.set_trial_attrs(
                         study, run.trial_id, epochs=[e.record() for e in epochs]
                     )
-                    log_evaluation(number, run.params, evaluation)
+                    log_evaluation(number, run.params, scored)
                     self._bus.publish(
-                        study.study_name, TrialEvaluated(number, event.epoch, evaluation)
+                        study.study_name,
+                        TrialEvaluated(
+                            number,
+                            event.epoch,
+                            evaluation,
+                            refusals=scored.refusals,
+                            last_refusal=scored.last_refusal,
+                        ),
                     )
                     if epoch.index not in reported:
                         await self._store.run(trial.report, evaluation.objective, epoch.index)

@@ -60,15 +60,31 @@ class EpochResult:
     eval_loss: float
     adapter_dir: str  # "" when the trainer saved none for this epoch
     evaluation: Evaluation
+    # Attempts at this evaluation refused as UNAVAILABLE before it was scored, the last's reason.
+    refusals: int = 0
+    last_refusal: str = ""
 
     def record(self) -> dict[str, Any]:
-        """A small JSON-ready summary (the trial's curve in storage)."""
-        return {
+        """A small JSON-ready summary (the trial's curve in storage).
+
+        With the judge: `judge_judged` / `judge_requested`, the coverage of its sample; with
+        refused attempts before the score: `refusals` and `last_refusal`.
+        """
+        content: dict[str, Any] = {
             "epoch": self.index,
             "objective": self.evaluation.objective,
             "eval_loss": self.eval_loss,
             **self.evaluation.figures,
         }
+        judge = self.evaluation.document.get("judge")
+        if isinstance(judge, Mapping):
+            # protobuf's JSON leaves zeros out: a judge that judged nothing has no `judged`.
+            content["judge_judged"] = int(judge.get("judged", 0))
+            content["judge_requested"] = int(judge.get("requested", 0))
+        if self.refusals:
+            content["refusals"] = self.refusals
+            content["last_refusal"] = self.last_refusal
+        return content
 
 
 def best_epoch(epochs: Sequence[EpochResult]) -> EpochResult:

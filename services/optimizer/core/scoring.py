@@ -1,13 +1,22 @@
-"""Scoring a trial's epoch with the evaluator: retries while it is away, and the log lines."""
+"""Scoring a trial's epoch with the evaluator: retries while it is away, and the log lines.
+
+An evaluation the evaluator refuses as UNAVAILABLE (the evaluator away, the judge gateway or
+its provider away, or too few of the judge's sample judged: LORATUNE_JUDGE_MIN_COVERAGE) is
+asked again with the same predictions until it is scored whole, never scored without the
+missing judgments; how many attempts were refused, and the last reason, stay with the score.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from services.common.errors import Unavailable
+from services.common.names import excerpt
 from services.optimizer import metrics
 from services.optimizer.core.ports import (
     Evaluation,
@@ -21,6 +30,18 @@ from services.optimizer.core.views import excluded_note
 
 logger = logging.getLogger(__name__)
 
+# The longest refusal reason kept with a score (the evaluator's own run to ~200 characters).
+REFUSAL_EXCERPT = 300
+
+
+@dataclass(frozen=True)
+class Scored:
+    """An epoch's evaluation, and the attempts at it refused as UNAVAILABLE before it."""
+
+    evaluation: Evaluation
+    refusals: int = 0
+    last_refusal: str = ""  # the last refusal's reason, at most REFUSAL_EXCERPT characters
+
 
 class Scoring:
     """The evaluator, as trials use it."""
@@ -31,8 +52,11 @@ class Scoring:
 
     async def score(
         self, spec: StudySpec, point: JobEvaluation, excluded: list[dict[str, Any]]
-    ) -> Evaluation:
+    ) -> Scored:
         """Scores an epoch, retrying while the evaluator is away (its predictions are kept).
+
+        Every refusal is counted: a score that came only after the judge recovered says so.
+        Past `retry_seconds` the last refusal is raised, with the count in its message.
 
         `excluded`: the classes the trial did not train on; the evaluator cannot know them,
         so they are stated in the document (their rows already count as misses).
@@ -53,17 +77,30 @@ class Scoring:
             labels=point.labels,
             judge=judge,
         )
-        deadline = time.monotonic() + self._retry_seconds
+        started = time.monotonic()
+        deadline = started + self._retry_seconds
         delay = 0.5
+        refusals, last_refusal = 0, ""
         while True:
             try:
                 evaluation = await self._evaluator.evaluate(request)
                 break
-            except Unavailable:
+            except Unavailable as err:
+                refusals += 1
+                last_refusal = excerpt(str(err), REFUSAL_EXCERPT)
                 if time.monotonic() + delay > deadline:
-                    raise
+                    raise Unavailable(
+                        f"{err.message} (refused {refusals} times in "
+                        f"{time.monotonic() - started:.0f} s)",
+                        field=err.field,
+                    ) from err
                 metrics.EVALUATION_RETRIES.inc()
-                logger.warning("evaluator unavailable; retrying in %.1f s", delay)
+                logger.warning(
+                    "evaluation refused (%s); retrying in %.1f s (attempt %d)",
+                    last_refusal,
+                    delay,
+                    refusals + 1,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 15.0)
         if excluded and spec.dataset.classification:
@@ -78,12 +115,16 @@ class Scoring:
             evaluation = Evaluation(
                 evaluation.objective, evaluation.objective_name, evaluation.figures, document
             )
-        return evaluation
+        return Scored(evaluation, refusals, last_refusal)
 
 
-def log_evaluation(number: int, params: dict[str, Any], evaluation: Evaluation) -> None:
-    """The users' log lines of one evaluated epoch."""
-    f = evaluation.figures
+def log_evaluation(number: int, params: dict[str, Any], scored: Scored) -> None:
+    """The users' log lines of one evaluated epoch, then what it took to score it."""
+    _log_figures(number, params, scored.evaluation.figures)
+    _log_scoring_notes(number, scored)
+
+
+def _log_figures(number: int, params: dict[str, Any], f: Mapping[str, float]) -> None:
     if "f1_macro" in f:
         logger.info("Trial %d: params=%s, F1 macro=%.4f", number, params, f["f1_macro"])
         logger.info(
@@ -106,4 +147,24 @@ def log_evaluation(number: int, params: dict[str, Any], evaluation: Evaluation) 
             "Detailed evaluation: BERTScore=%.4f, Combined=%.4f",
             f.get("bertscore_f1", 0.0),
             f.get("combined", 0.0),
+        )
+
+
+def _log_scoring_notes(number: int, scored: Scored) -> None:
+    """A partial judgment and refused attempts, which the figures alone do not show."""
+    judge = scored.evaluation.document.get("judge")
+    if isinstance(judge, Mapping) and float(judge.get("coverage", 0.0)) < 1.0:
+        logger.warning(
+            "Trial %d: the LLM judge scored %d of %d sampled items (coverage %.2f)",
+            number,
+            int(judge.get("judged", 0)),
+            int(judge.get("requested", 0)),
+            float(judge.get("coverage", 0.0)),
+        )
+    if scored.refusals:
+        logger.warning(
+            "Trial %d: scored after %d refused evaluation attempts (last: %s)",
+            number,
+            scored.refusals,
+            scored.last_refusal,
         )

@@ -25,6 +25,28 @@ EVALUATION_FILE = "evaluation_results.json"
 
 
 @dataclass(frozen=True)
+class ScoredWith:
+    """How the evaluation a trial is scored with came about (from its epoch's record).
+
+    The judge's sample and how much of it was judged (a partial judgment above
+    LORATUNE_JUDGE_MIN_COVERAGE is accepted, and shows here), and the attempts at that
+    evaluation the evaluator refused as UNAVAILABLE before it was scored.
+    """
+
+    judge_judged: int = 0
+    judge_requested: int = 0  # 0: scored without the judge
+    refusals: int = 0
+    last_refusal: str = ""
+
+    @property
+    def judge_coverage(self) -> float | None:
+        """judged / requested of the judge's sample; None without the judge."""
+        if not self.judge_requested:
+            return None
+        return self.judge_judged / self.judge_requested
+
+
+@dataclass(frozen=True)
 class TrialView:
     """A trial: what it tried, where it is, what it scored."""
 
@@ -42,6 +64,8 @@ class TrialView:
     best_epoch: int
     epoch_objectives: Sequence[float]
     interruptions: Sequence[str]
+    # The best epoch's (the latest one's while the trial runs); None before any evaluation.
+    scored_with: ScoredWith | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +100,27 @@ def trial_view(trial: optuna.trial.FrozenTrial) -> TrialView:
         best_epoch=int(attrs.get("best_epoch", 0)),
         epoch_objectives=[float(e["objective"]) for e in attrs.get("epochs", [])],
         interruptions=list(attrs.get("interruption_reasons", [])),
+        scored_with=scored_with(attrs),
+    )
+
+
+def scored_with(attrs: Mapping[str, Any]) -> ScoredWith | None:
+    """The scored epoch's judge coverage and refusals, from the trial's `epochs` records.
+
+    The best epoch once the trial completes (`best_epoch`), the latest one before (a
+    running or pruned trial's evaluation is its latest). Records written before these
+    keys existed read as judged by nobody and never refused.
+    """
+    epochs = attrs.get("epochs") or []
+    if not epochs:
+        return None
+    best = int(attrs.get("best_epoch", 0))
+    record = epochs[best - 1] if 0 < best <= len(epochs) else epochs[-1]
+    return ScoredWith(
+        judge_judged=int(record.get("judge_judged", 0)),
+        judge_requested=int(record.get("judge_requested", 0)),
+        refusals=int(record.get("refusals", 0)),
+        last_refusal=str(record.get("last_refusal", "")),
     )
 
 

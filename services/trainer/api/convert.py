@@ -20,6 +20,8 @@ from services.common.names import (
 from services.trainer.core.jobs import EventRecord, Job, JobState, TrainerStatus
 from services.trainer.core.types import (
     BalancingSpec,
+    BaseModelFormat,
+    BaseModelInfo,
     CompletedEvent,
     DatasetPreparedEvent,
     DatasetSpec,
@@ -55,6 +57,10 @@ _REASONS = {
     FailureReason.CANCELLED: trainer_pb2.FAILURE_REASON_CANCELLED,
     FailureReason.INTERNAL: trainer_pb2.FAILURE_REASON_INTERNAL,
     FailureReason.SHUTDOWN: trainer_pb2.FAILURE_REASON_SHUTDOWN,
+}
+_BASE_FORMATS = {
+    BaseModelFormat.TRANSFORMERS: trainer_pb2.BASE_MODEL_FORMAT_TRANSFORMERS,
+    BaseModelFormat.GGUF: trainer_pb2.BASE_MODEL_FORMAT_GGUF,
 }
 
 
@@ -265,4 +271,20 @@ def status_to_proto(status: TrainerStatus) -> trainer_pb2.GetTrainerStatusRespon
         memory_reserved_bytes=status.memory_reserved_bytes,
         memory_total_bytes=status.memory_total_bytes,
         shutting_down=status.shutting_down,
+        loaded_base=_loaded_base_to_proto(status.loaded_base),
+    )
+
+
+def _loaded_base_to_proto(info: BaseModelInfo | None) -> trainer_pb2.LoadedBaseModel | None:
+    if info is None:
+        return None
+    return trainer_pb2.LoadedBaseModel(
+        name=info.name,
+        format=_BASE_FORMATS[info.format],
+        gguf_file=info.gguf_file,
+        gguf_folder=info.gguf_folder,
+        gguf_quantization_type=info.gguf_quantization_type,
+        dequantized=info.dequantized,
+        quantized_4bit=info.quantize_4bit,
+        dtype=info.dtype,
     )

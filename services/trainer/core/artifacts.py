@@ -22,18 +22,21 @@ from torch import nn
 
 from services.common.errors import InvalidArgument
 from services.trainer.core.adjust import folded, log_prior
+from services.trainer.core.gguf import resolve_gguf
 from services.trainer.core.hierarchy import GROUP_HEAD_FILE, GroupHead, load_group_head
 from services.trainer.core.loop import LoopResult
 from services.trainer.core.models import (
     HEAD_NAMES,
     PreparedModel,
     autocast_dtype,
+    base_model_info,
     default_device,
     load_base_model,
 )
 from services.trainer.core.probe import final_linear
 from services.trainer.core.tokenize import collate
 from services.trainer.core.types import (
+    BaseModelFormat,
     ClassStats,
     EncodedExample,
     JobSpec,
@@ -157,9 +160,10 @@ def save_artifacts(
     - `adapter_config.json`, `adapter_model.safetensors` (PEFT; a classification head is
       inside, saved through `modules_to_save`), the tokenizer's files;
     - `training_config.json`: every hyperparameter (with the LoRA target modules the request
-      resolved to), base model, dataset fingerprint, label map, split sizes, excluded
-      classes, library versions (`versions`, default: the installed ones), train seconds
-      and final loss;
+      resolved to), base model (as named, its format, and `base_model_source`: what was
+      loaded, e.g. the GGUF file, its folder and quantisation type, de-quantised), dataset
+      fingerprint, label map, split sizes, excluded classes, library versions (`versions`,
+      default: the installed ones), train seconds and final loss;
     - `class_weights.json` (classification): counts, weights and excluded classes;
     - `group_head.safetensors` (hierarchical codes, core/hierarchy.py): the group head, whose
       group map is training_config.json's `hierarchy`.
@@ -168,9 +172,14 @@ def save_artifacts(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    save_options: dict[str, Any] = {}
+    if prepared.base is not None and prepared.base.format is BaseModelFormat.GGUF:
+        # PEFT's "auto" looks for the base's config.json (a GGUF base has none), then asks
+        # the hub about the file's path. No job resizes or trains the embeddings anyway.
+        save_options["save_embedding_layers"] = False
     with folded(*_posthoc_offsets(prepared, data, result)):
         # The evaluation's post-hoc logit adjustment travels in the head's bias.
-        prepared.model.save_pretrained(str(out_dir))
+        prepared.model.save_pretrained(str(out_dir), **save_options)
     prepared.tokenizer.save_pretrained(str(out_dir))
     if prepared.group_head is not None:
         prepared.group_head.save(out_dir)
@@ -195,12 +204,18 @@ def training_config(
     labels = list(prepared.labels)
     excluded = dict(data.stats.excluded) if data.stats is not None else {}
     last_eval = result.last_eval
+    base = prepared.base or base_model_info(
+        spec.base_model, quantize_4bit=spec.training.quantize_4bit
+    )
     return {
         "format": _CONFIG_FORMAT,
         "created_at": datetime.now(UTC).isoformat(),
         "job_id": spec.job_id,
         "task": data.task.value,
+        # As the request named it; `base_model_source` says what that resolved to.
         "base_model": spec.base_model,
+        "base_model_format": base.format.value,
+        "base_model_source": base.to_json(),
         "tokenizer_id": prepared.tokenizer_id,
         "labels": labels,
         "id2label": {str(i): label for i, label in enumerate(labels)},
@@ -263,8 +278,11 @@ def load_adapter_for_inference(
 
     Unpacks as `(model, tokenizer, labels, task, group_head)`. The model is in eval mode.
     The base is quantised to 4 bits again when the adapter was trained that way, so the
-    layers the adapter learnt on are the ones it runs on. A group head saved with the
-    adapter (hierarchical codes) is loaded and attached to the code head.
+    layers the adapter learnt on are the ones it runs on. A GGUF base is loaded from the
+    name the job was given, or, when that no longer resolves from here (a relative path
+    and another working folder), from the file's absolute path recorded at training. A
+    group head saved with the adapter (hierarchical codes) is loaded and attached to the
+    code head.
 
     Raises:
         InvalidArgument: the folder holds no training_config.json / adapter, or the base
@@ -281,10 +299,10 @@ def load_adapter_for_inference(
         config = json.loads(config_path.read_text(encoding="utf-8"))
         task = Task(config["task"])
         labels = tuple(str(label) for label in config.get("labels", ()))
-        base_model = str(config["base_model"])
+        base_model = _saved_base_model(config)
         quantize_4bit = bool(config["hyperparameters"]["training"].get("quantize_4bit", False))
         hierarchy = config.get("hierarchy")
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise InvalidArgument(f"{config_path} cannot be read: {err}", field="adapter_dir") from err
     target = torch.device(device) if device is not None else default_device()
     has_tokenizer = any(
@@ -355,6 +373,25 @@ def predict_labels(
 
 
 # ---- helpers -------------------------------------------------------------------------------
+
+
+def _saved_base_model(config: Mapping[str, Any]) -> str:
+    """The base model a saved adapter names: as the job named it, unless that was a GGUF
+    file that no longer resolves from here and the absolute path recorded still does."""
+    named = str(config["base_model"])
+    source = config.get("base_model_source") or {}
+    if source.get("format") != BaseModelFormat.GGUF.value:
+        return named
+    try:
+        if resolve_gguf(named) is not None:
+            return named
+    except InvalidArgument:
+        pass
+    recorded = str(source.get("name") or "")
+    if recorded and Path(recorded).is_file():
+        logger.info("base model %s not found from here; loading the recorded %s", named, recorded)
+        return recorded
+    return named  # loading it reports what is wrong
 
 
 def _posthoc_offsets(

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.trainer import metrics
 from services.trainer.core.types import (
+    BaseModelInfo,
     Cancelled,
     CompletedEvent,
     Event,
@@ -66,6 +67,8 @@ class TrainerStatus:
     memory_reserved_bytes: int
     memory_total_bytes: int
     shutting_down: bool = False
+    # What `loaded_base_model` was loaded from (a GGUF file, de-quantised, ...); None = none.
+    loaded_base: BaseModelInfo | None = None
 
 
 class JobRunner(Protocol):
@@ -88,7 +91,8 @@ class JobRunner(Protocol):
         ...
 
     def device_status(self) -> dict[str, Any]:
-        """device, device_name, loaded_base_model and memory figures."""
+        """device, device_name, loaded_base_model, loaded_base (a BaseModelInfo or None)
+        and memory figures."""
         ...
 
 
@@ -282,6 +286,7 @@ class JobManager:
         """Device, current job and memory."""
         info = self._runner.device_status()
         running = self._current if self._current in self._jobs else None
+        loaded_base = info.get("loaded_base")
         return TrainerStatus(
             device=str(info.get("device", "cpu")),
             device_name=str(info.get("device_name", "")),
@@ -292,6 +297,7 @@ class JobManager:
             memory_reserved_bytes=int(info.get("memory_reserved_bytes", 0)),
             memory_total_bytes=int(info.get("memory_total_bytes", 0)),
             shutting_down=self._stopping,
+            loaded_base=loaded_base if isinstance(loaded_base, BaseModelInfo) else None,
         )
 
     async def shutdown(self, timeout: float = 30.0) -> None:

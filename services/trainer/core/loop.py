@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler, Sampler
 
 from services.common.errors import InvalidArgument
+from services.common.reasoning import strip_reasoning
 from services.trainer.core.adjust import LogitAdjustedLoss, choose_tau, log_prior
 from services.trainer.core.balancing import FocalLoss, class_weights, weighted_sampler
 from services.trainer.core.hierarchy import HierarchicalLoss, build_group_head
@@ -805,7 +806,9 @@ def _generate(
     """Greedy continuations of every row's prompt, without the prompt and special tokens.
 
     Prompts are left-padded (a decoder appends after the last column); rows are batched
-    by prompt length so short prompts do not wait behind padding.
+    by prompt length so short prompts do not wait behind padding. Any reasoning block
+    (`<think>...</think>`, services/common/reasoning.py) is cut from every prediction: a
+    trial is scored on its answers, not on what the model printed while thinking.
     """
     from transformers import GenerationConfig
 
@@ -837,7 +840,7 @@ def _generate(
         continuations = generated[:, inputs["input_ids"].shape[1] :]
         texts = tokenizer.batch_decode(continuations, skip_special_tokens=True)
         for index, text in zip(indices, texts, strict=True):
-            outputs[index] = str(text).strip()
+            outputs[index] = strip_reasoning(str(text))
     return outputs
 
 

@@ -22,6 +22,14 @@ from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from services.common.errors import InvalidArgument
+from services.trainer.core.gguf import (
+    GgufFile,
+    gguf_quantization_type,
+    load_gguf_config,
+    load_gguf_model,
+    load_gguf_tokenizer,
+    resolve_gguf,
+)
 from services.trainer.core.quantized import disable_cpu_repacking, has_repacked_weights
 from services.trainer.core.targets import (
     HEAD_NAMES,
@@ -29,7 +37,13 @@ from services.trainer.core.targets import (
     linear_module_names,
     resolve_targets,
 )
-from services.trainer.core.types import JobSpec, LoraSpec, Task
+from services.trainer.core.types import (
+    BaseModelFormat,
+    BaseModelInfo,
+    JobSpec,
+    LoraSpec,
+    Task,
+)
 
 if TYPE_CHECKING:
     from services.trainer.core.hierarchy import GroupHead
@@ -41,6 +55,7 @@ __all__ = [
     "BaseModelCache",
     "PreparedModel",
     "autocast_dtype",
+    "base_model_info",
     "check_base_model",
     "cuda_broken",
     "default_device",
@@ -98,6 +113,8 @@ class PreparedModel:
     # Hierarchical codes: the group head the training loop built for this job (None = off);
     # the evaluation and the saved adapter use it with the code head.
     group_head: GroupHead | None = None
+    # What the base was loaded from (a GGUF file, de-quantised, ...): training_config.json.
+    base: BaseModelInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +124,8 @@ class _BaseKey:
     The number of labels is not part of it: the head is rebuilt for every job anyway (a
     fresh, seeded head is part of "fresh per job"), so building it at the job's shape
     costs nothing and keeps a multi-gigabyte backbone loaded across studies.
+    `base_model` is `BaseModelInfo.name`: a GGUF file named directly or by its folder is
+    one base.
     """
 
     base_model: str
@@ -121,6 +140,7 @@ class _Loaded:
     key: _BaseKey
     model: nn.Module  # the transformers model, without PEFT layers between jobs
     tokenizer: Any
+    info: BaseModelInfo
 
 
 def default_device() -> torch.device:
@@ -171,9 +191,12 @@ def check_base_model(spec: JobSpec) -> None:
     weights, no memory), so a typo in `base_model` or `target_modules` fails the request
     rather than the job after a multi-gigabyte load.
 
+    `base_model` may name a GGUF file, or a folder holding exactly one (core/gguf.py).
+
     Raises:
         InvalidArgument: as `validate_lora`; `base_model` not found or not loadable for the
-            task; a target module the model does not have (the message lists the valid ones).
+            task; a target module the model does not have (the message lists the valid ones);
+            a bad GGUF file, or a folder of several (the message lists them).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -181,10 +204,11 @@ def check_base_model(spec: JobSpec) -> None:
     name = spec.base_model
     if not name.strip():
         raise InvalidArgument("must not be empty", field="base_model")
+    gguf = resolve_gguf(name)
     try:
-        config = AutoConfig.from_pretrained(name)
+        config = load_gguf_config(gguf) if gguf is not None else AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
-        raise _not_found(name, err) from err
+        raise _not_loadable(name, gguf, err) from err
     task = spec.dataset.task
     auto = (
         AutoModelForSequenceClassification if task is Task.CLASSIFICATION else AutoModelForCausalLM
@@ -276,13 +300,18 @@ def load_base_model(
     (double quantisation; compute in bfloat16 on CUDA, float32 on the CPU) and never the
     heads. `tokenizer_path` defaults to `name` (a saved adapter carries its own).
 
+    `name` may be a GGUF file, or a folder holding exactly one (core/gguf.py): its weights
+    are de-quantised to `dtype` (4-bit: to float32, then NF4) and its tokenizer is the
+    file's own.
+
     `pooling` (classification): POOLING_MEAN or POOLING_NATIVE; None = `default_pooling`,
     i.e. mean pooling for encoder classifiers. Training and `load_adapter_for_inference`
     both load through here, so a saved adapter runs with the pooling it was trained with.
 
     Raises:
         InvalidArgument: `name` is empty, not found (locally or on the hub), not a model
-            transformers can load, or its tokenizer has neither a pad nor an EOS token.
+            transformers can load, a bad GGUF file or a folder of several, or its tokenizer
+            has neither a pad nor an EOS token.
     """
     from transformers import (
         AutoConfig,
@@ -297,11 +326,18 @@ def load_base_model(
         dtype = torch.float32 if quantize_4bit else (autocast_dtype(target) or torch.float32)
     if not name.strip():
         raise InvalidArgument("must not be empty", field="base_model")
+    gguf = resolve_gguf(name)
     try:
-        AutoConfig.from_pretrained(name)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or name)
+        if gguf is None:
+            AutoConfig.from_pretrained(name)  # a clear "not found" before anything heavier
+        if tokenizer_path:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        elif gguf is not None:
+            tokenizer = load_gguf_tokenizer(gguf)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
-        raise _not_found(name, err) from err
+        raise _not_loadable(name, gguf, err) from err
 
     kwargs: dict[str, Any] = {"dtype": dtype}
     if quantize_4bit:
@@ -318,19 +354,21 @@ def load_base_model(
         if target.type == "cuda" and target.index is None:
             placed = torch.device("cuda", torch.cuda.current_device())
         kwargs["device_map"] = {"": str(placed)}
+    auto: Any = AutoModelForCausalLM
+    if task is Task.CLASSIFICATION:
+        auto = AutoModelForSequenceClassification
+        kwargs.update(
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+        )
     try:
-        if task is Task.CLASSIFICATION:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                name,
-                num_labels=len(labels),
-                id2label=dict(enumerate(labels)),
-                label2id={label: i for i, label in enumerate(labels)},
-                **kwargs,
-            )
+        if gguf is not None:
+            model = load_gguf_model(auto, gguf, **kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+            model = auto.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
-        raise _not_found(name, err) from err
+        raise _not_loadable(name, gguf, err) from err
     if quantize_4bit:
         # Never the CPU's bfloat16 repacking of 4-bit weights: see core/quantized.py.
         disable_cpu_repacking(model)
@@ -338,12 +376,40 @@ def load_base_model(
         model.to(target)
     _set_padding(model, tokenizer, task, name)
     if task is Task.CLASSIFICATION:
-        chosen = pooling if pooling is not None else default_pooling(name, model)
+        folder = str(gguf.folder) if gguf is not None else name
+        chosen = pooling if pooling is not None else default_pooling(folder, model)
         if chosen not in _POOLINGS:
             raise ValueError(f"pooling must be one of {_POOLINGS}, got {chosen!r}")
         if chosen == POOLING_MEAN:
             use_mean_pooling(model)
     return model, tokenizer
+
+
+def base_model_info(
+    name: str, *, quantize_4bit: bool = False, dtype: torch.dtype = torch.float32
+) -> BaseModelInfo:
+    """What `load_base_model(name, quantize_4bit=..., dtype=...)` loads, described.
+
+    Cheap (a GGUF file's header at most). A GGUF base is named by its file's absolute
+    path, however the request named it.
+
+    Raises:
+        InvalidArgument: a bad GGUF file, or a folder of several (core/gguf.py).
+    """
+    dtype_name = str(dtype).removeprefix("torch.")
+    gguf = resolve_gguf(name)
+    if gguf is None:
+        return BaseModelInfo(name=name, quantize_4bit=quantize_4bit, dtype=dtype_name)
+    return BaseModelInfo(
+        name=str(gguf.path),
+        format=BaseModelFormat.GGUF,
+        gguf_file=gguf.name,
+        gguf_folder=str(gguf.folder),
+        gguf_quantization_type=gguf_quantization_type(gguf),
+        dequantized=True,
+        quantize_4bit=quantize_4bit,
+        dtype=dtype_name,
+    )
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -533,9 +599,15 @@ class BaseModelCache:
 
     @property
     def loaded_base_model(self) -> str:
-        """The base model now in memory, or "" when none is."""
+        """The base model now in memory (`BaseModelInfo.name`), or "" when none is."""
         with self._lock:
             return self._loaded.key.base_model if self._loaded else ""
+
+    @property
+    def loaded_base(self) -> BaseModelInfo | None:
+        """What the base model now in memory was loaded from, or None when none is."""
+        with self._lock:
+            return self._loaded.info if self._loaded else None
 
     @property
     def load_seconds(self) -> float:
@@ -559,8 +631,9 @@ class BaseModelCache:
             raise InvalidArgument(
                 f"classification needs at least 2 labels, got {len(labels)}", field="dataset"
             )
+        gguf = resolve_gguf(spec.base_model)
         key = _BaseKey(
-            base_model=spec.base_model,
+            base_model=str(gguf.path) if gguf is not None else spec.base_model,
             task=task,
             quantize_4bit=spec.training.quantize_4bit,
             dtype=self._load_dtype(spec.training.quantize_4bit),
@@ -616,11 +689,12 @@ class BaseModelCache:
                 labels=tuple(labels) if task is Task.CLASSIFICATION else (),
                 trainable_parameters=int(trainable),
                 total_parameters=int(total),
-                tokenizer_id=spec.base_model,
+                tokenizer_id=key.base_model,
                 load_seconds=0.0 if reused else self._load_seconds,
                 base_reused=reused,
                 pooling=pooling_of(loaded.model) if task is Task.CLASSIFICATION else POOLING_NATIVE,
                 target_modules=tuple(targets),
+                base=loaded.info,
             )
 
     def release(self) -> None:
@@ -684,7 +758,8 @@ class BaseModelCache:
                 use_gradient_checkpointing=True,
                 gradient_checkpointing_kwargs={"use_reentrant": False},
             )
-        return _Loaded(key=key, model=model, tokenizer=tokenizer)
+        info = base_model_info(key.base_model, quantize_4bit=key.quantize_4bit, dtype=key.dtype)
+        return _Loaded(key=key, model=model, tokenizer=tokenizer, info=info)
 
     def _prepare(
         self,
@@ -719,10 +794,21 @@ class BaseModelCache:
 # ---- helpers -------------------------------------------------------------------------------
 
 
-def _not_found(name: str, err: BaseException) -> InvalidArgument:
-    reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+def _not_loadable(name: str, gguf: GgufFile | None, err: BaseException) -> InvalidArgument:
+    if gguf is None:
+        return _not_found(name, err)
     return InvalidArgument(
-        f"'{name}' not found (a local folder or a Hugging Face hub name): {reason}",
+        f"the GGUF file {gguf.path} cannot be loaded: {_first_line(err)}", field="base_model"
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+
+
+def _not_found(name: str, err: BaseException) -> InvalidArgument:
+    return InvalidArgument(
+        f"'{name}' not found (a local folder or a Hugging Face hub name): {_first_line(err)}",
         field="base_model",
     )
 

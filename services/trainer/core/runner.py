@@ -168,9 +168,10 @@ class LocalRunner:
         return not cuda_broken()
 
     def device_status(self) -> dict[str, Any]:
-        """Device, loaded base model and memory figures."""
+        """Device, loaded base model (its name, and what it was loaded from) and memory figures."""
         info = dict(device_info(self._models.device))
         info["loaded_base_model"] = self._models.loaded_base_model
+        info["loaded_base"] = self._models.loaded_base
         return info
 
     def release(self) -> None:

@@ -88,7 +88,7 @@ def encode(data: PreparedData, tokenizer: Any, max_length: int) -> EncodedData:
     special tokens, truncated to ``max_length``; ``label_id`` = index in ``data.labels``.
 
     Generation: prompt and target rendered through the tokenizer's chat template when it
-    has one (a user turn, then an assistant turn), else as ``prompt + "\\n" + target``
+    has one (a user turn, then an assistant turn; thinking off), else as ``prompt + "\\n" + target``
     after the tokenizer's leading special tokens (BOS), and closed with EOS when the
     rendering lacks it, so the model learns to stop. ``labels`` are the ids with
     ``IGNORE_INDEX`` on every prompt token: loss on the response only. Truncation keeps
@@ -207,14 +207,21 @@ def _encode_generation(
 
 
 def _render(tokenizer: Any, prompt: str, target: str) -> tuple[str, str, bool]:
-    """Return (prompt text, response text, whether the chat template made them)."""
+    """Return (prompt text, response text, whether the chat template made them).
+
+    Thinking is off (`enable_thinking=False`): Qwen3's template otherwise leaves the
+    reasoning block to the model, and the prompt lacks the empty `<think></think>` its
+    rendering of the answer has. Templates without the variable ignore it.
+    """
     if getattr(tokenizer, "chat_template", None):
         user = {"role": "user", "content": prompt}
         prompt_text = tokenizer.apply_chat_template(
-            [user], tokenize=False, add_generation_prompt=True
+            [user], tokenize=False, add_generation_prompt=True, enable_thinking=False
         )
         full_text = tokenizer.apply_chat_template(
-            [user, {"role": "assistant", "content": target}], tokenize=False
+            [user, {"role": "assistant", "content": target}],
+            tokenize=False,
+            enable_thinking=False,
         )
         # Some templates render the last assistant turn differently from the generation
         # prompt (e.g. inserting a reasoning block): then the prompt the model sees at

@@ -92,6 +92,45 @@ class JobSpec:
     max_new_tokens: int = 128
 
 
+class BaseModelFormat(enum.Enum):
+    """How a base model is stored (the proto's BaseModelFormat)."""
+
+    TRANSFORMERS = "transformers"  # a hub name, or a folder with config.json
+    GGUF = "gguf"  # a llama.cpp file, de-quantised when loaded (core/gguf.py)
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """What a base model was loaded from and how: GetTrainerStatus and training_config.json.
+
+    `name` is what identifies the loaded weights: the request's `base_model` for a
+    transformers model, the GGUF file's absolute path for a GGUF one (whether the request
+    named the file or its folder), so one file is one cached base.
+    """
+
+    name: str
+    format: BaseModelFormat = BaseModelFormat.TRANSFORMERS
+    gguf_file: str = ""  # GGUF: the file's name
+    gguf_folder: str = ""  # GGUF: the absolute folder holding it
+    gguf_quantization_type: str = ""  # GGUF: as the file records it ("Q4_1"; "" = unsaid)
+    dequantized: bool = False  # the stored weights were unpacked to dense floats (GGUF)
+    quantize_4bit: bool = False  # then quantised to NF4 by bitsandbytes (QLoRA)
+    dtype: str = ""  # the dense weights' dtype as loaded: "float32", "bfloat16"
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON-ready form (training_config.json's `base_model_source`)."""
+        return {
+            "name": self.name,
+            "format": self.format.value,
+            "gguf_file": self.gguf_file,
+            "gguf_folder": self.gguf_folder,
+            "gguf_quantization_type": self.gguf_quantization_type,
+            "dequantized": self.dequantized,
+            "quantize_4bit": self.quantize_4bit,
+            "dtype": self.dtype,
+        }
+
+
 @dataclass(frozen=True)
 class LoopOptions:
     """How the training loop treats a classification head: a deployment's choice

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
@@ -12,8 +13,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loratune.common.v1 import common_pb2
-from loratune.evaluator.v1 import evaluator_pb2
+from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
+from services.common.config import CommonSettings
+from services.common.server import start_server
+from services.evaluator.config import EvaluatorSettings
 from services.evaluator.core.bertscore import packaged_minilm_path
+from services.evaluator.main import build_evaluator, service_definition
 
 EvaluatorHarness = Any
 
@@ -218,6 +223,29 @@ def _bad_requests() -> list[tuple[evaluator_pb2.EvaluateRequest, str]]:
             ),
             "judge.sample_size",
         ),
+        (  # bert-score ships no baseline for a local model folder
+            evaluator_pb2.EvaluateRequest(
+                task_type=GEN, bertscore_rescale=evaluator_pb2.BERTSCORE_RESCALE_PACKAGED, **ok
+            ),
+            "bertscore_rescale",
+        ),
+        (
+            evaluator_pb2.EvaluateRequest(
+                task_type=GEN,
+                predictions=["a", "b"],
+                references=["same", "same"],
+                bertscore_rescale=evaluator_pb2.BERTSCORE_RESCALE_REFERENCES,
+            ),
+            "bertscore_rescale",
+        ),
+        (
+            evaluator_pb2.EvaluateRequest(
+                task_type=GEN,
+                bertscore_rescale=9,  # type: ignore[arg-type]
+                **ok,
+            ),
+            "bertscore_rescale",
+        ),
     ]
 
 
@@ -246,3 +274,115 @@ async def test_message_over_the_size_limit_is_refused(evaluator: EvaluatorHarnes
         evaluator_pb2.EvaluateRequest(task_type=CLS, predictions=["a"], references=["a"])
     )
     assert ok.result.objective == 1.0
+
+
+async def test_references_rescaling_round_trip(evaluator: EvaluatorHarness) -> None:
+    before = scrape(evaluator)
+    predictions = [p or "no answer" for p in PREDICTIONS]  # no empty pair: means stay affine
+    raw_request = evaluator_pb2.EvaluateRequest(
+        task_type=GEN, predictions=predictions, references=REFERENCES
+    )
+    raw = await evaluator.stub.Evaluate(raw_request)
+    rescaled_request = evaluator_pb2.EvaluateRequest(
+        task_type=GEN,
+        predictions=predictions,
+        references=REFERENCES,
+        bertscore_rescale=evaluator_pb2.BERTSCORE_RESCALE_REFERENCES,
+    )
+    first = await evaluator.stub.Evaluate(rescaled_request)
+    later = evaluator_pb2.EvaluateRequest()
+    later.CopyFrom(rescaled_request)
+    later.predictions[:] = REFERENCES  # another trial, the same references
+    second = await evaluator.stub.Evaluate(later)
+
+    assert raw.bertscore_rescale == evaluator_pb2.BERTSCORE_RESCALE_NONE
+    assert raw.result.bertscore.baseline_f1 == 0.0
+    assert raw.result.bertscore.raw_f1 == raw.result.bertscore.f1
+    assert not raw.result.bertscore.rescaled_with_baseline
+
+    bert = first.result.bertscore
+    b = bert.baseline_f1
+    assert first.bertscore_rescale == evaluator_pb2.BERTSCORE_RESCALE_REFERENCES
+    assert 0 < b < 1
+    assert bert.raw_f1 == pytest.approx(raw.result.bertscore.f1, abs=1e-6)
+    assert bert.f1 == pytest.approx((bert.raw_f1 - b) / (1 - b), abs=1e-6)
+    assert first.result.combined_score == pytest.approx(bert.f1)
+    assert bert.rescaled_with_baseline
+    digest = hashlib.sha256()
+    for ref in REFERENCES:
+        digest.update(len(ref.encode()).to_bytes(8, "big") + ref.encode())
+    assert bert.hash == f"{raw.result.bertscore.hash}-rescaled-refs:{digest.hexdigest()[:12]}"
+    # The baseline belongs to the references, not to a trial's predictions.
+    assert second.result.bertscore.baseline_f1 == b
+    assert second.result.bertscore.hash == bert.hash
+    assert second.result.bertscore.f1 == pytest.approx(1.0, abs=1e-5)
+    # Rescaling stretches differences between trials by 1 / (1 - b).
+    raw_spread = second.result.bertscore.raw_f1 - bert.raw_f1
+    assert second.result.bertscore.f1 - bert.f1 == pytest.approx(raw_spread / (1 - b), rel=1e-4)
+
+    after = scrape(evaluator)
+    name = "loratune_evaluator_bertscore_rescale_total"
+    for label, delta in (("references", 2), ("none", 1)):
+        labels = f'{{rescale="{label}"}}'
+        assert sample_value(after, name, labels) - sample_value(before, name, labels) == delta
+    baseline_count = "loratune_evaluator_reference_baseline_seconds_count"
+    assert sample_value(after, baseline_count) - sample_value(before, baseline_count) == 1
+
+
+async def test_reasoning_blocks_are_stripped_and_counted(evaluator: EvaluatorHarness) -> None:
+    evaluator.judge.scores = {REFERENCES[0]: 100.0, f"<think>hm</think>{REFERENCES[0]}": 0.0}
+    response = await evaluator.stub.Evaluate(
+        evaluator_pb2.EvaluateRequest(
+            task_type=GEN,
+            predictions=[f"<think>hm</think>{REFERENCES[0]}", REFERENCES[1]],
+            references=REFERENCES[:2],
+            judge=evaluator_pb2.JudgeOptions(enabled=True, sample_size=2),
+        )
+    )
+    assert response.reasoning_stripped == 1
+    assert response.result.bertscore.f1 == pytest.approx(1.0, abs=1e-5)
+    assert [i.candidate for i in evaluator.judge.requests[-1].items] == REFERENCES[:2]
+    assert response.result.judge.mean_score == pytest.approx((100.0 + 70.0) / 2)
+
+
+async def test_references_setting_applies_when_the_request_does_not_say() -> None:
+    settings = EvaluatorSettings(
+        bertscore_model=packaged_minilm_path(), bertscore_layers=6, bertscore_rescale="references"
+    )
+    server = await start_server(
+        [service_definition(build_evaluator(settings))],
+        CommonSettings(),
+        host="127.0.0.1",
+        metrics_port=None,
+    )
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = evaluator_pb2_grpc.EvaluatorServiceStub(channel)
+            by_setting = await stub.Evaluate(
+                evaluator_pb2.EvaluateRequest(
+                    task_type=GEN, predictions=PREDICTIONS, references=REFERENCES
+                )
+            )
+            raw = await stub.Evaluate(
+                evaluator_pb2.EvaluateRequest(
+                    task_type=GEN,
+                    predictions=PREDICTIONS,
+                    references=REFERENCES,
+                    bertscore_rescale=evaluator_pb2.BERTSCORE_RESCALE_NONE,
+                )
+            )
+            # One reference allows no baseline: the setting falls back to raw scores.
+            single = await stub.Evaluate(
+                evaluator_pb2.EvaluateRequest(
+                    task_type=GEN, predictions=["a card"], references=["my card"]
+                )
+            )
+    finally:
+        await server.stop(0)
+    assert by_setting.bertscore_rescale == evaluator_pb2.BERTSCORE_RESCALE_REFERENCES
+    assert "-rescaled-refs:" in by_setting.result.bertscore.hash
+    assert by_setting.result.bertscore.raw_f1 == pytest.approx(raw.result.bertscore.f1)
+    assert raw.bertscore_rescale == evaluator_pb2.BERTSCORE_RESCALE_NONE
+    assert single.bertscore_rescale == evaluator_pb2.BERTSCORE_RESCALE_NONE
+    assert "rescaled" not in single.result.bertscore.hash
+    assert single.result.bertscore.baseline_f1 == 0.0

@@ -204,6 +204,9 @@ async def test_decoder_classification_reattach_and_warm_reuse(
     assert kinds(replay)[-1] == "completed"
     status = await stub.GetTrainerStatus(trainer_pb2.GetTrainerStatusRequest())
     assert status.loaded_base_model == str(tiny_qwen) and not status.busy
+    assert status.loaded_base.name == str(tiny_qwen)
+    assert status.loaded_base.format == trainer_pb2.BASE_MODEL_FORMAT_TRANSFORMERS
+    assert not status.loaded_base.dequantized and not status.loaded_base.gguf_file
     assert status.device.startswith("cpu")
     # The same base again: reused, and the tokenised data comes from the cache.
     await stub.StartTraining(job("dec-2", tiny_qwen, sentiment, CLS, tmp_path / "d2", seed=4))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -18,21 +19,41 @@ from services.evaluator.core.models import (
     TaskType,
     Weights,
 )
+from services.evaluator.core.rescaling import Baseline, RescaleMode
 from services.evaluator.metrics import EvaluatorMetrics
+
+PACKAGED = Baseline(RescaleMode.PACKAGED, 0.5, 0.5, 0.5, tag="rescaled")
 
 
 class OverlapScorer:
-    """A stand-in BERTScore: token-set overlap, deterministic and cheap."""
+    """A stand-in BERTScore: token-set overlap, deterministic and cheap; records its calls."""
 
-    calls = 0
+    hash = "overlap_L1_no-idf"
 
-    def score(self, candidates: Sequence[str], references: Sequence[str]) -> BertScoreResult:
-        self.calls += 1
-        f1 = []
+    def __init__(self, packaged: Baseline | None = PACKAGED) -> None:
+        self.packaged = packaged
+        self.calls: list[tuple[list[str], list[str], Baseline | None]] = []
+
+    def packaged_baseline(self) -> Baseline:
+        if self.packaged is None:
+            raise ValueError("bert-score ships no baseline for the local model folder 'overlap'")
+        return self.packaged
+
+    def score(
+        self,
+        candidates: Sequence[str],
+        references: Sequence[str],
+        baseline: Baseline | None = None,
+        *,
+        idf_references: Sequence[str] | None = None,
+    ) -> BertScoreResult:
+        self.calls.append((list(candidates), list(references), baseline))
+        raw = []
         for c, r in zip(candidates, references, strict=True):
             a, b = set(c.split()), set(r.split())
-            f1.append(2 * len(a & b) / (len(a) + len(b)) if a and b else 0.0)
-        mean = sum(f1) / len(f1)
+            raw.append(2 * len(a & b) / (len(a) + len(b)) if a and b else 0.0)
+        f1 = raw if baseline is None else [(s - baseline.f1) / (1 - baseline.f1) for s in raw]
+        mean, raw_mean = sum(f1) / len(f1), sum(raw) / len(raw)
         return BertScoreResult(
             precision=f1,
             recall=f1,
@@ -42,12 +63,16 @@ class OverlapScorer:
             f1_mean=mean,
             model="overlap",
             num_layers=1,
-            hash="overlap_L1_no-idf",
+            hash=self.hash if baseline is None else f"{self.hash}-{baseline.tag}",
             pairs=len(f1),
             empty=sum(1 for c in candidates if not c),
             truncated=0,
             cache_hits=0,
             cache_misses=0,
+            baseline=baseline,
+            raw_precision_mean=raw_mean,
+            raw_recall_mean=raw_mean,
+            raw_f1_mean=raw_mean,
         )
 
 
@@ -73,10 +98,15 @@ class FakeJudge:
         )
 
 
-def make(judge: FakeJudge | None = None, min_coverage: float = 0.6) -> Evaluator:
-    return Evaluator(
-        OverlapScorer, judge, EvaluatorOptions(judge_min_coverage=min_coverage), EvaluatorMetrics()
-    )
+def make(
+    judge: FakeJudge | None = None,
+    min_coverage: float = 0.6,
+    rescale: RescaleMode = RescaleMode.NONE,
+    scorer: OverlapScorer | None = None,
+) -> Evaluator:
+    options = EvaluatorOptions(judge_min_coverage=min_coverage, bertscore_rescale=rescale)
+    the_scorer = scorer or OverlapScorer()
+    return Evaluator(lambda: the_scorer, judge, options, EvaluatorMetrics())
 
 
 GEN = dict(
@@ -109,6 +139,15 @@ GEN = dict(
                 judge=JudgeOptions(enabled=True),
             ),
             "judge.enabled",
+        ),
+        (
+            EvaluationInput(
+                task=TaskType.GENERATION,
+                predictions=["a", "b", "c"],
+                references=["same", " same ", ""],
+                bertscore_rescale=RescaleMode.REFERENCES,
+            ),
+            "bertscore_rescale",
         ),
     ],
 )
@@ -241,3 +280,116 @@ async def test_engine_is_created_once() -> None:
     for _ in range(3):
         await evaluator.evaluate(EvaluationInput(**GEN))
     assert len(created) == 1
+
+
+REFS = ["the card is blocked", "top up by bank transfer", "refunds take a week", "card arrived"]
+
+
+async def test_reasoning_blocks_are_stripped_before_bertscore_and_judge(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    scorer, judge = OverlapScorer(), FakeJudge()
+    predictions = [
+        "<think>the user wants a card</think>the card is blocked",
+        "  top up by bank transfer  ",  # spaces only: not a reasoning block
+        "<THINKING>unclosed, cut at max_new_tokens",
+        "refunds take a week",
+    ]
+    result = await make(judge, scorer=scorer).evaluate(
+        EvaluationInput(
+            task=TaskType.GENERATION,
+            predictions=predictions,
+            references=REFS,
+            judge=JudgeOptions(enabled=True, sample_size=4),
+        )
+    )
+    cleaned = ["the card is blocked", "top up by bank transfer", "", "refunds take a week"]
+    assert scorer.calls[-1][0] == cleaned
+    assert [item.candidate for item in judge.requests[0][1]] == cleaned
+    assert result.reasoning_stripped == 2
+    assert "2 of 4 predictions had a reasoning block, stripped before scoring" in caplog.text
+    assert result.bertscore is not None and result.bertscore.f1[0] == 1.0
+
+
+async def test_no_reasoning_block_no_log(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    result = await make().evaluate(EvaluationInput(**GEN))
+    assert result.reasoning_stripped == 0 and "reasoning block" not in caplog.text
+
+
+async def test_references_rescaling_uses_one_baseline_per_reference_set() -> None:
+    scorer = OverlapScorer()
+    evaluator = make(scorer=scorer, rescale=RescaleMode.REFERENCES)
+    trials = [["the card is blocked", "bank transfer", "a week", "arrived"], list(REFS)]
+    results = []
+    for predictions in trials:
+        results.append(
+            await evaluator.evaluate(
+                EvaluationInput(task=TaskType.GENERATION, predictions=predictions, references=REFS)
+            )
+        )
+    baselines = [r.bertscore.baseline for r in results if r.bertscore is not None]
+    assert len(baselines) == 2 and baselines[0] == baselines[1]
+    assert baselines[0] is not None and baselines[0].kind is RescaleMode.REFERENCES
+    # One baseline computation (mismatched pairs) and one scoring per trial.
+    baseline_calls = [c for c in scorer.calls if c[2] is None]
+    assert len(baseline_calls) == 1 and len(scorer.calls) == 3
+    cands, refs, _ = baseline_calls[0]
+    assert all(c != r for c, r in zip(cands, refs, strict=True)) and len(cands) == 12
+    b = baselines[0].f1
+    for result in results:
+        bert = result.bertscore
+        assert bert is not None and bert.raw_f1_mean is not None
+        assert bert.f1_mean == pytest.approx((bert.raw_f1_mean - b) / (1 - b))
+        assert result.combined == pytest.approx(bert.f1_mean)
+    assert results[1].bertscore is not None and results[1].bertscore.f1_mean == pytest.approx(1.0)
+
+
+async def test_request_overrides_the_setting() -> None:
+    scorer = OverlapScorer()
+    evaluator = make(scorer=scorer, rescale=RescaleMode.REFERENCES)
+    request = EvaluationInput(task=TaskType.GENERATION, predictions=REFS, references=REFS)
+    raw = await evaluator.evaluate(dataclasses.replace(request, bertscore_rescale=RescaleMode.NONE))
+    packaged = await evaluator.evaluate(
+        dataclasses.replace(request, bertscore_rescale=RescaleMode.PACKAGED)
+    )
+    assert raw.bertscore is not None and raw.bertscore.baseline is None
+    assert raw.bertscore.hash == "overlap_L1_no-idf"
+    assert packaged.bertscore is not None and packaged.bertscore.baseline == PACKAGED
+    assert packaged.bertscore.hash == "overlap_L1_no-idf-rescaled"
+    assert len(scorer.calls) == 2  # no reference baseline was computed
+
+
+async def test_packaged_rescaling_that_cannot_be_honoured() -> None:
+    judge = FakeJudge()
+    evaluator = make(judge, scorer=OverlapScorer(packaged=None))
+    request = EvaluationInput(
+        task=TaskType.GENERATION,
+        predictions=REFS,
+        references=REFS,
+        judge=JudgeOptions(enabled=True),
+        bertscore_rescale=RescaleMode.PACKAGED,
+    )
+    with pytest.raises(InvalidArgument) as caught:
+        await evaluator.evaluate(request)
+    assert caught.value.field == "bertscore_rescale"
+    assert "BERTSCORE_RESCALE_PACKAGED cannot be honoured" in str(caught.value)
+    assert judge.requests == []  # refused before the judge was asked
+    setting = make(judge, scorer=OverlapScorer(packaged=None), rescale=RescaleMode.PACKAGED)
+    with pytest.raises(FailedPrecondition, match="LORATUNE_BERTSCORE_RESCALE=packaged"):
+        await setting.evaluate(dataclasses.replace(request, bertscore_rescale=None))
+
+
+async def test_references_setting_falls_back_to_raw_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    scorer = OverlapScorer()
+    evaluator = make(scorer=scorer, rescale=RescaleMode.REFERENCES)
+    result = await evaluator.evaluate(
+        EvaluationInput(task=TaskType.GENERATION, predictions=["a b"], references=["a c"])
+    )
+    assert result.bertscore is not None and result.bertscore.baseline is None
+    assert result.bertscore.hash == "overlap_L1_no-idf"
+    assert "LORATUNE_BERTSCORE_RESCALE=references: needs at least 2 distinct" in caplog.text
+    assert "BERTScore is not rescaled" in caplog.text

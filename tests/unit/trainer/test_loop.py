@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections import Counter
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer, GenerationConfig
 
 from services.common.errors import InvalidArgument
 from services.trainer.core import loop
@@ -20,7 +22,7 @@ from services.trainer.core.artifacts import (
     save_artifacts,
 )
 from services.trainer.core.loop import build_train_loader, train
-from services.trainer.core.models import BaseModelCache
+from services.trainer.core.models import BaseModelCache, PreparedModel
 from services.trainer.core.types import (
     BalancingSpec,
     Cancelled,
@@ -152,6 +154,47 @@ def test_greedy_generation_is_the_same_batched_left_padded_or_one_by_one(
         single = loop._generate(prepared, encoded.validation, 1, 4, _context(recorder), amp)
     assert len({len(r.prompt_ids) for r in encoded.validation}) > 1  # padding really happens
     assert batched == single
+
+
+class ThinkingModel(torch.nn.Module):
+    """Greedy "generation" that answers every prompt with a reasoning block, then the answer."""
+
+    def __init__(self, continuation: list[int], eos_id: int) -> None:
+        super().__init__()
+        self.continuation = torch.tensor([continuation])
+        self.generation_config = GenerationConfig(eos_token_id=eos_id)
+
+    def get_base_model(self) -> ThinkingModel:
+        return self
+
+    def generate(self, input_ids: torch.Tensor, **_: object) -> torch.Tensor:
+        tail = self.continuation.expand(input_ids.shape[0], -1)
+        return torch.cat([input_ids, tail], dim=1)
+
+
+def test_predictions_are_scored_without_the_reasoning_block(tiny_qwen_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen_dir)
+    tokenizer.add_tokens(["<think>", "</think>"])  # as Qwen3's: added, not special
+    said = tokenizer("<think> w1 w2 maybe </think> yes great", add_special_tokens=False)
+    model = ThinkingModel([*said["input_ids"], tokenizer.eos_token_id], tokenizer.eos_token_id)
+    prepared = PreparedModel(
+        model=model,  # type: ignore[arg-type]  # generates like a PeftModel
+        tokenizer=tokenizer,
+        device=torch.device("cpu"),
+        task=Task.GENERATION,
+        labels=(),
+        trainable_parameters=0,
+        total_parameters=0,
+        tokenizer_id=str(tiny_qwen_dir),
+        load_seconds=0.0,
+        base_reused=False,
+    )
+    rows = echo_rows(3, seed=2)
+    _, encoded = generation_data(rows, rows, tokenizer)
+    predictions = loop._generate(
+        prepared, encoded.validation, 2, 12, _context(Recorder()), contextlib.nullcontext
+    )
+    assert predictions == ["yes great"] * 3
 
 
 def test_gradient_accumulation_takes_the_same_step_as_one_big_batch(tiny_qwen_dir: Path) -> None:

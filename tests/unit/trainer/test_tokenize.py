@@ -35,6 +35,17 @@ CHAT_TEMPLATE = (
 MISMATCHED_TEMPLATE = CHAT_TEMPLATE.replace(
     "{% if add_generation_prompt %}<|assistant|>", "{% if add_generation_prompt %}<|assistant|>\n"
 )
+# Qwen3's shape: the answer's turn carries an (empty) reasoning block; the generation
+# prompt carries it only with thinking off, else the model opens the block itself.
+THINKING_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+    "{% else %}<|assistant|><think></think>{{ m['content'] }}<|end|>{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think></think>{% endif %}"
+    "{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +58,7 @@ def chat() -> Any:
     """MiniLM's tokenizer with turn markers, an EOS and a small chat template."""
     tokenizer = AutoTokenizer.from_pretrained(packaged_minilm_path())
     tokenizer.add_tokens(["<|user|>", "<|assistant|>", "<|end|>"], special_tokens=True)
+    tokenizer.add_tokens(["<think>", "</think>"])  # as Qwen3's: added, not special
     tokenizer.eos_token = "<|end|>"
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
@@ -143,6 +155,23 @@ def test_chat_template_masks_exactly_the_prompt(chat: Any) -> None:
     assert list(encoded.prompt_ids) == prompt
     assert encoded.attention_mask == (1,) * len(prompt + response)
     assert chat.decode(response, skip_special_tokens=True) == "four, of course."
+
+
+def test_thinking_is_off_so_the_reasoning_block_is_prompt_not_response(chat: Any) -> None:
+    think, think_end, assistant = chat.convert_tokens_to_ids(
+        ["<think>", "</think>", "<|assistant|>"]
+    )
+    chat.chat_template = THINKING_TEMPLATE
+    try:
+        encoded = encode(_generation([("Capital of France?", "Paris")]), chat, max_length=64)
+    finally:
+        chat.chat_template = CHAT_TEMPLATE
+    row = encoded.train[0]
+    # The empty block ends the prompt the model generates from; the loss is on the answer.
+    assert list(row.prompt_ids[-3:]) == [assistant, think, think_end]
+    response = [label for label in row.labels if label != IGNORE_INDEX]
+    assert response == [*_bare(chat, "Paris"), chat.eos_token_id]
+    assert think not in response and think_end not in response
 
 
 def test_template_whose_prompt_is_not_a_prefix_falls_back_to_plain_text(

@@ -469,6 +469,8 @@ class BertScore(_message.Message):
     EMPTY_TEXTS_FIELD_NUMBER: _builtins.int
     TRUNCATED_TEXTS_FIELD_NUMBER: _builtins.int
     RESCALED_WITH_BASELINE_FIELD_NUMBER: _builtins.int
+    RAW_F1_FIELD_NUMBER: _builtins.int
+    BASELINE_F1_FIELD_NUMBER: _builtins.int
     precision: _builtins.float
     """Mean precision over all pairs (empty pairs count as 0)."""
     recall: _builtins.float
@@ -488,7 +490,17 @@ class BertScore(_message.Message):
     truncated_texts: _builtins.int
     """Texts longer than the model's maximum length, truncated before scoring."""
     rescaled_with_baseline: _builtins.bool
-    """Whether scores were rescaled with bert-score's baseline."""
+    """Whether scores were rescaled with a baseline: bert-score's packaged one (hash suffix
+    "-rescaled") or one computed from the references ("-rescaled-refs:<digest>").
+    """
+    raw_f1: _builtins.float
+    """Mean F1 before rescaling (equals f1 when not rescaled), so one evaluation gives the
+    spread between trials with and without rescaling.
+    """
+    baseline_f1: _builtins.float
+    """F1 of the rescaling baseline b, the raw F1 that rescales to 0 (s -> (s - b) / (1 - b));
+    0 when not rescaled.
+    """
     def __init__(
         self,
         *,
@@ -502,10 +514,12 @@ class BertScore(_message.Message):
         empty_texts: _builtins.int = ...,
         truncated_texts: _builtins.int = ...,
         rescaled_with_baseline: _builtins.bool = ...,
+        raw_f1: _builtins.float = ...,
+        baseline_f1: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["empty_texts", b"empty_texts", "f1", b"f1", "hash", b"hash", "model", b"model", "num_layers", b"num_layers", "pairs", b"pairs", "precision", b"precision", "recall", b"recall", "rescaled_with_baseline", b"rescaled_with_baseline", "truncated_texts", b"truncated_texts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_f1", b"baseline_f1", "empty_texts", b"empty_texts", "f1", b"f1", "hash", b"hash", "model", b"model", "num_layers", b"num_layers", "pairs", b"pairs", "precision", b"precision", "raw_f1", b"raw_f1", "recall", b"recall", "rescaled_with_baseline", b"rescaled_with_baseline", "truncated_texts", b"truncated_texts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

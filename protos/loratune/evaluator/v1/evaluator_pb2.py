@@ -25,21 +25,23 @@ _sym_db = _symbol_database.Default()
 from loratune.common.v1 import common_pb2 as loratune_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%loratune/evaluator/v1/evaluator.proto\x12\x15loratune.evaluator.v1\x1a\x1floratune/common/v1/common.proto\"o\n\x0cJudgeOptions\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x16\n\x0ejudge_model_id\x18\x02 \x01(\t\x12\x18\n\x0bsample_size\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x42\x0e\n\x0c_sample_size\"R\n\x0cScoreWeights\x12\x16\n\tbertscore\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05judge\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\x0c\n\n_bertscoreB\x08\n\x06_judge\"\xf6\x01\n\x0f\x45valuateRequest\x12/\n\ttask_type\x18\x01 \x01(\x0e\x32\x1c.loratune.common.v1.TaskType\x12\x13\n\x0bpredictions\x18\x02 \x03(\t\x12\x12\n\nreferences\x18\x03 \x03(\t\x12\x0f\n\x07prompts\x18\x04 \x03(\t\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12\x32\n\x05judge\x18\x06 \x01(\x0b\x32#.loratune.evaluator.v1.JudgeOptions\x12\x34\n\x07weights\x18\x07 \x01(\x0b\x32#.loratune.evaluator.v1.ScoreWeights\"H\n\x10\x45valuateResponse\x12\x34\n\x06result\x18\x01 \x01(\x0b\x32$.loratune.common.v1.EvaluationResult2o\n\x10\x45valuatorService\x12[\n\x08\x45valuate\x12&.loratune.evaluator.v1.EvaluateRequest\x1a\'.loratune.evaluator.v1.EvaluateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%loratune/evaluator/v1/evaluator.proto\x12\x15loratune.evaluator.v1\x1a\x1floratune/common/v1/common.proto\"o\n\x0cJudgeOptions\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x16\n\x0ejudge_model_id\x18\x02 \x01(\t\x12\x18\n\x0bsample_size\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x42\x0e\n\x0c_sample_size\"R\n\x0cScoreWeights\x12\x16\n\tbertscore\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05judge\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\x0c\n\n_bertscoreB\x08\n\x06_judge\"\xba\x02\n\x0f\x45valuateRequest\x12/\n\ttask_type\x18\x01 \x01(\x0e\x32\x1c.loratune.common.v1.TaskType\x12\x13\n\x0bpredictions\x18\x02 \x03(\t\x12\x12\n\nreferences\x18\x03 \x03(\t\x12\x0f\n\x07prompts\x18\x04 \x03(\t\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12\x32\n\x05judge\x18\x06 \x01(\x0b\x32#.loratune.evaluator.v1.JudgeOptions\x12\x34\n\x07weights\x18\x07 \x01(\x0b\x32#.loratune.evaluator.v1.ScoreWeights\x12\x42\n\x11\x62\x65rtscore_rescale\x18\x08 \x01(\x0e\x32\'.loratune.evaluator.v1.BertScoreRescale\"\xa8\x01\n\x10\x45valuateResponse\x12\x34\n\x06result\x18\x01 \x01(\x0b\x32$.loratune.common.v1.EvaluationResult\x12\x42\n\x11\x62\x65rtscore_rescale\x18\x02 \x01(\x0e\x32\'.loratune.evaluator.v1.BertScoreRescale\x12\x1a\n\x12reasoning_stripped\x18\x03 \x01(\r*\x93\x01\n\x10\x42\x65rtScoreRescale\x12!\n\x1d\x42\x45RTSCORE_RESCALE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42\x45RTSCORE_RESCALE_NONE\x10\x01\x12\x1e\n\x1a\x42\x45RTSCORE_RESCALE_PACKAGED\x10\x02\x12 \n\x1c\x42\x45RTSCORE_RESCALE_REFERENCES\x10\x03\x32o\n\x10\x45valuatorService\x12[\n\x08\x45valuate\x12&.loratune.evaluator.v1.EvaluateRequest\x1a\'.loratune.evaluator.v1.EvaluateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loratune.evaluator.v1.evaluator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_BERTSCORERESCALE']._serialized_start=783
+  _globals['_BERTSCORERESCALE']._serialized_end=930
   _globals['_JUDGEOPTIONS']._serialized_start=97
   _globals['_JUDGEOPTIONS']._serialized_end=208
   _globals['_SCOREWEIGHTS']._serialized_start=210
   _globals['_SCOREWEIGHTS']._serialized_end=292
   _globals['_EVALUATEREQUEST']._serialized_start=295
-  _globals['_EVALUATEREQUEST']._serialized_end=541
-  _globals['_EVALUATERESPONSE']._serialized_start=543
-  _globals['_EVALUATERESPONSE']._serialized_end=615
-  _globals['_EVALUATORSERVICE']._serialized_start=617
-  _globals['_EVALUATORSERVICE']._serialized_end=728
+  _globals['_EVALUATEREQUEST']._serialized_end=609
+  _globals['_EVALUATERESPONSE']._serialized_start=612
+  _globals['_EVALUATERESPONSE']._serialized_end=780
+  _globals['_EVALUATORSERVICE']._serialized_start=932
+  _globals['_EVALUATORSERVICE']._serialized_end=1043
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from loratune.common.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +19,53 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _BertScoreRescale:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BertScoreRescaleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BertScoreRescale.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BERTSCORE_RESCALE_UNSPECIFIED: _BertScoreRescale.ValueType  # 0
+    """The evaluator's setting (LORATUNE_BERTSCORE_RESCALE)."""
+    BERTSCORE_RESCALE_NONE: _BertScoreRescale.ValueType  # 1
+    """Raw scores."""
+    BERTSCORE_RESCALE_PACKAGED: _BertScoreRescale.ValueType  # 2
+    """bert-score's packaged baseline for (lang, hub model); hash suffix "-rescaled". None ships
+    for a local model folder: asking for it there is INVALID_ARGUMENT (as the evaluator's
+    setting, the evaluator refuses to start).
+    """
+    BERTSCORE_RESCALE_REFERENCES: _BertScoreRescale.ValueType  # 3
+    """A baseline computed from the request's own references: the mean score of mismatched
+    reference pairs (at most 1,000; identical texts never paired), cached per reference set;
+    hash suffix "-rescaled-refs:<first 12 hex of the SHA-256 of the references>". Asking for
+    it with fewer than 2 distinct non-empty references is INVALID_ARGUMENT; the evaluator's
+    setting instead falls back to raw scores with a logged warning.
+    """
+
+class BertScoreRescale(_BertScoreRescale, metaclass=_BertScoreRescaleEnumTypeWrapper):
+    """How BERTScore is rescaled: s -> (s - b) / (1 - b), b being the score of unrelated texts.
+    Raw BERTScore sits in a narrow band; rescaling stretches every difference by 1 / (1 - b).
+    The BertScore hash records the rescaling, so scores with different ones never compare.
+    """
+
+BERTSCORE_RESCALE_UNSPECIFIED: BertScoreRescale.ValueType  # 0
+"""The evaluator's setting (LORATUNE_BERTSCORE_RESCALE)."""
+BERTSCORE_RESCALE_NONE: BertScoreRescale.ValueType  # 1
+"""Raw scores."""
+BERTSCORE_RESCALE_PACKAGED: BertScoreRescale.ValueType  # 2
+"""bert-score's packaged baseline for (lang, hub model); hash suffix "-rescaled". None ships
+for a local model folder: asking for it there is INVALID_ARGUMENT (as the evaluator's
+setting, the evaluator refuses to start).
+"""
+BERTSCORE_RESCALE_REFERENCES: BertScoreRescale.ValueType  # 3
+"""A baseline computed from the request's own references: the mean score of mismatched
+reference pairs (at most 1,000; identical texts never paired), cached per reference set;
+hash suffix "-rescaled-refs:<first 12 hex of the SHA-256 of the references>". Asking for
+it with fewer than 2 distinct non-empty references is INVALID_ARGUMENT; the evaluator's
+setting instead falls back to raw scores with a logged warning.
+"""
+Global___BertScoreRescale: _TypeAlias = BertScoreRescale  # noqa: Y015
 
 @_typing.final
 class JudgeOptions(_message.Message):
@@ -101,8 +149,11 @@ class EvaluateRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     JUDGE_FIELD_NUMBER: _builtins.int
     WEIGHTS_FIELD_NUMBER: _builtins.int
+    BERTSCORE_RESCALE_FIELD_NUMBER: _builtins.int
     task_type: _common_pb2.TaskType.ValueType
     """Classification or generation; required."""
+    bertscore_rescale: Global___BertScoreRescale.ValueType
+    """BERTScore rescaling (generation only); UNSPECIFIED = the evaluator's setting."""
     @_builtins.property
     def predictions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Predicted labels (classification) or generated texts (generation)."""
@@ -137,10 +188,11 @@ class EvaluateRequest(_message.Message):
         labels: _abc.Iterable[_builtins.str] | None = ...,
         judge: Global___JudgeOptions | None = ...,
         weights: Global___ScoreWeights | None = ...,
+        bertscore_rescale: Global___BertScoreRescale.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["judge", b"judge", "weights", b"weights"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["judge", b"judge", "labels", b"labels", "predictions", b"predictions", "prompts", b"prompts", "references", b"references", "task_type", b"task_type", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bertscore_rescale", b"bertscore_rescale", "judge", b"judge", "labels", b"labels", "predictions", b"predictions", "prompts", b"prompts", "references", b"references", "task_type", b"task_type", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -153,6 +205,17 @@ class EvaluateResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULT_FIELD_NUMBER: _builtins.int
+    BERTSCORE_RESCALE_FIELD_NUMBER: _builtins.int
+    REASONING_STRIPPED_FIELD_NUMBER: _builtins.int
+    bertscore_rescale: Global___BertScoreRescale.ValueType
+    """Generation: the BERTScore rescaling applied (NONE when raw, also when the evaluator's
+    REFERENCES setting fell back for lack of distinct references); UNSPECIFIED otherwise.
+    result.bertscore carries the baseline F1 and the raw F1.
+    """
+    reasoning_stripped: _builtins.int
+    """Generation: predictions that had a reasoning block (<think>...</think> and the like),
+    stripped before BERTScore and the judge saw them.
+    """
     @_builtins.property
     def result(self) -> _common_pb2.EvaluationResult:
         """The evaluation."""
@@ -161,10 +224,12 @@ class EvaluateResponse(_message.Message):
         self,
         *,
         result: _common_pb2.EvaluationResult | None = ...,
+        bertscore_rescale: Global___BertScoreRescale.ValueType = ...,
+        reasoning_stripped: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bertscore_rescale", b"bertscore_rescale", "reasoning_stripped", b"reasoning_stripped", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

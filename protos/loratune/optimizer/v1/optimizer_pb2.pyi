@@ -735,6 +735,11 @@ class Trial(_message.Message):
     BEST_EPOCH_FIELD_NUMBER: _builtins.int
     EPOCH_OBJECTIVES_FIELD_NUMBER: _builtins.int
     INTERRUPTIONS_FIELD_NUMBER: _builtins.int
+    JUDGE_COVERAGE_FIELD_NUMBER: _builtins.int
+    JUDGE_JUDGED_FIELD_NUMBER: _builtins.int
+    JUDGE_REQUESTED_FIELD_NUMBER: _builtins.int
+    EVALUATION_REFUSALS_FIELD_NUMBER: _builtins.int
+    LAST_EVALUATION_REFUSAL_FIELD_NUMBER: _builtins.int
     number: _builtins.int
     """Optuna's trial number."""
     state: Global___TrialState.ValueType
@@ -751,6 +756,23 @@ class Trial(_message.Message):
     """Objective value, when complete: the best epoch's."""
     best_epoch: _builtins.int
     """The epoch (1-based) whose objective and adapter the trial kept; 0 until it completes."""
+    judge_coverage: _builtins.float
+    """The LLM judge's coverage (judge_judged / judge_requested) of the evaluation the trial
+    is scored with (`evaluation`: its best epoch's, the latest while it runs); absent when
+    that evaluation had no judge. Under 1 when the judge scored only part of its sample
+    (at least LORATUNE_JUDGE_MIN_COVERAGE of it, else the evaluation is refused and retried).
+    """
+    judge_judged: _builtins.int
+    """Items of that evaluation's judge sample that got a valid score."""
+    judge_requested: _builtins.int
+    """Items of that evaluation's judge sample sent to the judge (0 without the judge)."""
+    evaluation_refusals: _builtins.int
+    """Attempts at that evaluation the evaluator refused as UNAVAILABLE before it was scored
+    (the evaluator or the judge away, or judge coverage under LORATUNE_JUDGE_MIN_COVERAGE);
+    each was asked again with the same predictions, so no missing judgment counts as 0.
+    """
+    last_evaluation_refusal: _builtins.str
+    """The last such refusal's reason, at most 300 characters; empty when there was none."""
     @_builtins.property
     def hyperparameters(self) -> _common_pb2.Hyperparameters:
         """What it tried."""
@@ -794,13 +816,23 @@ class Trial(_message.Message):
         best_epoch: _builtins.int = ...,
         epoch_objectives: _abc.Iterable[_builtins.float] | None = ...,
         interruptions: _abc.Iterable[_builtins.str] | None = ...,
+        judge_coverage: _builtins.float | None = ...,
+        judge_judged: _builtins.int = ...,
+        judge_requested: _builtins.int = ...,
+        evaluation_refusals: _builtins.int = ...,
+        last_evaluation_refusal: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_objective", b"_objective", "end_time", b"end_time", "evaluation", b"evaluation", "hyperparameters", b"hyperparameters", "objective", b"objective", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_judge_coverage", b"_judge_coverage", "_objective", b"_objective", "end_time", b"end_time", "evaluation", b"evaluation", "hyperparameters", b"hyperparameters", "judge_coverage", b"judge_coverage", "objective", b"objective", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_objective", b"_objective", "artifact_dir", b"artifact_dir", "attempt", b"attempt", "best_epoch", b"best_epoch", "end_time", b"end_time", "epoch_objectives", b"epoch_objectives", "evaluation", b"evaluation", "failure_reason", b"failure_reason", "hyperparameters", b"hyperparameters", "interruptions", b"interruptions", "number", b"number", "objective", b"objective", "start_time", b"start_time", "state", b"state", "trainer", b"trainer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_judge_coverage", b"_judge_coverage", "_objective", b"_objective", "artifact_dir", b"artifact_dir", "attempt", b"attempt", "best_epoch", b"best_epoch", "end_time", b"end_time", "epoch_objectives", b"epoch_objectives", "evaluation", b"evaluation", "evaluation_refusals", b"evaluation_refusals", "failure_reason", b"failure_reason", "hyperparameters", b"hyperparameters", "interruptions", b"interruptions", "judge_coverage", b"judge_coverage", "judge_judged", b"judge_judged", "judge_requested", b"judge_requested", "last_evaluation_refusal", b"last_evaluation_refusal", "number", b"number", "objective", b"objective", "start_time", b"start_time", "state", b"state", "trainer", b"trainer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__judge_coverage: _TypeAlias = _typing.Literal["judge_coverage"]  # noqa: Y015
+    _WhichOneofArgType__judge_coverage: _TypeAlias = _typing.Literal["_judge_coverage", b"_judge_coverage"]  # noqa: Y015
     _WhichOneofReturnType__objective: _TypeAlias = _typing.Literal["objective"]  # noqa: Y015
     _WhichOneofArgType__objective: _TypeAlias = _typing.Literal["_objective", b"_objective"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__judge_coverage) -> _WhichOneofReturnType__judge_coverage | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__objective) -> _WhichOneofReturnType__objective | None: ...
 
 Global___Trial: _TypeAlias = Trial  # noqa: Y015
@@ -876,10 +908,18 @@ class TrialEvaluated(_message.Message):
     NUMBER_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     EVALUATION_FIELD_NUMBER: _builtins.int
+    EVALUATION_REFUSALS_FIELD_NUMBER: _builtins.int
+    LAST_EVALUATION_REFUSAL_FIELD_NUMBER: _builtins.int
     number: _builtins.int
     """Trial number."""
     epoch: _builtins.float
     """Epoch evaluated."""
+    evaluation_refusals: _builtins.int
+    """Attempts at this evaluation the evaluator refused as UNAVAILABLE before it was scored
+    (the evaluator or the judge away, or judge coverage under LORATUNE_JUDGE_MIN_COVERAGE).
+    """
+    last_evaluation_refusal: _builtins.str
+    """The last such refusal's reason, at most 300 characters; empty when there was none."""
     @_builtins.property
     def evaluation(self) -> _common_pb2.EvaluationResult:
         """The evaluation."""
@@ -890,10 +930,12 @@ class TrialEvaluated(_message.Message):
         number: _builtins.int = ...,
         epoch: _builtins.float = ...,
         evaluation: _common_pb2.EvaluationResult | None = ...,
+        evaluation_refusals: _builtins.int = ...,
+        last_evaluation_refusal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "evaluation", b"evaluation", "number", b"number"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "evaluation", b"evaluation", "evaluation_refusals", b"evaluation_refusals", "last_evaluation_refusal", b"last_evaluation_refusal", "number", b"number"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

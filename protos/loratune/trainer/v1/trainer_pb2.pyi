@@ -101,6 +101,34 @@ ended the job between steps. Not the job's fault: the caller runs it again elsew
 """
 Global___FailureReason: _TypeAlias = FailureReason  # noqa: Y015
 
+class _BaseModelFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BaseModelFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BaseModelFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BASE_MODEL_FORMAT_UNSPECIFIED: _BaseModelFormat.ValueType  # 0
+    """Not set (no base model is loaded)."""
+    BASE_MODEL_FORMAT_TRANSFORMERS: _BaseModelFormat.ValueType  # 1
+    """A transformers checkpoint: a hub name, or a folder with config.json."""
+    BASE_MODEL_FORMAT_GGUF: _BaseModelFormat.ValueType  # 2
+    """A GGUF file (llama.cpp), named directly or by a folder holding only it; its weights
+    are de-quantised when loaded.
+    """
+
+class BaseModelFormat(_BaseModelFormat, metaclass=_BaseModelFormatEnumTypeWrapper):
+    """How a base model is stored."""
+
+BASE_MODEL_FORMAT_UNSPECIFIED: BaseModelFormat.ValueType  # 0
+"""Not set (no base model is loaded)."""
+BASE_MODEL_FORMAT_TRANSFORMERS: BaseModelFormat.ValueType  # 1
+"""A transformers checkpoint: a hub name, or a folder with config.json."""
+BASE_MODEL_FORMAT_GGUF: BaseModelFormat.ValueType  # 2
+"""A GGUF file (llama.cpp), named directly or by a folder holding only it; its weights
+are de-quantised when loaded.
+"""
+Global___BaseModelFormat: _TypeAlias = BaseModelFormat  # noqa: Y015
+
 @_typing.final
 class TrainingJob(_message.Message):
     """A training job as the trainer sees it."""
@@ -589,6 +617,7 @@ class GetTrainerStatusResponse(_message.Message):
     MEMORY_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     DEVICE_NAME_FIELD_NUMBER: _builtins.int
     SHUTTING_DOWN_FIELD_NUMBER: _builtins.int
+    LOADED_BASE_FIELD_NUMBER: _builtins.int
     device: _builtins.str
     """"cuda:0", "cpu", ..."""
     busy: _builtins.bool
@@ -607,6 +636,12 @@ class GetTrainerStatusResponse(_message.Message):
     """Name of the accelerator."""
     shutting_down: _builtins.bool
     """The trainer is stopping (SIGTERM): it takes no new job; send work elsewhere."""
+    @_builtins.property
+    def loaded_base(self) -> Global___LoadedBaseModel:
+        """What the base model in loaded_base_model was loaded from and how; unset when none is
+        loaded.
+        """
+
     def __init__(
         self,
         *,
@@ -619,11 +654,66 @@ class GetTrainerStatusResponse(_message.Message):
         memory_total_bytes: _builtins.int = ...,
         device_name: _builtins.str = ...,
         shutting_down: _builtins.bool = ...,
+        loaded_base: Global___LoadedBaseModel | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["loaded_base", b"loaded_base"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "current_job_id", b"current_job_id", "device", b"device", "device_name", b"device_name", "loaded_base_model", b"loaded_base_model", "memory_allocated_bytes", b"memory_allocated_bytes", "memory_reserved_bytes", b"memory_reserved_bytes", "memory_total_bytes", b"memory_total_bytes", "shutting_down", b"shutting_down"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "current_job_id", b"current_job_id", "device", b"device", "device_name", b"device_name", "loaded_base", b"loaded_base", "loaded_base_model", b"loaded_base_model", "memory_allocated_bytes", b"memory_allocated_bytes", "memory_reserved_bytes", b"memory_reserved_bytes", "memory_total_bytes", b"memory_total_bytes", "shutting_down", b"shutting_down"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetTrainerStatusResponse: _TypeAlias = GetTrainerStatusResponse  # noqa: Y015
+
+@_typing.final
+class LoadedBaseModel(_message.Message):
+    """A base model a trainer has in memory, and where it came from."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    GGUF_FILE_FIELD_NUMBER: _builtins.int
+    GGUF_FOLDER_FIELD_NUMBER: _builtins.int
+    GGUF_QUANTIZATION_TYPE_FIELD_NUMBER: _builtins.int
+    DEQUANTIZED_FIELD_NUMBER: _builtins.int
+    QUANTIZED_4BIT_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """As loaded_base_model: the request's base_model, or for a GGUF base the file's
+    absolute path (whether the request named the file or its folder).
+    """
+    format: Global___BaseModelFormat.ValueType
+    """How it is stored."""
+    gguf_file: _builtins.str
+    """GGUF: the file's name."""
+    gguf_folder: _builtins.str
+    """GGUF: the absolute path of the folder holding the file."""
+    gguf_quantization_type: _builtins.str
+    """GGUF: the quantisation type the file records ("Q4_1", "Q4_K_M", "F16", ...); empty
+    when it records none.
+    """
+    dequantized: _builtins.bool
+    """The stored weights were de-quantised to dense floats when loaded (every GGUF base)."""
+    quantized_4bit: _builtins.bool
+    """The dense weights were then quantised to 4-bit NF4 by bitsandbytes (QLoRA)."""
+    dtype: _builtins.str
+    """The dtype of the dense weights as loaded: "float32", "bfloat16"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        format: Global___BaseModelFormat.ValueType = ...,
+        gguf_file: _builtins.str = ...,
+        gguf_folder: _builtins.str = ...,
+        gguf_quantization_type: _builtins.str = ...,
+        dequantized: _builtins.bool = ...,
+        quantized_4bit: _builtins.bool = ...,
+        dtype: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dequantized", b"dequantized", "dtype", b"dtype", "format", b"format", "gguf_file", b"gguf_file", "gguf_folder", b"gguf_folder", "gguf_quantization_type", b"gguf_quantization_type", "name", b"name", "quantized_4bit", b"quantized_4bit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadedBaseModel: _TypeAlias = LoadedBaseModel  # noqa: Y015
