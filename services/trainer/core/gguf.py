@@ -11,11 +11,13 @@ core/models.py's business; this module finds and checks the file and loads its p
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib.util
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,13 +185,14 @@ def load_gguf_model(
 
     # dequantize=True even where GGUF kernels are installed: packed GGUF layers keep no
     # trainable weight for LoRA, and every job must load the same weights.
-    dense = auto_class.from_pretrained(
-        str(file.folder),
-        gguf_file=file.name,
-        dtype=torch.float32 if quantization_config is not None else dtype,
-        quantization_config=GgufConfig(dequantize=True),
-        **model_kwargs,
-    )
+    with _quiet_tensor_progress():
+        dense = auto_class.from_pretrained(
+            str(file.folder),
+            gguf_file=file.name,
+            dtype=torch.float32 if quantization_config is not None else dtype,
+            quantization_config=GgufConfig(dequantize=True),
+            **model_kwargs,
+        )
     if quantization_config is None:
         model = dense
     else:
@@ -216,6 +219,31 @@ def load_gguf_model(
         ", then NF4" if quantization_config is not None else "",
     )
     return model
+
+
+@contextlib.contextmanager
+def _quiet_tensor_progress() -> Iterator[None]:
+    """No per-tensor progress bar while transformers de-quantises a file.
+
+    transformers draws its own tqdm bar ("Converting and de-quantizing GGUF tensors...")
+    on stderr, outside its logging and its progress-bar switch; in a service's log it is
+    a screenful of carriage returns per load. The log line after the load says what was
+    loaded instead.
+    """
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # another transformers layout: keep its bar
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def packaged_smollm2_path() -> Path:
