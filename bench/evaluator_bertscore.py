@@ -61,7 +61,10 @@ async def run_service(
     model: str, layers: int, refs: list[str], trials: list[list[str]]
 ) -> tuple[float, list[float]]:
     """Seconds for all trials through the service, and each trial's F1."""
-    settings = EvaluatorSettings(bertscore_model=model, bertscore_layers=layers)
+    # bert_score.score does not rescale: neither does the service here.
+    settings = EvaluatorSettings(
+        bertscore_model=model, bertscore_layers=layers, bertscore_rescale="none"
+    )
     evaluator = build_evaluator(settings)
     server = await start_server(
         [service_definition(evaluator)],

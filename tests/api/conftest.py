@@ -104,6 +104,9 @@ async def evaluator(
         bertscore_layers=6,
         judge_address=judge_server.address,
         bertscore_cache_bytes=64 * 2**20,
+        # Raw scores, so that tests compare them with bert_score.score; the default
+        # (references) has its own server in test_evaluator_api.py.
+        bertscore_rescale="none",
     )
     evaluator_core = build_evaluator(settings, ClientSettings(max_attempts=1))
     server = await start_server(

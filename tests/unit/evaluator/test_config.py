@@ -35,7 +35,9 @@ def test_rescale_variable_values(
 
 def test_rescale_from_code_and_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LORATUNE_BERTSCORE_RESCALE", raising=False)
-    assert EvaluatorSettings().bertscore_rescale is DEFAULT_BERTSCORE_RESCALE is RescaleMode.NONE
+    assert (
+        EvaluatorSettings().bertscore_rescale is DEFAULT_BERTSCORE_RESCALE is RescaleMode.REFERENCES
+    )
     assert EvaluatorSettings(bertscore_rescale=True).bertscore_rescale is RescaleMode.PACKAGED
     assert EvaluatorSettings(bertscore_rescale=False).bertscore_rescale is RescaleMode.NONE
     settings = EvaluatorSettings(bertscore_rescale=RescaleMode.REFERENCES)
