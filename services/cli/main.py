@@ -18,7 +18,7 @@ from rich.table import Table
 from loratune.common.v1 import common_pb2
 from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from loratune.judge.v1 import judge_pb2, judge_pb2_grpc
-from services.cli import optimizer_commands, trainer_commands
+from services.cli import optimizer_commands, project_commands, trainer_commands
 from services.cli.errors import EXIT_FAILED, run_rpc, usage_error
 from services.cli.inputs import read_items
 from services.cli.render import render_evaluation
@@ -289,6 +289,7 @@ def evaluate(
 
 trainer_commands.register(app, serve_app)
 optimizer_commands.register(app, serve_app)
+project_commands.register(app)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -25,6 +26,7 @@ from services.cli.labels import (
     trial_note,
     trial_state,
 )
+from services.cli.project_commands import task_label
 from services.cli.stack import StackOptions, embedded_stack, serve_stack
 from services.common.client import ClientSettings, create_channel
 from services.common.config import CommonSettings
@@ -398,8 +400,19 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
 
     @app.command("tune")
     def tune(
-        dataset: Annotated[Path, typer.Option("--dataset", help="Training data, JSONL or CSV.")],
-        task: Annotated[str, typer.Option("--task", help="classification or generation.")],
+        dataset: Annotated[
+            Path | None, typer.Option("--dataset", help="Training data, JSONL or CSV.")
+        ] = None,
+        task: Annotated[
+            str | None, typer.Option("--task", help="classification or generation.")
+        ] = None,
+        project: Annotated[
+            int | None,
+            typer.Option(
+                "--project",
+                help="A project's study (`loratune projects`): its dataset and defaults.",
+            ),
+        ] = None,
         base_model: Annotated[
             str | None, typer.Option("--base-model", help="Hub name or folder; LORA_MODEL_NAME.")
         ] = None,
@@ -443,7 +456,9 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
         pruner: Annotated[
             str, typer.Option("--pruner", help="median, hyperband, successive_halving, none.")
         ] = "",
-        seed: Annotated[int, typer.Option("--seed")] = 42,
+        seed: Annotated[
+            int | None, typer.Option("--seed", help="Seed of the validation split; 42.")
+        ] = None,
         optimizer: OptimizerOption = None,
         artifact_root: Annotated[
             Path,
@@ -456,9 +471,38 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
         """Search hyperparameters: submit a study and follow it to the best adapter.
 
         Without --optimizer (or LORATUNE_OPTIMIZER_ADDRESS) the four services start in this
-        process for the study, as `loratune up` would, and stop when it ends.
+        process for the study, as `loratune up` would, and stop when it ends (its projects
+        come from LORATUNE_PROJECTS). With --project ID instead of --dataset / --task, the
+        study takes the project's dataset, and its defaults for the options left out.
         """
-        if task not in TASKS:
+        if project is not None:
+            # The project's dataset is used as it is: options that describe another are refused.
+            dataset_options = {
+                "--dataset": dataset is not None,
+                "--task": task is not None,
+                "--text-field": bool(text_field),
+                "--label-field": bool(label_field),
+                "--prompt-field": bool(prompt_field),
+                "--target-field": bool(target_field),
+                "--validation": validation is not None,
+                "--validation-fraction": bool(validation_fraction),
+                "--seed": seed is not None,
+                "--project-id": bool(project_id),
+            }
+            given = [name for name, present in dataset_options.items() if present]
+            if given:
+                raise usage_error(
+                    f"--project uses the project's dataset; leave out {', '.join(given)} "
+                    "(or pass --dataset and --task without --project)"
+                )
+            if project <= 0:
+                raise usage_error(f"--project: expected a project id > 0, not {project}")
+        elif dataset is None:
+            raise usage_error(
+                "pass --dataset FILE --task classification|generation, or --project ID "
+                "(`loratune projects` lists them)"
+            )
+        elif task not in TASKS:
             raise usage_error(f"--task must be classification or generation, not {task!r}")
         if n_trials is not None and n_trials <= 0:
             # 0 on the wire means "the default"; the server checks every other value.
@@ -467,23 +511,12 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
                 f"must be between 5 and 100 (got {n_trials})"
             )
         request = optimizer_pb2.CreateStudyRequest(
-            project_id=project_id,
+            project_id=project or project_id,
             fine_tuning_params=optimizer_pb2.FineTuningParams(
                 use_llm_judge=judge is not None,
                 judge_model_id=judge or "",
                 base_model_name=base_model or "",
                 n_trials=n_trials or 0,
-            ),
-            dataset=common_pb2.DatasetSpec(
-                uri=str(dataset.resolve()),
-                task_type=TASKS[task],
-                text_field=text_field,
-                label_field=label_field,
-                prompt_field=prompt_field,
-                target_field=target_field,
-                validation_uri=str(validation.resolve()) if validation else "",
-                validation_fraction=validation_fraction,
-                seed=seed,
             ),
             max_parallel_trials=max(max_parallel, 0),
             study_name=study_name or "",
@@ -493,6 +526,20 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
                 batch_size=max(batch_size, 0), max_seq_length=max(max_seq_length, 0)
             ),
         )
+        if dataset is not None and task is not None:
+            request.dataset.CopyFrom(
+                common_pb2.DatasetSpec(
+                    uri=str(dataset.resolve()),
+                    task_type=TASKS[task],
+                    text_field=text_field,
+                    label_field=label_field,
+                    prompt_field=prompt_field,
+                    target_field=target_field,
+                    validation_uri=str(validation.resolve()) if validation else "",
+                    validation_fraction=validation_fraction,
+                    seed=42 if seed is None else seed,
+                )
+            )
         if epochs:
             request.search_space.num_epochs.extend(_ints(epochs, "--epochs"))
         if ranks:
@@ -507,6 +554,8 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
         async def go() -> optimizer_pb2.Study:
             stack = None if optimizer else StackOptions(artifact_root=artifact_root)
             async with _connect(optimizer, stack) as stub:
+                if project is not None:
+                    await _project_defaults(stub, project, request, judge_given=judge is not None)
                 created = (await stub.CreateStudy(request)).study
                 console.print(
                     f"study [bold]{created.study_id}[/bold]: "
@@ -617,6 +666,24 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
 
         cancelled = run_rpc(go())
         console.print(f"study {cancelled.study_id}: {study_state(cancelled.state)}")
+
+
+async def _project_defaults(
+    stub: optimizer_pb2_grpc.OptimizerServiceAsyncStub,
+    project_id: int,
+    request: optimizer_pb2.CreateStudyRequest,
+    judge_given: bool,
+) -> None:
+    """Says which project the study is of; without --judge, its judge on / off holds (the
+    optimizer fills the other defaults, but reads an unset use_llm_judge as off)."""
+    reply = await stub.GetProject(optimizer_pb2.GetProjectRequest(project_id=project_id))
+    found = reply.project
+    console.print(
+        f"project [bold]{found.project_id}[/bold] {escape(found.name)}: "
+        f"{task_label(found.dataset)} data {escape(found.dataset.uri)}"
+    )
+    if not judge_given:
+        request.fine_tuning_params.use_llm_judge = found.use_llm_judge
 
 
 async def _say_other_active(stub: optimizer_pb2_grpc.OptimizerServiceAsyncStub, mine: str) -> None:

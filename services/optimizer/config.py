@@ -35,6 +35,9 @@ class OptimizerSettings(BaseSettings):
     evaluation_retry_seconds: float = Field(default=300.0, gt=0)
     # How often idle trainers are looked for while a study waits for one.
     poll_seconds: float = Field(default=1.0, gt=0)
+    # YAML file of the team's projects (core/project_file.py); empty = none. Read again
+    # when it changes (a ConfigMap update too); a bad version keeps the last good one.
+    projects: str = ""
 
     def storage(self) -> str:
         """The Optuna storage URL."""
@@ -43,3 +46,7 @@ class OptimizerSettings(BaseSettings):
     def trainer_addresses(self) -> list[str]:
         """The static trainer list, or [] for Kubernetes discovery."""
         return [a.strip() for a in self.trainers.split(",") if a.strip()]
+
+    def projects_file(self) -> Path | None:
+        """The projects file, or None when no projects are configured."""
+        return Path(self.projects.strip()) if self.projects.strip() else None

@@ -11,6 +11,7 @@ from services.common.client import ClientSettings
 from services.common.config import CommonSettings
 from services.common.defaults import TrainingDefaults
 from services.common.server import RunningServer, ServiceDefinition, run
+from services.optimizer.api.convert import search_space_from_json
 from services.optimizer.api.servicer import OptimizerServicer
 from services.optimizer.clients import (
     Channels,
@@ -22,6 +23,7 @@ from services.optimizer.clients import (
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.core.optimizer import Optimizer, OptimizerOptions
 from services.optimizer.core.ports import TrainerDiscovery
+from services.optimizer.core.projects import ProjectCatalog
 
 SERVICE_NAME = optimizer_pb2.DESCRIPTOR.services_by_name["OptimizerService"].full_name
 
@@ -45,6 +47,15 @@ def discovery_for(settings: OptimizerSettings) -> TrainerDiscovery:
     return KubernetesTrainers(
         settings.k8s_namespace, settings.k8s_label_selector, settings.k8s_trainer_port
     )
+
+
+def project_catalog(settings: OptimizerSettings) -> ProjectCatalog:
+    """The projects of LORATUNE_PROJECTS, read once now so that start-up logs them (or why
+    the file did not load: the optimizer then starts with none, and reads it again when it
+    changes)."""
+    catalog = ProjectCatalog(settings.projects_file(), search_space_from_json)
+    catalog.current()
+    return catalog
 
 
 def build_optimizer(
@@ -71,6 +82,7 @@ def build_optimizer(
             evaluation_retry_seconds=settings.evaluation_retry_seconds,
             poll_seconds=settings.poll_seconds,
         ),
+        projects=project_catalog(settings),
     )
     return optimizer, channels
 

@@ -1,7 +1,8 @@
 """The optimizer's edge: the contract's messages to and from the core's domain types.
 
-Inbound: CreateStudyRequest -> StudyRequest. Outbound: StudyView / TrialView / StudyEvent
--> Study / Trial / StudyEvent; and, for the gRPC adapters of the ports (clients.py),
+Inbound: CreateStudyRequest -> StudyRequest; a projects file's search space (its JSON) ->
+the contract's fields. Outbound: StudyView / TrialView / StudyEvent / Project -> Study /
+Trial / StudyEvent / Project; and, for the gRPC adapters of the ports (clients.py),
 TrainingJob -> StartTrainingRequest, TrainingEvent -> JobEvent, EvaluationRequest ->
 EvaluateRequest, EvaluationResult -> Evaluation.
 """
@@ -19,6 +20,7 @@ from loratune.evaluator.v1 import evaluator_pb2
 from loratune.optimizer.v1 import optimizer_pb2
 from loratune.trainer.v1 import trainer_pb2
 from services.common.errors import InvalidArgument
+from services.common.names import excerpt
 from services.optimizer.core.events import (
     StudyEvent,
     StudyFinished,
@@ -40,6 +42,7 @@ from services.optimizer.core.ports import (
     TrainerState,
     TrainingJob,
 )
+from services.optimizer.core.projects import Project
 from services.optimizer.core.records import (
     CLASSIFICATION,
     GENERATION,
@@ -90,9 +93,11 @@ def dataset_from_proto(dataset: common_pb2.DatasetSpec) -> DatasetRef:
 
 
 def study_request_from_proto(request: optimizer_pb2.CreateStudyRequest) -> StudyRequest:
-    """CreateStudyRequest -> StudyRequest."""
+    """CreateStudyRequest -> StudyRequest; a dataset left out (or empty) is None: the
+    project's."""
     params = request.fine_tuning_params
     training = request.training
+    given = request.HasField("dataset") and request.dataset.ByteSize() > 0
     return StudyRequest(
         project_id=request.project_id,
         study_name=request.study_name,
@@ -102,7 +107,7 @@ def study_request_from_proto(request: optimizer_pb2.CreateStudyRequest) -> Study
             base_model_name=params.base_model_name,
             n_trials=params.n_trials,
         ),
-        dataset=dataset_from_proto(request.dataset),
+        dataset=dataset_from_proto(request.dataset) if given else None,
         search_space=json_format.MessageToDict(
             request.search_space, preserving_proto_field_name=True
         ),
@@ -119,7 +124,21 @@ def study_request_from_proto(request: optimizer_pb2.CreateStudyRequest) -> Study
         pruner=request.pruner,
         max_eval_samples=request.max_eval_samples,
         judge_sample_size=request.judge_sample_size,
+        fine_tuning_given=request.HasField("fine_tuning_params"),
     )
+
+
+def search_space_from_json(value: Mapping[str, Any]) -> dict[str, Any]:
+    """A search space in the contract's JSON (snake_case or camelCase keys) -> its
+    snake_case fields, as a request's; InvalidArgument naming `search_space` otherwise."""
+    try:
+        message = json_format.ParseDict(dict(value), optimizer_pb2.SearchSpace())
+    except (json_format.ParseError, TypeError, ValueError) as err:
+        first_line = str(err).split("\n", 1)[0]
+        raise InvalidArgument(
+            f"is not a SearchSpace: {excerpt(first_line, 300)}", field="search_space"
+        ) from None
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
 # ---- outbound: studies, trials, events -------------------------------------------------------
@@ -139,6 +158,34 @@ def dataset_to_proto(dataset: DatasetRef) -> common_pb2.DatasetSpec:
         validation_fraction=dataset.validation_fraction,
         seed=dataset.seed,
     )
+
+
+def project_to_proto(project: Project) -> optimizer_pb2.Project:
+    """Project -> the contract's Project (search_space and training only when they set any)."""
+    message = optimizer_pb2.Project(
+        project_id=project.project_id,
+        name=project.name,
+        dataset=dataset_to_proto(project.dataset),
+        base_model_name=project.base_model_name,
+        use_llm_judge=project.use_llm_judge,
+        judge_model_id=project.judge_model_id,
+        n_trials=project.n_trials,
+    )
+    if project.search_space:
+        json_format.ParseDict(dict(project.search_space), message.search_space)
+    training = project.training
+    if training != TrainingOverrides():
+        message.training.CopyFrom(
+            common_pb2.TrainingParams(
+                gradient_accumulation=training.gradient_accumulation,
+                max_seq_length=training.max_seq_length,
+                warmup_ratio=training.warmup_ratio,
+                weight_decay=training.weight_decay,
+                quantize_4bit=training.quantize_4bit,
+                seed=training.seed,
+            )
+        )
+    return message
 
 
 def hyperparameters_to_proto(hyper: Hyperparameters) -> common_pb2.Hyperparameters:

@@ -8,6 +8,7 @@ from typing import Any
 from loratune.optimizer.v1 import optimizer_pb2, optimizer_pb2_grpc
 from services.optimizer.api.convert import (
     event_to_proto,
+    project_to_proto,
     study_request_from_proto,
     study_to_proto,
     trial_to_proto,
@@ -62,3 +63,20 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
         """The study's events until it finishes."""
         async for event in self._optimizer.watch(request.study_id):
             yield event_to_proto(event)
+
+    async def ListProjects(
+        self, request: optimizer_pb2.ListProjectsRequest, context: Any
+    ) -> optimizer_pb2.ListProjectsResponse:
+        """The team's projects, and why the projects file's latest version did not load."""
+        listing = await self._optimizer.list_projects()
+        return optimizer_pb2.ListProjectsResponse(
+            projects=[project_to_proto(p) for p in listing.projects],
+            projects_file_error=listing.problem,
+        )
+
+    async def GetProject(
+        self, request: optimizer_pb2.GetProjectRequest, context: Any
+    ) -> optimizer_pb2.GetProjectResponse:
+        """One project."""
+        project = await self._optimizer.get_project(request.project_id)
+        return optimizer_pb2.GetProjectResponse(project=project_to_proto(project))

@@ -1,6 +1,7 @@
 """Creating a study: the request checked as far as it can be before anything runs.
 
-Files, fields and ranges of the dataset (`datasets.py`), the base model's folder, the
+A request without a dataset first takes its project's data and defaults (`projects.py`).
+Then files, fields and ranges of the dataset (`datasets.py`), the base model's folder, the
 judge (known, with credentials at the gateway), the search space, the sampler and the
 pruner; then the defaults filled in and the environment's pins applied (`space.py`).
 """
@@ -20,6 +21,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.names import MAX_PATH_LENGTH, escape_control, excerpt, validate_name
 from services.optimizer.core.datasets import check_dataset
 from services.optimizer.core.ports import JudgeCatalog
+from services.optimizer.core.projects import ProjectCatalog, with_project
 from services.optimizer.core.records import (
     FineTuning,
     Hyperparameters,
@@ -77,19 +79,26 @@ def fingerprint(spec: StudySpec) -> str:
 class StudyCreation:
     """Turns a request into a study's spec, or refuses it with the field named."""
 
-    def __init__(self, judges: JudgeCatalog | None, defaults: TrainingDefaults) -> None:
+    def __init__(
+        self,
+        judges: JudgeCatalog | None,
+        defaults: TrainingDefaults,
+        projects: ProjectCatalog | None = None,
+    ) -> None:
         self._judges = judges
         self._defaults = defaults
+        self._projects = projects or ProjectCatalog(None)
 
     async def spec(self, request: StudyRequest) -> StudySpec:
         """The request checked as far as it can be before anything runs, defaults filled."""
+        # The projects file may be read again (when it changed): not on the event loop.
+        request, dataset = await asyncio.to_thread(with_project, request, self._projects)
         fine = request.fine_tuning
         n_trials = fine.n_trials or self._defaults.lora_n_trials
         if not 5 <= n_trials <= 100:
             raise InvalidArgument(
                 f"must be between 5 and 100 (got {n_trials})", field="fine_tuning_params.n_trials"
             )
-        dataset = request.dataset
         await asyncio.to_thread(check_dataset, dataset)
         base_model = fine.base_model_name or self._defaults.lora_model_name
         if len(base_model) > MAX_PATH_LENGTH or escape_control(base_model) != base_model:

@@ -22,6 +22,7 @@ from services.common.defaults import TrainingDefaults
 from services.common.errors import (
     AlreadyExists,
     FailedPrecondition,
+    InvalidArgument,
     Unavailable,
 )
 from services.common.names import ensure_under, validate_name
@@ -37,6 +38,7 @@ from services.optimizer.core.ports import (
     TrainerDiscovery,
     TrainerPort,
 )
+from services.optimizer.core.projects import Project, ProjectCatalog, ProjectSet
 from services.optimizer.core.records import (
     ACTIVE,
     STATES,
@@ -88,8 +90,10 @@ class Optimizer:
         defaults: TrainingDefaults,
         options: OptimizerOptions,
         bus: EventBus | None = None,
+        projects: ProjectCatalog | None = None,
     ) -> None:
         self.store = StudyStore(storage)
+        self.projects = projects or ProjectCatalog(None)
         self._trainers = trainers
         self._judges = judges
         self._defaults = defaults
@@ -109,7 +113,7 @@ class Optimizer:
                 evaluation_retry_seconds=options.evaluation_retry_seconds,
             ),
         )
-        self._creation = StudyCreation(judges, defaults)
+        self._creation = StudyCreation(judges, defaults, self.projects)
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._cancelled: set[str] = set()
 
@@ -195,6 +199,16 @@ class Optimizer:
             return
         async for event in self.bus.follow(study_id):
             yield event
+
+    async def list_projects(self) -> ProjectSet:
+        """The team's projects (the file read again if it changed), and its problem if any."""
+        return await asyncio.to_thread(self.projects.current)
+
+    async def get_project(self, project_id: int) -> Project:
+        """One project; NotFound naming the id."""
+        if project_id <= 0:
+            raise InvalidArgument(f"must be a project id > 0, got {project_id}", field="project_id")
+        return await asyncio.to_thread(self.projects.get, project_id)
 
     # ---- cancelling --------------------------------------------------------------------
 

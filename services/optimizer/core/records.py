@@ -406,7 +406,8 @@ class StudyRequest:
     project_id: int
     study_name: str
     fine_tuning: FineTuning
-    dataset: DatasetRef
+    # None: the project's (`projects.with_project`).
+    dataset: DatasetRef | None
     search_space: Mapping[str, Any] = field(default_factory=dict)  # the contract's fields
     training: TrainingOverrides = TrainingOverrides()
     max_parallel_trials: int = 0
@@ -414,3 +415,5 @@ class StudyRequest:
     pruner: str = ""
     max_eval_samples: int = 0
     judge_sample_size: int = 0
+    # Whether the request carried fine_tuning_params (else a project's judge default holds).
+    fine_tuning_given: bool = True

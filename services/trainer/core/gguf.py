@@ -239,11 +239,11 @@ def _quiet_tensor_progress() -> Iterator[None]:
     if original is None:
         yield
         return
-    gguf_utils.tqdm = functools.partial(original, disable=True)
+    setattr(gguf_utils, "tqdm", functools.partial(original, disable=True))  # noqa: B010
     try:
         yield
     finally:
-        gguf_utils.tqdm = original
+        setattr(gguf_utils, "tqdm", original)  # noqa: B010
 
 
 def packaged_smollm2_path() -> Path:

@@ -323,7 +323,13 @@ class CreateStudyRequest(_message.Message):
     MAX_EVAL_SAMPLES_FIELD_NUMBER: _builtins.int
     JUDGE_SAMPLE_SIZE_FIELD_NUMBER: _builtins.int
     project_id: _builtins.int
-    """The caller's project."""
+    """The caller's project. With no `dataset`, the project of this id (see ListProjects)
+    gives the data, and its defaults fill what the request leaves unset: the base model
+    (base_model_name empty), n_trials (0), the judge model (use_llm_judge set,
+    judge_model_id empty), use_llm_judge itself (fine_tuning_params left out), each search
+    space dimension and each fixed training parameter (unset); an unknown id is NOT_FOUND.
+    With a `dataset`, only a label of the study.
+    """
     max_parallel_trials: _builtins.int
     """Trials at once; 0 = as many as there are idle trainers."""
     study_name: _builtins.str
@@ -342,7 +348,7 @@ class CreateStudyRequest(_message.Message):
 
     @_builtins.property
     def dataset(self) -> _common_pb2.DatasetSpec:
-        """Training data."""
+        """Training data; may be left out (or empty) when `project_id` names a project."""
 
     @_builtins.property
     def search_space(self) -> Global___SearchSpace:
@@ -1048,3 +1054,163 @@ class StudyEvent(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___StudyEvent: _TypeAlias = StudyEvent  # noqa: Y015
+
+@_typing.final
+class Project(_message.Message):
+    """A team's project: its data and the defaults of its studies (from LORATUNE_PROJECTS)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_NAME_FIELD_NUMBER: _builtins.int
+    USE_LLM_JUDGE_FIELD_NUMBER: _builtins.int
+    JUDGE_MODEL_ID_FIELD_NUMBER: _builtins.int
+    N_TRIALS_FIELD_NUMBER: _builtins.int
+    SEARCH_SPACE_FIELD_NUMBER: _builtins.int
+    TRAINING_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.int
+    """The project's id (> 0), as CreateStudyRequest.project_id names it."""
+    name: _builtins.str
+    """Its name: letters, digits, '.', '_' and '-'."""
+    base_model_name: _builtins.str
+    """Default base model of its studies; empty = LORA_MODEL_NAME."""
+    use_llm_judge: _builtins.bool
+    """Default judge on / off, for a request without fine_tuning_params (generation only)."""
+    judge_model_id: _builtins.str
+    """Default judge id, for a request with the judge on and no judge_model_id; empty = the
+    gateway's default.
+    """
+    n_trials: _builtins.int
+    """Default trials to finish, 5..100; 0 = LORA_N_TRIALS."""
+    @_builtins.property
+    def dataset(self) -> _common_pb2.DatasetSpec:
+        """Its training data; a relative path in the file is given here resolved against the
+        projects file's folder.
+        """
+
+    @_builtins.property
+    def search_space(self) -> Global___SearchSpace:
+        """Default search space: each dimension a request leaves empty comes from here."""
+
+    @_builtins.property
+    def training(self) -> _common_pb2.TrainingParams:
+        """Default fixed training parameters (those CreateStudyRequest.training honours): each a
+        request leaves unset comes from here.
+        """
+
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.int = ...,
+        name: _builtins.str = ...,
+        dataset: _common_pb2.DatasetSpec | None = ...,
+        base_model_name: _builtins.str = ...,
+        use_llm_judge: _builtins.bool = ...,
+        judge_model_id: _builtins.str = ...,
+        n_trials: _builtins.int = ...,
+        search_space: Global___SearchSpace | None = ...,
+        training: _common_pb2.TrainingParams | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "search_space", b"search_space", "training", b"training"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_name", b"base_model_name", "dataset", b"dataset", "judge_model_id", b"judge_model_id", "n_trials", b"n_trials", "name", b"name", "project_id", b"project_id", "search_space", b"search_space", "training", b"training", "use_llm_judge", b"use_llm_judge"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Project: _TypeAlias = Project  # noqa: Y015
+
+@_typing.final
+class ListProjectsRequest(_message.Message):
+    """Request of ListProjects."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProjectsRequest: _TypeAlias = ListProjectsRequest  # noqa: Y015
+
+@_typing.final
+class ListProjectsResponse(_message.Message):
+    """Response of ListProjects."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECTS_FIELD_NUMBER: _builtins.int
+    PROJECTS_FILE_ERROR_FIELD_NUMBER: _builtins.int
+    projects_file_error: _builtins.str
+    """Why the projects file's current version was not loaded (the file, the entry and the
+    field named; at most 1,000 characters): the projects above are then its last good
+    version (none when it never loaded). Empty when it loaded.
+    """
+    @_builtins.property
+    def projects(self) -> _containers.RepeatedCompositeFieldContainer[Global___Project]:
+        """The projects, by id."""
+
+    def __init__(
+        self,
+        *,
+        projects: _abc.Iterable[Global___Project] | None = ...,
+        projects_file_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["projects", b"projects", "projects_file_error", b"projects_file_error"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProjectsResponse: _TypeAlias = ListProjectsResponse  # noqa: Y015
+
+@_typing.final
+class GetProjectRequest(_message.Message):
+    """Request of GetProject."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.int
+    """The project, > 0."""
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_id", b"project_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProjectRequest: _TypeAlias = GetProjectRequest  # noqa: Y015
+
+@_typing.final
+class GetProjectResponse(_message.Message):
+    """Response of GetProject."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def project(self) -> Global___Project:
+        """The project."""
+
+    def __init__(
+        self,
+        *,
+        project: Global___Project | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProjectResponse: _TypeAlias = GetProjectResponse  # noqa: Y015

@@ -66,6 +66,16 @@ class OptimizerServiceStub:
                 request_serializer=loratune_dot_optimizer_dot_v1_dot_optimizer__pb2.WatchStudyRequest.SerializeToString,
                 response_deserializer=loratune_dot_optimizer_dot_v1_dot_optimizer__pb2.StudyEvent.FromString,
                 _registered_method=True)
+        self.ListProjects = channel.unary_unary(
+                '/loratune.optimizer.v1.OptimizerService/ListProjects',
+                request_serializer=loratune_dot_optimizer_dot_v1_dot_optimizer__pb2.ListProjectsRequest.SerializeToString,
+                response_deserializer=loratune_dot_optimizer_dot_v1_dot_optimizer__pb2.ListProjectsResponse.FromString,
+                _registered_method=True)
+        self.GetProject = channel.unary_unary(
+                '/loratune.optimizer.v1.OptimizerService/GetProject',
+                request_serializer=loratune_dot_optimizer_dot_v1_dot_optimizer__pb2.GetProjectRequest.SerializeToString,
+                response_deserializer=loratune_dot_optimizer_dot_v1_dot_optimizer__pb2.GetProjectResponse.FromString,
+                _registered_method=True)
 
 
 class OptimizerServiceServicer:
@@ -115,6 +125,20 @@ class OptimizerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListProjects(self, request, context):
+        """Lists the team's projects (the file in LORATUNE_PROJECTS, re-read when it changes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProject(self, request, context):
+        """Returns one project; NOT_FOUND ("project 123 not found") when there is none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OptimizerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +171,16 @@ def add_OptimizerServiceServicer_to_server(servicer, server):
                     servicer.WatchStudy,
                     request_deserializer=loratune_dot_optimizer_dot_v1_dot_optimizer__pb2.WatchStudyRequest.FromString,
                     response_serializer=loratune_dot_optimizer_dot_v1_dot_optimizer__pb2.StudyEvent.SerializeToString,
+            ),
+            'ListProjects': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProjects,
+                    request_deserializer=loratune_dot_optimizer_dot_v1_dot_optimizer__pb2.ListProjectsRequest.FromString,
+                    response_serializer=loratune_dot_optimizer_dot_v1_dot_optimizer__pb2.ListProjectsResponse.SerializeToString,
+            ),
+            'GetProject': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProject,
+                    request_deserializer=loratune_dot_optimizer_dot_v1_dot_optimizer__pb2.GetProjectRequest.FromString,
+                    response_serializer=loratune_dot_optimizer_dot_v1_dot_optimizer__pb2.GetProjectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +347,60 @@ class OptimizerService:
             '/loratune.optimizer.v1.OptimizerService/WatchStudy',
             loratune_dot_optimizer_dot_v1_dot_optimizer__pb2.WatchStudyRequest.SerializeToString,
             loratune_dot_optimizer_dot_v1_dot_optimizer__pb2.StudyEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProjects(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loratune.optimizer.v1.OptimizerService/ListProjects',
+            loratune_dot_optimizer_dot_v1_dot_optimizer__pb2.ListProjectsRequest.SerializeToString,
+            loratune_dot_optimizer_dot_v1_dot_optimizer__pb2.ListProjectsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loratune.optimizer.v1.OptimizerService/GetProject',
+            loratune_dot_optimizer_dot_v1_dot_optimizer__pb2.GetProjectRequest.SerializeToString,
+            loratune_dot_optimizer_dot_v1_dot_optimizer__pb2.GetProjectResponse.FromString,
             options,
             channel_credentials,
             insecure,

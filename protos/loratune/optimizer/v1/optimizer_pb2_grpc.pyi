@@ -47,6 +47,10 @@ class OptimizerServiceStub:
     """Cancels a study and its running jobs."""
     WatchStudy: _grpc.UnaryStreamMultiCallable[_optimizer_pb2.WatchStudyRequest, _optimizer_pb2.StudyEvent]
     """Streams a study's events until it finishes."""
+    ListProjects: _grpc.UnaryUnaryMultiCallable[_optimizer_pb2.ListProjectsRequest, _optimizer_pb2.ListProjectsResponse]
+    """Lists the team's projects (the file in LORATUNE_PROJECTS, re-read when it changes)."""
+    GetProject: _grpc.UnaryUnaryMultiCallable[_optimizer_pb2.GetProjectRequest, _optimizer_pb2.GetProjectResponse]
+    """Returns one project; NOT_FOUND ("project 123 not found") when there is none."""
 
 @_typing.type_check_only
 class OptimizerServiceAsyncStub(OptimizerServiceStub):
@@ -67,6 +71,10 @@ class OptimizerServiceAsyncStub(OptimizerServiceStub):
     """Cancels a study and its running jobs."""
     WatchStudy: _aio.UnaryStreamMultiCallable[_optimizer_pb2.WatchStudyRequest, _optimizer_pb2.StudyEvent]  # type: ignore[assignment]
     """Streams a study's events until it finishes."""
+    ListProjects: _aio.UnaryUnaryMultiCallable[_optimizer_pb2.ListProjectsRequest, _optimizer_pb2.ListProjectsResponse]  # type: ignore[assignment]
+    """Lists the team's projects (the file in LORATUNE_PROJECTS, re-read when it changes)."""
+    GetProject: _aio.UnaryUnaryMultiCallable[_optimizer_pb2.GetProjectRequest, _optimizer_pb2.GetProjectResponse]  # type: ignore[assignment]
+    """Returns one project; NOT_FOUND ("project 123 not found") when there is none."""
 
 class OptimizerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Runs Optuna studies: proposes trials, dispatches them to trainers, has the
@@ -120,5 +128,21 @@ class OptimizerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_optimizer_pb2.StudyEvent], _abc.AsyncIterator[_optimizer_pb2.StudyEvent]]:
         """Streams a study's events until it finishes."""
+
+    @_abc_1.abstractmethod
+    def ListProjects(
+        self,
+        request: _optimizer_pb2.ListProjectsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_optimizer_pb2.ListProjectsResponse, _abc.Awaitable[_optimizer_pb2.ListProjectsResponse]]:
+        """Lists the team's projects (the file in LORATUNE_PROJECTS, re-read when it changes)."""
+
+    @_abc_1.abstractmethod
+    def GetProject(
+        self,
+        request: _optimizer_pb2.GetProjectRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_optimizer_pb2.GetProjectResponse, _abc.Awaitable[_optimizer_pb2.GetProjectResponse]]:
+        """Returns one project; NOT_FOUND ("project 123 not found") when there is none."""
 
 def add_OptimizerServiceServicer_to_server(servicer: OptimizerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
