@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import json
 import sys
@@ -88,31 +87,71 @@ def serve_optimizer(port: PortOption = 50051, metrics_port: MetricsPortOption = 
     raise typer.Exit(optimizer_main(port, _metrics_port(metrics_port)))
 
 
-@app.command("console")
-def console_command(
-    port: Annotated[int, typer.Option("--port", help="HTTP port (0 = any free port).")] = 8080,
-    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "0.0.0.0",
-    optimizer: Annotated[
-        str | None,
-        typer.Option(
-            "--optimizer",
-            envvar="LORATUNE_OPTIMIZER_ADDRESS",
-            help="Optimizer address host:port (env LORATUNE_OPTIMIZER_ADDRESS).",
-        ),
-    ] = None,
+ConsoleOptimizerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--optimizer",
+        envvar="LORATUNE_OPTIMIZER_ADDRESS",
+        help="Optimizer address host:port (env LORATUNE_OPTIMIZER_ADDRESS).",
+    ),
+]
+ConsoleJudgeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--judge",
+        envvar="LORATUNE_JUDGE_ADDRESS",
+        help="Judge gateway address host:port, for /api/v1/judge-models "
+        "(env LORATUNE_JUDGE_ADDRESS).",
+    ),
+]
+ConsoleHostOption = Annotated[
+    str | None, typer.Option("--host", help="Interface to listen on (env LORATUNE_HOST).")
+]
+HttpPortOption = Annotated[int, typer.Option("--port", help="HTTP port (0 = any free port).")]
+
+
+def _run_console(
+    port: int, metrics_port: int, host: str | None, optimizer: str | None, judge: str | None
 ) -> None:
-    """Serve the web console: studies and trials, read from the optimizer."""
-    from services.common.config import CommonSettings
-    from services.common.logging import configure_logging
-    from services.console.main import serve_console
+    from services.console.main import main as console_main
 
     if not optimizer:
         raise usage_error(
             "no optimizer address: pass --optimizer or set LORATUNE_OPTIMIZER_ADDRESS"
         )
-    settings = CommonSettings()
-    configure_logging(settings.log_format, settings.log_level)
-    asyncio.run(serve_console(optimizer, host=host, port=port))
+    raise typer.Exit(
+        console_main(
+            port,
+            _metrics_port(metrics_port),
+            host=host,
+            optimizer_address=optimizer,
+            judge_address=judge,
+        )
+    )
+
+
+@serve_app.command("console")
+def serve_console_command(
+    port: HttpPortOption = 8080,
+    metrics_port: MetricsPortOption = 9095,
+    host: ConsoleHostOption = None,
+    optimizer: ConsoleOptimizerOption = None,
+    judge: ConsoleJudgeOption = None,
+) -> None:
+    """Serve the web console and its JSON API (/api/v1) in front of the optimizer."""
+    _run_console(port, metrics_port, host, optimizer, judge)
+
+
+@app.command("console")
+def console_command(
+    port: HttpPortOption = 8080,
+    host: ConsoleHostOption = None,
+    optimizer: ConsoleOptimizerOption = None,
+    judge: ConsoleJudgeOption = None,
+    metrics_port: MetricsPortOption = -1,
+) -> None:
+    """Serve the web console: `serve console`, with no metrics port unless one is given."""
+    _run_console(port, metrics_port, host, optimizer, judge)
 
 
 GatewayOption = Annotated[

@@ -1,0 +1,150 @@
+"""The JSON API's bearer auth, the console's metrics and access log, and `serve console`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.api.console.harness import TOKEN, Stack
+
+SEED = {"project_id": 123, "fine_tuning_params": {"use_llm_judge": True, "n_trials": 5}}
+
+
+async def test_with_a_token_the_api_needs_it_and_forwards_it(
+    make_stack: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    stack: Stack = await make_stack(auth=True)
+    async with stack.client() as anonymous:
+        for method, path in [
+            ("GET", "/api/v1/projects"),
+            ("POST", "/api/v1/fine-tuning"),
+            ("GET", "/api/v1/judge-models"),
+            ("GET", "/api/v1/studies/x/events"),
+            ("GET", "/api/studies"),
+        ]:
+            response = await anonymous.request(method, path)
+            assert response.status_code == 401, path
+            assert response.json() == {
+                "error": {"code": "UNAUTHENTICATED", "message": "missing or invalid bearer token"}
+            }
+            assert response.headers["WWW-Authenticate"] == "Bearer"
+        # The description of the API and the health check stay open.
+        assert (await anonymous.get("/api/v1/openapi.json")).status_code == 200
+        assert (await anonymous.get("/healthz")).status_code == 200
+    for header in [f"Bearer {TOKEN}x", f"Basic {TOKEN}", TOKEN, "Bearer not-the-token"]:
+        async with stack.client(headers={"Authorization": header}) as wrong:
+            assert (await wrong.get("/api/v1/projects")).status_code == 401, header
+
+    # The console's own channels carry no token: the optimizer and the gateway (both
+    # requiring it) answer only because the caller's token goes on with each call.
+    async with stack.client(token=TOKEN) as http:
+        assert (await http.get("/api/v1/projects")).status_code == 200
+        judges = await http.get("/api/v1/judge-models")
+        assert judges.status_code == 200 and judges.json()["models"]
+        created = await http.post("/api/v1/fine-tuning", json=SEED)
+        assert created.status_code == 201, created.text
+        study_id = created.json()["study"]["study_id"]
+        async with http.stream("GET", f"/api/v1/studies/{study_id}/events") as events:
+            assert events.status_code == 200
+        cancel = await http.post(f"/api/v1/studies/{study_id}:cancel")
+        assert cancel.status_code == 200
+
+    # Neither the token nor a wrong one reached a log line; the access log did run.
+    assert "GET /api/v1/projects 401" in caplog.text
+    assert "POST /api/v1/fine-tuning 201" in caplog.text
+    assert TOKEN not in caplog.text and "not-the-token" not in caplog.text
+
+
+async def test_without_a_token_the_api_is_open(stack: Stack) -> None:
+    async with stack.client(token="anything") as http:
+        assert (await http.get("/api/v1/projects")).status_code == 200
+    async with stack.client() as http:
+        assert (await http.get("/api/v1/judge-models")).status_code == 200
+
+
+async def test_requests_are_counted_by_route_template_method_and_status(stack: Stack) -> None:
+    async with stack.client() as http:
+        await http.get("/api/v1/studies/secret-study-id")
+        await http.get("/api/v1/studies/secret-study-id")
+        await http.get("/api/v1/projects")
+        await http.get("/no/such/page/id-42")
+        text = (await http.get(stack.metrics_url)).text
+    samples = {
+        (s.labels["route"], s.labels["method"], s.labels["status"]): s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "loratune_console_http_requests"
+        for s in family.samples
+        if s.name == "loratune_console_http_requests_total"
+    }
+    assert samples[("/api/v1/studies/{study_id}", "GET", "404")] >= 2
+    assert samples[("/api/v1/projects", "GET", "200")] >= 1
+    assert samples[("unmatched", "GET", "404")] >= 1
+    # No id from a path ever becomes a label.
+    assert "secret-study-id" not in text and "id-42" not in text
+    assert "loratune_console_http_request_duration_seconds_bucket" in text
+    assert "loratune_console_event_streams" in text
+
+
+def test_serve_console_serves_the_api_and_metrics_until_sigterm(tmp_path: Any) -> None:
+    env = {
+        **os.environ,
+        "LORATUNE_OPTIMIZER_ADDRESS": "127.0.0.1:9",  # nothing there: the API says 503
+        "LORATUNE_HOST": "127.0.0.1",
+        "LORATUNE_LOG_FORMAT": "plain",
+    }
+    env.pop("LORATUNE_AUTH_TOKEN", None)
+    env.pop("LORATUNE_JUDGE_ADDRESS", None)
+    log = tmp_path / "console.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.cli.main",
+                "serve",
+                "console",
+                "--port",
+                "0",
+                "--metrics-port",
+                "0",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        ports: dict[str, int] = {}
+        while time.monotonic() < deadline and len(ports) < 2:
+            text = log.read_text()
+            for name, pattern in [
+                ("http", r"console on http://127\.0\.0\.1:(\d+)"),
+                ("metrics", r"metrics on http://127\.0\.0\.1:(\d+)/metrics"),
+            ]:
+                if match := re.search(pattern, text):
+                    ports[name] = int(match.group(1))
+            assert process.poll() is None, text
+            time.sleep(0.1)
+        assert len(ports) == 2, log.read_text()
+        base = f"http://127.0.0.1:{ports['http']}"
+        response = httpx.get(f"{base}/api/v1/projects", timeout=20)
+        assert response.status_code == 503 and response.json()["error"]["code"] == "UNAVAILABLE"
+        metrics = httpx.get(f"http://127.0.0.1:{ports['metrics']}/metrics", timeout=10).text
+        assert 'route="/api/v1/projects"' in metrics and 'status="503"' in metrics
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
