@@ -302,6 +302,17 @@ def _predictions(stack: Stack, job_id: str) -> list[str]:
 # ---- the tests --------------------------------------------------------------------------------
 
 
+def assert_rescaled_against_the_references(bert: common_pb2.BertScore) -> None:
+    """The evaluator's default: F1 rescaled with a baseline from the study's references."""
+    assert 0 <= bert.raw_f1 <= 1  # 0 when every generation was empty
+    assert 0 < bert.baseline_f1 < 1
+    assert "rescaled-refs:" in bert.hash
+    # (s - b) / (1 - b) per pair, with b > 0, lowers every score below 1 (pairs with an
+    # empty text stay 0, so the mean is not exactly the mean's rescaling; the formula is
+    # checked in tests/unit/evaluator/test_rescaling.py).
+    assert bert.f1 <= bert.raw_f1
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_a_judged_study_scores_every_trial_on_one_sample_and_waits_out_a_judge_outage(
@@ -341,7 +352,8 @@ def test_a_judged_study_scores_every_trial_on_one_sample_and_waits_out_a_judge_o
         sample = judge_sample(VALIDATION_ROWS, SAMPLE, SEED)
         for trial in trials:
             result = trial.evaluation
-            assert result.HasField("bertscore") and 0 < result.bertscore.f1 <= 1
+            assert result.HasField("bertscore")
+            assert_rescaled_against_the_references(result.bertscore)
             assert result.num_examples == VALIDATION_ROWS
             judge = result.judge
             assert judge.judge_model_id == "gemini"
@@ -424,7 +436,8 @@ def test_a_study_without_the_judge_is_scored_by_bertscore_alone(
         assert first is not None and first.state == optimizer_pb2.TRIAL_STATE_COMPLETE
         result = first.evaluation
         assert not result.HasField("judge") and not first.HasField("judge_coverage")
-        assert result.HasField("bertscore") and 0 < result.bertscore.f1 <= 1
+        assert result.HasField("bertscore")
+        assert_rescaled_against_the_references(result.bertscore)
         assert result.combined_score == pytest.approx(result.bertscore.f1, abs=1e-12)
         assert (
             result.objective
