@@ -340,8 +340,13 @@ def plot(out: Path, target: float, settings: dict[str, int]) -> Path | None:
     ax.set_xlabel("cumulative trial seconds")
     ax.set_ylabel("best validation macro-F1 so far")
     ax.set_title(
-        f"banking77 long tail: {settings['trials']} trials of {settings['epochs']} epochs "
-        f"(x: a pruned trial)"
+        f"banking77 long tail: {settings['trials']} trials "
+        + (
+            f"of {settings['epochs']} epochs"
+            if settings["epochs"]
+            else "in the default space (epochs searched)"
+        )
+        + " (x: a pruned trial)"
     )
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
@@ -438,7 +443,9 @@ def main() -> None:
     results: list[Scored] = []
     with tempfile.TemporaryDirectory(prefix="hpo-quality-") as tmp:
         data = protocol.prepare(Path(tmp) / "data", protocol.options_from(args))
-        settings = {"trials": args.trials, "epochs": args.epochs, "train_rows": data.train_rows}
+        # epochs 0: the default space searches them (--epochs is ignored).
+        epochs = 0 if args.default_space else args.epochs
+        settings = {"trials": args.trials, "epochs": epochs, "train_rows": data.train_rows}
         if args.plot_only:
             plot(args.out, args.target, settings)
             return
