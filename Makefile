@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 SMOLLM2_VERSION ?= 0.1.2
 PYTEST_ARGS ?= -m "not external"
 
-.PHONY: install test lint typecheck protos protos-check pytest demo serve-evaluator bench clean
+.PHONY: install test lint typecheck protos protos-check pytest browser demo serve-evaluator bench clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -38,7 +38,16 @@ protos: install
 protos-check: install
 	$(PY) scripts/gen_protos.py --check
 
-pytest: install
+# Debian's chromium for the console's browser test (tests/e2e/test_console_browser.py):
+# installed when missing and this runs as root; a failure only makes that test skip.
+browser:
+	@[ -x /usr/bin/chromium ] || [ "$$(id -u)" != 0 ] || \
+		{ apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 || \
+		  { apt-get update -qq >/dev/null 2>&1 && \
+		    apt-get install -y --no-install-recommends chromium >/dev/null 2>&1; }; } || \
+		echo "chromium could not be installed: the console's browser test will skip"
+
+pytest: install browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck protos-check pytest

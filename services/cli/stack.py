@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -21,6 +22,9 @@ from services.common.server import (
     start_server,
 )
 
+if TYPE_CHECKING:
+    from services.console.main import RunningConsole
+
 __all__ = ["LocalStack", "StackOptions", "embedded_stack", "serve_stack"]
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
@@ -33,6 +37,7 @@ class StackOptions:
     Ports 0 bind free ports. ``metrics_port_base`` None serves no metrics; otherwise the
     optimizer, trainer, evaluator and judge gateway serve them on base, base+1, base+2
     and base+3 (0 = each a free port). ``trainers`` > 1 starts more trainers on free ports.
+    ``console_port`` is the web console's, where the stack serves one (`loratune up`).
     """
 
     host: str = "127.0.0.1"
@@ -43,6 +48,7 @@ class StackOptions:
     metrics_port_base: int | None = None
     artifact_root: Path = Path("./runs")
     trainers: int = 1
+    console_port: int = 0
 
 
 class LocalStack:
@@ -50,17 +56,24 @@ class LocalStack:
 
     The optimizer reaches the others over gRPC exactly as in a cluster; only the
     addresses are loopback ones. ``client`` is how to call them (and how they call
-    each other).
+    each other). With ``with_console`` the web console runs in front of the optimizer too.
     """
 
     def __init__(
-        self, options: StackOptions, common: CommonSettings, client: ClientSettings
+        self,
+        options: StackOptions,
+        common: CommonSettings,
+        client: ClientSettings,
+        *,
+        with_console: bool = False,
     ) -> None:
         self.options = options
         self.client = client
         self._common = common
+        self._with_console = with_console
         self.servers: dict[str, RunningServer] = {}
         self.trainers: list[RunningServer] = []
+        self.console: RunningConsole | None = None
         self.storage_url = ""
 
     def _metrics_port(self, offset: int) -> int | None:
@@ -154,6 +167,30 @@ class LocalStack:
         self.storage_url = settings.storage()
         optimizer, channels = build_optimizer(settings, defaults, self.client)
         await serve("optimizer", optimizer_definition(optimizer, channels), o.optimizer_port, 0)
+        if self._with_console:
+            from services.console.config import ConsoleSettings
+            from services.console.main import start_console
+
+            token = self._common.auth_token
+            self.console = await start_console(
+                ConsoleSettings(
+                    optimizer_address=self.optimizer_address,
+                    judge_address=self._dial(judge),
+                    host=o.host,
+                ),
+                port=o.console_port,
+                client=self.client,
+                auth_token=token.get_secret_value() if token is not None else None,
+            )
+
+    @property
+    def console_url(self) -> str | None:
+        """The web console's projects page, where the stack serves a console."""
+        if self.console is None:
+            return None
+        host = "127.0.0.1" if self.options.host in WILDCARD_HOSTS else self.options.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.console.port}/projects"
 
     def table(self) -> Table:
         """The services' addresses, optimizer first."""
@@ -175,7 +212,11 @@ class LocalStack:
         return table
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stops the optimizer first (its studies stay resumable), then the others."""
+        """Stops the console and the optimizer first (its studies stay resumable), then the
+        others."""
+        console, self.console = self.console, None
+        if console is not None:
+            await console.stop()
         optimizer = self.servers.pop("optimizer", None)
         if optimizer is not None:
             await optimizer.stop(grace)
@@ -190,7 +231,7 @@ async def serve_stack(options: StackOptions, console: Console) -> int:
     The settings come from the environment (token, TLS, reflection, grace period), as for
     any service; the signal handling is the services' own (``serve_until_signal``).
     """
-    stack = LocalStack(options, CommonSettings(), ClientSettings.from_env())
+    stack = LocalStack(options, CommonSettings(), ClientSettings.from_env(), with_console=True)
 
     async def start() -> LocalStack:
         await stack.start()
@@ -200,6 +241,8 @@ async def serve_stack(options: StackOptions, console: Console) -> int:
         console.print(started.table())
         console.print(f"storage: {started.storage_url}")
         console.print(f"artifacts: {options.artifact_root.resolve()}")
+        if started.console_url is not None:
+            console.print(f"web console: {started.console_url}")
         console.print(
             f"submit a study: loratune tune --optimizer {started.optimizer_address} "
             "--dataset FILE --task classification   (Ctrl-C stops all services)"

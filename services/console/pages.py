@@ -3,7 +3,10 @@
 - `/`: the studies (`?project=N` for one project), their state, progress and best value;
 - `/studies/{id}`: one study, its best adapter, and a table of its trials;
 - `/api/studies`, `/api/studies/{id}`: the same as JSON (the protobuf messages' JSON);
-- `/healthz`: 200 while the console runs (it does not ask the optimizer).
+- `/healthz`: 200 while the console runs (it does not ask the optimizer);
+- `/projects`, `/projects/{id}`, `/studies/{id}/live`: the live console, one HTML shell
+  whose script (`static/console.js`, plain JS, no build step) reads the JSON API
+  (`/api/v1`) and follows studies through their event streams.
 
 Pages of studies still running refresh themselves every few seconds. An unknown study is
 404; an optimizer that cannot be reached is 503, saying so; every text from the optimizer
@@ -16,6 +19,7 @@ import html
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -33,6 +37,7 @@ __all__ = ["API_V1", "REFRESH_SECONDS", "page_errors", "routes"]
 logger = logging.getLogger(__name__)
 
 REFRESH_SECONDS = 5
+STATIC = Path(__file__).parent / "static"
 API_V1 = "/api/v1/"
 _LIVE = {optimizer_pb2.STUDY_STATE_QUEUED, optimizer_pb2.STUDY_STATE_RUNNING}
 
@@ -166,7 +171,10 @@ def _best(study: optimizer_pb2.Study) -> str:
 async def _studies_page(request: web.Request) -> web.Response:
     studies = await _list_studies(request)
     if not studies:
-        body = "<p class='muted'>No studies yet. Start one with <code>loratune tune</code>.</p>"
+        body = (
+            "<p class='muted'>No studies yet. Start one with <code>loratune tune</code> or"
+            " from <a href='/projects'>a project</a>.</p>"
+        )
         return _page("Studies", body)
     rows = []
     for s in studies:
@@ -260,9 +268,48 @@ async def _study_page(request: web.Request) -> web.Response:
     return _page(study.study_id, body, refresh=study.state in _LIVE)
 
 
-def routes() -> list[web.RouteDef]:
-    """The pages, the first JSON endpoints and the health check."""
+# ---- the live console -----------------------------------------------------------------------
+
+
+def _shell(view: str, title: str, item: str = "") -> web.Response:
+    """The live console's page: an empty ``main`` that ``console.js`` fills for ``view``."""
+    document = (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width,initial-scale=1'>"
+        f"<title>{_e(title)} - loratune</title>"
+        "<link rel='stylesheet' href='/static/console.css'>"
+        "<script src='/static/console.js' defer></script></head>"
+        f"<body data-view='{_e(view)}' data-id='{_e(item)}'>"
+        "<header><h1><a href='/projects'>loratune</a> / "
+        f"<span id='title'>{_e(title)}</span></h1></header>"
+        "<main id='main'></main>"
+        "<noscript><p>The live console needs JavaScript; <a href='/'>the plain studies page</a>"
+        " does not.</p></noscript></body></html>"
+    )
+    return web.Response(text=document, content_type="text/html", charset="utf-8")
+
+
+async def _projects_shell(request: web.Request) -> web.Response:
+    return _shell("projects", "Projects")
+
+
+async def _project_shell(request: web.Request) -> web.Response:
+    project_id = request.match_info["project_id"]
+    return _shell("project", f"Project {project_id}", project_id)
+
+
+async def _study_shell(request: web.Request) -> web.Response:
+    study_id = request.match_info["study_id"]
+    return _shell("study", f"Study {study_id}", study_id)
+
+
+def routes() -> list[web.AbstractRouteDef]:
+    """The pages, the live console and its files, the first JSON endpoints, the health check."""
     return [
+        web.get("/projects", _projects_shell),
+        web.get("/projects/{project_id}", _project_shell),
+        web.get("/studies/{study_id}/live", _study_shell),
+        web.static("/static", STATIC),
         web.get("/", _studies_page),
         web.get("/studies/{study_id}", _study_page),
         web.get("/api/studies", _studies_json),

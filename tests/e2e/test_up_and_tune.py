@@ -113,3 +113,4 @@ def test_up_serves_a_study_from_tune_and_stops_on_ctrl_c(tmp_path: Path) -> None
     for port in (optimizer, trainer, evaluator, judge):
         assert f"127.0.0.1:{port}" in output  # the table of addresses
     assert "SIGINT received; stopping" in output
+    assert "web console: http://127.0.0.1:" in output  # `up` serves the console too
