@@ -112,7 +112,9 @@ async def console_stack(folder: Path) -> AsyncIterator[ConsoleStack]:
     )
     (folder / "projects.yaml").write_text(PROJECTS)
     common = CommonSettings()
-    gateway = build_gateway(JudgeSettings(models=None, default=""), {"GEMINI_API_KEY": "k"})
+    gateway = build_gateway(
+        JudgeSettings(models=None, default=""), {"GEMINI_API_KEY": "AIzaSy-console-e2e-key"}
+    )
     judge = await start_server(
         [judge_definition(gateway)], common, host="127.0.0.1", metrics_port=None
     )

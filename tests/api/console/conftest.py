@@ -54,7 +54,9 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         heartbeat_seconds: float = 15.0,
     ) -> Stack:
         common = CommonSettings(auth_token=SecretStr(TOKEN) if auth else None)
-        gateway = build_gateway(JudgeSettings(models=None, default=""), {"GEMINI_API_KEY": "k"})
+        gateway = build_gateway(
+            JudgeSettings(models=None, default=""), {"GEMINI_API_KEY": "AIzaSy-console-tests-key"}
+        )
         judge_server = await start_server(
             [judge_definition(gateway)], common, host="127.0.0.1", metrics_port=None
         )
