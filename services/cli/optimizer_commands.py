@@ -342,6 +342,12 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
         trainer_port: Annotated[int, typer.Option("--trainer-port")] = 50052,
         evaluator_port: Annotated[int, typer.Option("--evaluator-port")] = 50053,
         judge_port: Annotated[int, typer.Option("--judge-port")] = 50054,
+        console_port: Annotated[
+            int,
+            typer.Option(
+                "--console-port", help="The web console's port; 0 = a free one (printed)."
+            ),
+        ] = 0,
         metrics_port_base: Annotated[
             int,
             typer.Option(
@@ -367,6 +373,7 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
             trainer_port=trainer_port,
             evaluator_port=evaluator_port,
             judge_port=judge_port,
+            console_port=console_port,
             metrics_port_base=None if metrics_port_base < 0 else metrics_port_base,
             artifact_root=artifact_root,
         )

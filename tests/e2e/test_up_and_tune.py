@@ -60,7 +60,7 @@ def test_up_serves_a_study_from_tune_and_stops_on_ctrl_c(tmp_path: Path) -> None
         )
     )
     root = tmp_path / "runs"
-    optimizer, trainer, evaluator, judge = free_ports(4)
+    optimizer, trainer, evaluator, judge, web = free_ports(5)
     env = dict(
         os.environ,
         HF_HUB_OFFLINE="1",
@@ -74,6 +74,7 @@ def test_up_serves_a_study_from_tune_and_stops_on_ctrl_c(tmp_path: Path) -> None
             *(sys.executable, "-m", "services.cli.main", "up"),
             *("--optimizer-port", str(optimizer), "--trainer-port", str(trainer)),
             *("--evaluator-port", str(evaluator), "--judge-port", str(judge)),
+            *("--console-port", str(web)),
             *("--metrics-port-base", "-1", "--artifact-root", str(root)),
         ],
         env=env,
@@ -113,4 +114,4 @@ def test_up_serves_a_study_from_tune_and_stops_on_ctrl_c(tmp_path: Path) -> None
     for port in (optimizer, trainer, evaluator, judge):
         assert f"127.0.0.1:{port}" in output  # the table of addresses
     assert "SIGINT received; stopping" in output
-    assert "web console: http://127.0.0.1:" in output  # `up` serves the console too
+    assert f"web console: http://127.0.0.1:{web}/" in output  # `up` serves the console too
