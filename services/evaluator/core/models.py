@@ -9,7 +9,7 @@ from typing import Protocol
 
 from services.evaluator.core.bertscore import BertScoreResult
 from services.evaluator.core.classification import ClassificationReport
-from services.evaluator.core.rescaling import Baseline, RescaleMode
+from services.evaluator.core.rescaling import Baseline, RawScorer, RescaleMode
 
 DEFAULT_BERTSCORE_WEIGHT = 0.4
 DEFAULT_JUDGE_WEIGHT = 0.6
@@ -93,24 +93,9 @@ class JudgeScorer(Protocol):
         ...
 
 
-class BertScorer(Protocol):
-    """What the evaluator needs of a BERTScore engine (built without its own rescaling)."""
-
-    @property
-    def hash(self) -> str:
-        """The settings string of unrescaled scores."""
-        ...
-
-    def score(
-        self,
-        candidates: Sequence[str],
-        references: Sequence[str],
-        baseline: Baseline | None = None,
-        *,
-        idf_references: Sequence[str] | None = None,
-    ) -> BertScoreResult:
-        """Scores candidates against references pairwise, rescaled when given a baseline."""
-        ...
+class BertScorer(RawScorer, Protocol):
+    """What the evaluator needs of a BERTScore engine (built without its own rescaling):
+    raw or rescaled pairwise scores (`RawScorer`), and bert-score's packaged baseline."""
 
     def packaged_baseline(self) -> Baseline:
         """bert-score's packaged baseline for the engine's model; ValueError when none ships."""
