@@ -475,3 +475,25 @@ def _generate(loaded: LoadedAdapter, spec: JobSpec, rows: Sequence[Example]) -> 
             context,
             contextlib.nullcontext,
         )
+
+
+def test_an_output_tensor_left_on_meta_is_tied_to_the_token_embeddings() -> None:
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from services.trainer.core.gguf import _tie_missing_output_embeddings
+
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    model.lm_head.weight = torch.nn.Parameter(torch.empty(32, 8, device="meta"))
+    file = SimpleNamespace(path="model.gguf")
+    _tie_missing_output_embeddings(model, file)  # type: ignore[arg-type]
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.config.tie_word_embeddings
+    model.model.norm.weight = torch.nn.Parameter(torch.empty(8, device="meta"))
+    with pytest.raises(ValueError, match=r"weights missing from the file: model\.norm\.weight"):
+        _tie_missing_output_embeddings(model, file)  # type: ignore[arg-type]
