@@ -10,7 +10,7 @@ import asyncio
 
 from aiohttp import web
 
-from services.console import api, pages
+from services.console import api, auth, pages
 from services.console.auth import bearer_auth
 from services.console.context import BACKENDS, OPTIONS, STOPPING, ApiOptions, Backends
 from services.console.errors import api_errors
@@ -49,6 +49,7 @@ def build_app(backends: Backends, options: ApiOptions | None = None) -> web.Appl
             *api.routes(),
             web.get("/api/v1/studies/{study_id}/events", study_events),
             web.get("/api/v1/openapi.json", _openapi),
+            *auth.routes(),
             *pages.routes(),
         ]
     )

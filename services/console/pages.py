@@ -30,7 +30,7 @@ from loratune.common.v1 import common_pb2
 from loratune.optimizer.v1 import optimizer_pb2
 from services.cli.labels import modules_label, study_state, trial_note, trial_state
 from services.common.errors import http_status_of
-from services.console.context import BACKENDS
+from services.console.context import BACKENDS, OPTIONS
 
 __all__ = ["API_V1", "REFRESH_SECONDS", "page_errors", "routes"]
 
@@ -110,7 +110,8 @@ def _project(request: web.Request) -> int:
 
 async def _list_studies(request: web.Request) -> Sequence[optimizer_pb2.Study]:
     reply = await request.app[BACKENDS].optimizer.ListStudies(
-        optimizer_pb2.ListStudiesRequest(project_id=_project(request))
+        optimizer_pb2.ListStudiesRequest(project_id=_project(request)),
+        metadata=request.app[OPTIONS].call_metadata(),
     )
     return list(reply.studies)
 
@@ -120,8 +121,13 @@ async def _get_study(
 ) -> tuple[optimizer_pb2.Study, Sequence[optimizer_pb2.Trial]]:
     study_id = request.match_info["study_id"]
     stub = request.app[BACKENDS].optimizer
-    study = (await stub.GetStudy(optimizer_pb2.GetStudyRequest(study_id=study_id))).study
-    trials = (await stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_id=study_id))).trials
+    metadata = request.app[OPTIONS].call_metadata()
+    study = (
+        await stub.GetStudy(optimizer_pb2.GetStudyRequest(study_id=study_id), metadata=metadata)
+    ).study
+    trials = (
+        await stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_id=study_id), metadata=metadata)
+    ).trials
     return study, list(trials)
 
 
@@ -271,8 +277,15 @@ async def _study_page(request: web.Request) -> web.Response:
 # ---- the live console -----------------------------------------------------------------------
 
 
-def _shell(view: str, title: str, item: str = "") -> web.Response:
-    """The live console's page: an empty ``main`` that ``console.js`` fills for ``view``."""
+def _shell(request: web.Request, view: str, title: str, item: str = "") -> web.Response:
+    """The live console's page: an empty ``main`` that ``console.js`` fills for ``view``;
+    with auth on, a sign-out button."""
+    sign_out = (
+        "<form method='post' action='/sign-out' class='sign-out'>"
+        "<button type='submit'>Sign out</button></form>"
+        if request.app[OPTIONS].auth_token is not None
+        else ""
+    )
     document = (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width,initial-scale=1'>"
@@ -281,7 +294,7 @@ def _shell(view: str, title: str, item: str = "") -> web.Response:
         "<script src='/static/console.js' defer></script></head>"
         f"<body data-view='{_e(view)}' data-id='{_e(item)}'>"
         "<header><h1><a href='/projects'>loratune</a> / "
-        f"<span id='title'>{_e(title)}</span></h1></header>"
+        f"<span id='title'>{_e(title)}</span></h1>{sign_out}</header>"
         "<main id='main'></main>"
         "<noscript><p>The live console needs JavaScript; <a href='/'>the plain studies page</a>"
         " does not.</p></noscript></body></html>"
@@ -290,17 +303,17 @@ def _shell(view: str, title: str, item: str = "") -> web.Response:
 
 
 async def _projects_shell(request: web.Request) -> web.Response:
-    return _shell("projects", "Projects")
+    return _shell(request, "projects", "Projects")
 
 
 async def _project_shell(request: web.Request) -> web.Response:
     project_id = request.match_info["project_id"]
-    return _shell("project", f"Project {project_id}", project_id)
+    return _shell(request, "project", f"Project {project_id}", project_id)
 
 
 async def _study_shell(request: web.Request) -> web.Response:
     study_id = request.match_info["study_id"]
-    return _shell("study", f"Study {study_id}", study_id)
+    return _shell(request, "study", f"Study {study_id}", study_id)
 
 
 def routes() -> list[web.AbstractRouteDef]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+from pydantic import SecretStr
 
 from loratune.common.v1 import common_pb2
 from services.common.client import ClientSettings
@@ -36,6 +37,7 @@ from services.optimizer.main import service_definition as optimizer_definition
 from tests.unit.optimizer.test_optimizer_core import FakeTrainers
 
 PROJECT_ID = 7
+TOKEN = "console-browser-token-3d9a71"
 
 PROJECTS = """
 projects:
@@ -100,8 +102,11 @@ class ConsoleStack:
 
 
 @asynccontextmanager
-async def console_stack(folder: Path) -> AsyncIterator[ConsoleStack]:
-    """The judge gateway, the optimizer and the console, stopped on exit."""
+async def console_stack(
+    folder: Path, *, auth_token: str | None = None
+) -> AsyncIterator[ConsoleStack]:
+    """The judge gateway, the optimizer and the console, stopped on exit; with
+    ``auth_token``, every server requires it (LORATUNE_AUTH_TOKEN)."""
     data = folder / "data"
     data.mkdir(parents=True)
     (data / "sentiment.jsonl").write_text(
@@ -111,14 +116,14 @@ async def console_stack(folder: Path) -> AsyncIterator[ConsoleStack]:
         )
     )
     (folder / "projects.yaml").write_text(PROJECTS)
-    common = CommonSettings()
+    common = CommonSettings(auth_token=SecretStr(auth_token) if auth_token else None)
     gateway = build_gateway(
         JudgeSettings(models=None, default=""), {"GEMINI_API_KEY": "AIzaSy-console-e2e-key"}
     )
     judge = await start_server(
         [judge_definition(gateway)], common, host="127.0.0.1", metrics_port=None
     )
-    channels = Channels(ClientSettings(max_attempts=1))
+    channels = Channels(ClientSettings(token=auth_token, max_attempts=1))
     optimizer = Optimizer(
         storage=optuna.storages.InMemoryStorage(),
         trainers=PacedTrainers(epochs=2),
@@ -137,7 +142,8 @@ async def console_stack(folder: Path) -> AsyncIterator[ConsoleStack]:
             optimizer_address=server.address, judge_address=judge.address, host="127.0.0.1"
         ),
         port=0,
-        client=ClientSettings(max_attempts=1, default_timeout=10),
+        client=ClientSettings(token=auth_token, max_attempts=1, default_timeout=10),
+        auth_token=auth_token,
     )
     try:
         yield ConsoleStack(base=f"http://127.0.0.1:{console.port}", optimizer=optimizer)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -31,7 +32,7 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def wait_serving(address: str, service: str, proc: subprocess.Popen[str], seconds: float) -> None:
+def wait_serving(address: str, service: str, proc: subprocess.Popen[Any], seconds: float) -> None:
     deadline = time.monotonic() + seconds
     with grpc.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -69,6 +70,8 @@ def test_up_serves_a_study_from_tune_and_stops_on_ctrl_c(tmp_path: Path) -> None
         COLUMNS="200",
     )
     env.pop("LORATUNE_OPTIMIZER_ADDRESS", None)
+    # Its log goes to a file: a pipe nobody reads until the end fills up and blocks it.
+    log = tmp_path / "up.log"
     up = subprocess.Popen(
         [
             *(sys.executable, "-m", "services.cli.main", "up"),
@@ -78,9 +81,8 @@ def test_up_serves_a_study_from_tune_and_stops_on_ctrl_c(tmp_path: Path) -> None
             *("--metrics-port-base", "-1", "--artifact-root", str(root)),
         ],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log.open("w"),
         stderr=subprocess.STDOUT,
-        text=True,
     )
     address = f"127.0.0.1:{optimizer}"
     try:
@@ -105,11 +107,13 @@ def test_up_serves_a_study_from_tune_and_stops_on_ctrl_c(tmp_path: Path) -> None
         assert (published / "adapter_model.safetensors").is_file()
         assert (root / "optuna.db").is_file()
         up.send_signal(signal.SIGINT)
-        output, _ = up.communicate(timeout=60)
+        up.wait(timeout=60)
     except BaseException:
         up.kill()
-        print(up.communicate()[0])
+        up.wait()
+        print(log.read_text())
         raise
+    output = log.read_text()
     assert up.returncode == 0, output
     for port in (optimizer, trainer, evaluator, judge):
         assert f"127.0.0.1:{port}" in output  # the table of addresses

@@ -29,9 +29,19 @@ function num(value, digits = 4) {
   return typeof value === "number" ? value.toFixed(digits) : "-";
 }
 
+// Where the console asks for LORATUNE_AUTH_TOKEN: the browser signs in once (a cookie).
+function signIn() {
+  const here = window.location.pathname + window.location.search;
+  window.location.assign(`/sign-in?next=${encodeURIComponent(here)}`);
+}
+
 async function getJson(path, options) {
   const response = await fetch(API + path, options);
   const body = await response.json().catch(() => ({}));
+  if (response.status === 401) {
+    signIn();
+    throw new Error("Signing in: this console asks for its access token.");
+  }
   if (!response.ok) {
     const message = (body.error && body.error.message) || `HTTP ${response.status}`;
     throw new Error(message);
@@ -90,12 +100,16 @@ async function projectsView(main) {
 
 // ---- one project: launch and its studies --------------------------------------------------
 
-async function launch(body) {
-  return getJson("/fine-tuning", {
+function post(path, body) {
+  return getJson(path, {
     method: "POST",
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify(body),
   });
+}
+
+async function launch(body) {
+  return post("/fine-tuning", body);
 }
 
 async function judgeModels() {
@@ -381,12 +395,31 @@ async function studyView(main, studyId) {
   let shown = null; // the trial whose evaluation is shown; the best one by default
   const running = new Map(); // trial number -> {epoch, loss, objective}
   const summary = el("section", { id: "summary", "aria-live": "polite" });
+  const stopper = el("button", { type: "button", id: "cancel-study" }, "Cancel study");
+  const stopStatus = el("span", { id: "cancel-status", "aria-live": "polite" });
+  const controls = el("p", { id: "study-controls" }, stopper, " ", stopStatus);
   const live = el("section", { id: "running", "aria-live": "polite" });
   const body = el("div");
-  main.append(summary, live, body);
+  main.append(summary, controls, live, body);
+  // Cancelling asks first; running trials are stopped and the study ends CANCELLED, which
+  // the event stream then shows.
+  stopper.addEventListener("click", async () => {
+    if (!window.confirm(`Cancel study ${study.study_id}? Its running trials are stopped.`)) return;
+    stopper.disabled = true;
+    stopStatus.replaceChildren("Cancelling...");
+    try {
+      ({ study } = await post(`${path}:cancel`, {}));
+      stopStatus.replaceChildren();
+      render();
+    } catch (error) {
+      showError(stopStatus, error);
+      stopper.disabled = false;
+    }
+  });
   document.getElementById("title").textContent = `Study ${study.study_id}`;
 
   function render() {
+    controls.hidden = !LIVE.has(study.state);
     summary.replaceChildren(table(["", ""], [
       el("tr", null, el("th", { scope: "row" }, "project"),
         el("td", null, el("a", { href: `/projects/${encodeURIComponent(study.project_id)}` }, study.project_id))),

@@ -169,8 +169,14 @@ def excluded_note(excluded: Sequence[Mapping[str, Any]]) -> str:
         for c in excluded[:10]
     )
     more = f" and {len(excluded) - 10} more" if len(excluded) > 10 else ""
+    classes = f"{len(excluded)} class" if len(excluded) == 1 else f"{len(excluded)} classes"
+    head = (
+        f"{classes} not trained on (under MIN_SAMPLES_PER_CLASS training rows, "
+        f"or none): {shown}{more}."
+    )
+    if rows == 0:
+        return f"{head} They have no validation rows, so the evaluation does not score them."
     return (
-        f"{len(excluded)} classes not trained on (under MIN_SAMPLES_PER_CLASS training rows, "
-        f"or none): {shown}{more}. Their {rows} validation rows stay in the evaluation and "
+        f"{head} Their {rows} validation rows stay in the evaluation and "
         "count as misses, so f1_macro includes each such class at F1 0."
     )

@@ -10,11 +10,13 @@ import subprocess
 import sys
 import time
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.console.auth import SESSION_COOKIE, safe_next, session_value
 from tests.api.console.harness import TOKEN, Stack
 
 SEED = {"project_id": 123, "fine_tuning_params": {"use_llm_judge": True, "n_trials": 5}}
@@ -64,6 +66,103 @@ async def test_with_a_token_the_api_needs_it_and_forwards_it(
     assert "GET /api/v1/projects 401" in caplog.text
     assert "POST /api/v1/fine-tuning 201" in caplog.text
     assert TOKEN not in caplog.text and "not-the-token" not in caplog.text
+
+
+async def test_with_a_token_pages_need_a_signed_in_browser(
+    make_stack: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    stack: Stack = await make_stack(auth=True)
+    async with stack.client() as browser:
+        # Pages, the plain studies page included, send the browser to sign in first.
+        for path in ["/", "/projects", "/projects/123", "/studies/s1", "/studies/s1/live?x=1"]:
+            page = await browser.get(path)
+            assert page.status_code == 303, path
+            location = urlsplit(page.headers["Location"])
+            assert location.path == "/sign-in" and parse_qs(location.query) == {"next": [path]}
+        # What holds no data stays open.
+        for path in ["/sign-in", "/static/console.js", "/static/console.css", "/healthz"]:
+            assert (await browser.get(path)).status_code == 200, path
+        form = (await browser.get("/sign-in?next=/projects/123")).text
+        assert "name='next' value='/projects/123'" in form and "type='password'" in form
+
+        # A wrong token is refused on the page, and no cookie is set.
+        wrong = await browser.post("/sign-in", data={"token": "not-the-token", "next": "/"})
+        assert wrong.status_code == 401 and "not this console&#x27;s access token" in wrong.text
+        assert SESSION_COOKIE not in browser.cookies
+        # Another site cannot sign a browser in (or out of its session's protection).
+        elsewhere = await browser.post(
+            "/sign-in",
+            data={"token": TOKEN, "next": "/"},
+            headers={"Origin": "https://evil.example"},
+        )
+        assert elsewhere.status_code == 403 and SESSION_COOKIE not in browser.cookies
+
+        # The right one: a session cookie (an HMAC, not the token), back where it was going.
+        signed = await browser.post("/sign-in", data={"token": TOKEN, "next": "/projects/123"})
+        assert signed.status_code == 303 and signed.headers["Location"] == "/projects/123"
+        set_cookie = signed.headers["Set-Cookie"]
+        assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie
+        assert TOKEN not in set_cookie
+        assert browser.cookies[SESSION_COOKIE] == session_value(TOKEN)
+        shell = await browser.get("/projects")
+        assert shell.status_code == 200 and "action='/sign-out'" in shell.text
+        assert (await browser.get("/")).status_code == 200  # the plain page reaches the optimizer
+        # The API, the event stream included, takes the cookie; the token goes on to the services.
+        assert (await browser.get("/api/v1/projects")).status_code == 200
+        origin = {"Origin": stack.base}
+        created = await browser.post("/api/v1/fine-tuning", json=SEED, headers=origin)
+        assert created.status_code == 201, created.text
+        study_id = created.json()["study"]["study_id"]
+        async with browser.stream("GET", f"/api/v1/studies/{study_id}/events") as events:
+            assert events.status_code == 200
+        # A change asked for by another site's page, riding on the cookie, is refused.
+        forged = await browser.post(
+            f"/api/v1/studies/{study_id}:cancel", headers={"Origin": "https://evil.example"}
+        )
+        assert forged.status_code == 403 and forged.json()["error"]["code"] == "PERMISSION_DENIED"
+        cancelled = await browser.post(f"/api/v1/studies/{study_id}:cancel", headers=origin)
+        assert cancelled.status_code == 200
+
+        # Signing out ends the session.
+        out = await browser.post("/sign-out", headers=origin)
+        assert out.status_code == 303 and out.headers["Location"] == "/sign-in"
+        assert SESSION_COOKIE not in browser.cookies
+        assert (await browser.get("/api/v1/projects")).status_code == 401
+    # A forged cookie is no session.
+    async with stack.client() as forger:
+        forger.cookies.set(SESSION_COOKIE, session_value("guess"))
+        assert (await forger.get("/api/v1/projects")).status_code == 401
+    # The services' own log lines (not the HTTP client's debug log of what it received).
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("services"))
+    assert "GET /projects 303" in ours and "POST /sign-in 401" in ours
+    assert TOKEN not in ours and session_value(TOKEN) not in ours
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("/studies/s1/live", "/studies/s1/live"),
+        ("/projects?x=1", "/projects?x=1"),
+        (None, "/projects"),
+        ("", "/projects"),
+        ("https://evil.example/", "/projects"),
+        ("//evil.example/x", "/projects"),
+        ("/\\evil.example", "/projects"),
+        ("/a\r\nSet-Cookie: x=1", "/projects"),
+        ("/" + "a" * 600, "/projects"),
+    ],
+)
+def test_sign_in_only_returns_to_this_console(given: str | None, expected: str) -> None:
+    assert safe_next(given) == expected
+
+
+async def test_without_a_token_sign_in_is_not_needed(stack: Stack) -> None:
+    async with stack.client() as browser:
+        page = await browser.get("/sign-in?next=/projects/123")
+        assert page.status_code == 303 and page.headers["Location"] == "/projects/123"
+        shell = await browser.get("/projects")
+        assert shell.status_code == 200 and "sign-out" not in shell.text
 
 
 async def test_without_a_token_the_api_is_open(stack: Stack) -> None:

@@ -41,3 +41,21 @@ async def test_memory_is_bounded_per_study_and_freed_after_the_study_ends() -> N
     assert bus.has_events("long")
     await asyncio.sleep(0.1)
     assert not bus.has_events("long") and bus.size() == 0
+
+
+def test_the_excluded_note_says_what_the_objective_does_with_each_class() -> None:
+    from services.optimizer.core.views import excluded_note
+
+    assert excluded_note([]) == ""
+    scored = excluded_note([{"label": "rare", "train_rows": 2, "validation_rows": 1}])
+    assert scored.startswith("1 class not trained on")
+    assert "rare (2 train / 1 validation rows)" in scored
+    assert "Their 1 validation rows stay in the evaluation" in scored
+    unseen = excluded_note(
+        [
+            {"label": "a", "train_rows": 2, "validation_rows": 0},
+            {"label": "b", "train_rows": 1, "validation_rows": 0},
+        ]
+    )
+    assert unseen.startswith("2 classes not trained on")
+    assert unseen.endswith("They have no validation rows, so the evaluation does not score them.")
