@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 SMOLLM2_VERSION ?= 0.1.2
 PYTEST_ARGS ?= -m "not external"
 
-.PHONY: install test lint typecheck protos protos-check pytest browser demo serve-evaluator bench clean
+.PHONY: install test lint typecheck protos protos-check pytest browser prometheus demo serve-evaluator bench clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -47,7 +47,18 @@ browser:
 		    apt-get install -y --no-install-recommends chromium >/dev/null 2>&1; }; } || \
 		echo "chromium could not be installed: the console's browser test will skip"
 
-pytest: install browser
+# Debian's prometheus for promtool (`promtool check rules` / `promtool test rules` on the alert
+# rules) and for the test where a real Prometheus scrapes `loratune up` during a study
+# (tests/unit/monitoring, tests/integration/test_prometheus_scrape.py): installed when missing
+# and this runs as root; a failure only makes those tests skip.
+prometheus:
+	@{ [ -x /usr/bin/promtool ] && [ -x /usr/bin/prometheus ]; } || [ "$$(id -u)" != 0 ] || \
+		{ apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1 || \
+		  { apt-get update -qq >/dev/null 2>&1 && \
+		    apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1; }; } || \
+		echo "prometheus could not be installed: the promtool and Prometheus tests will skip"
+
+pytest: install browser prometheus
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck protos-check pytest

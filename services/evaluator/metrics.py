@@ -11,6 +11,16 @@ from services.evaluator.core.bertscore import BertScoreResult
 _EVALUATIONS = Counter(
     "loratune_evaluator_evaluations_total", "Evaluations completed.", ["task_type"]
 )
+# task: classification | generation (TaskType values); both exist from the start.
+_EVALUATION_SECONDS = Histogram(
+    "loratune_evaluator_evaluation_seconds",
+    "Time to evaluate one request (BERTScore and the judge included), by task.",
+    ["task"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+for _task in ("classification", "generation"):
+    _EVALUATION_SECONDS.labels(task=_task)
+    _EVALUATIONS.labels(task_type=_task)
 _BERTSCORE_SECONDS = Histogram(
     "loratune_evaluator_bertscore_seconds",
     "Time spent computing BERTScore for one evaluation.",
@@ -55,6 +65,7 @@ class EvaluatorMetrics:
     """Handles on the evaluator's metrics, passed to the core."""
 
     evaluations: Counter = _EVALUATIONS
+    evaluation_seconds: Histogram = _EVALUATION_SECONDS
     bertscore_seconds: Histogram = _BERTSCORE_SECONDS
     bertscore_pairs: Counter = _BERTSCORE_PAIRS
     bertscore_rescaled: Counter = _BERTSCORE_RESCALED

@@ -39,3 +39,17 @@ CIRCUIT_OPEN = Gauge(
     "1 while the breaker of the judge model's provider is open.",
     ["judge_model_id"],
 )
+
+
+def declare_models(model_ids: list[str], outcomes: list[str], retry_reasons: list[str]) -> None:
+    """Creates every label set of the registered judge models at 0 (none is reset)."""
+    for model_id in model_ids:
+        CIRCUIT_OPEN.labels(judge_model_id=model_id)
+        REQUEST_DURATION.labels(judge_model_id=model_id)
+        PROVIDER_LATENCY.labels(judge_model_id=model_id)
+        for outcome in outcomes:
+            REQUESTS.labels(judge_model_id=model_id, outcome=outcome)
+        for kind in ("input", "output"):
+            TOKENS.labels(judge_model_id=model_id, type=kind)
+        for reason in retry_reasons:
+            RETRIES.labels(judge_model_id=model_id, reason=reason)

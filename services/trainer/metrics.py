@@ -30,3 +30,15 @@ TOKENIZATION_CACHE_HITS = Counter(
 TOKENIZATION_CACHE_MISSES = Counter(
     "loratune_trainer_tokenization_cache_misses_total", "Jobs that tokenised their dataset."
 )
+SAMPLES = Counter(
+    "loratune_trainer_samples_total",
+    "Training rows processed by optimizer steps (rate() is the throughput over any window).",
+)
+GENERATED_TOKENS = Counter(
+    "loratune_trainer_generated_tokens_total",
+    "Tokens generated for validation predictions (generation tasks).",
+)
+GENERATION_TOKENS_PER_SECOND = Gauge(
+    "loratune_trainer_generation_tokens_per_second",
+    "Generation speed of the last validation pass (generated tokens / its seconds).",
+)

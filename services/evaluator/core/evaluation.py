@@ -173,6 +173,7 @@ class Evaluator:
             result = await self._generation(request, deadline_seconds)
         seconds = time.perf_counter() - started
         self._metrics.evaluations.labels(task_type=request.task.value).inc()
+        self._metrics.evaluation_seconds.labels(task=request.task.value).observe(seconds)
         return dataclasses.replace(result, seconds=seconds)
 
     async def _classification(self, request: EvaluationInput) -> Evaluation:

@@ -183,6 +183,13 @@ class JudgeGateway:
         self._rng = rng or random.Random()
         self._slots: dict[tuple[str, ...], _Slot] = {}
         self._overall: asyncio.Semaphore | None = None
+        # Every registered model's series exist from the start (at 0): rates, ratios and
+        # the circuit alert work before the first item is judged.
+        metrics.declare_models(
+            [m.spec.id for m in registry.models()],
+            [o.value for o in Outcome],
+            [k.value for k in ProviderErrorKind if k.retryable],
+        )
 
     def list_models(self) -> list[ModelInfo]:
         """Every registered model and whether it has its credentials."""

@@ -116,7 +116,10 @@ class TrialLifecycle:
             # Never dispatched: this exact configuration ran out of memory before. Counted, so
             # a space whose every configuration runs out of memory ends instead of looping.
             await self.tell_fail(
-                study, trial.number, "skipped: this configuration ran out of memory"
+                study,
+                trial.number,
+                "skipped: this configuration ran out of memory",
+                kind="oom_skipped",
             )
             return Outcome(trial.number)
         hyper = hyperparameters(spec, params, self._defaults)
@@ -161,13 +164,17 @@ class TrialLifecycle:
             await self._trainers.start(address, job)
         except ResourceExhausted:
             metrics.DISPATCH_ERRORS.labels(reason="busy").inc()
-            return await self.interrupted(study, number, f"trainer {address} was busy")
+            return await self.interrupted(
+                study, number, f"trainer {address} was busy", kind="trainer_busy"
+            )
         except Unavailable as err:
             metrics.DISPATCH_ERRORS.labels(reason="unavailable").inc()
-            return await self.interrupted(study, number, f"trainer {address} unavailable: {err}")
+            return await self.interrupted(
+                study, number, f"trainer {address} unavailable: {err}", kind="trainer_unavailable"
+            )
         except InvalidArgument as err:
             metrics.DISPATCH_ERRORS.labels(reason="invalid").inc()
-            await self.tell_fail(study, number, str(err))
+            await self.tell_fail(study, number, str(err), kind="trainer_refused")
             await self._store.update(study.study_name, fatal=f"the trainer refused the job: {err}")
             return Outcome(number)
         return await self._follow(self._run_of(study, spec, frozen, job_id, address, attempt))
@@ -230,11 +237,14 @@ class TrialLifecycle:
                     # stream when it died: not the trial's fault; its parameters run again.
                     metrics.DISPATCH_ERRORS.labels(reason="trainer_lost").inc()
                     return await self.interrupted(
-                        study, number, f"trainer {run.address} lost: {err}"
+                        study, number, f"trainer {run.address} lost: {err}", kind="trainer_lost"
                     )
                 if event is None:
                     return await self.interrupted(
-                        study, number, f"trainer {run.address} stopped answering"
+                        study,
+                        number,
+                        f"trainer {run.address} stopped answering",
+                        kind="trainer_lost",
                     )
                 if isinstance(event, JobDataPrepared) and event.excluded:
                     excluded = await self._record_excluded(run, event)
@@ -251,7 +261,9 @@ class TrialLifecycle:
                     except LoratuneError as err:
                         # The evaluator refused (a bad judge, bad input) or stayed away past the
                         # retry budget: the study cannot be scored, so it stops with the reason.
-                        await self.tell_fail(study, number, f"evaluation failed: {err}")
+                        await self.tell_fail(
+                            study, number, f"evaluation failed: {err}", kind="evaluation"
+                        )
                         await self._store.update(
                             study.study_name, fatal=f"evaluation failed: {err}"
                         )
@@ -295,7 +307,10 @@ class TrialLifecycle:
                 elif isinstance(event, JobCompleted):
                     if not epochs:
                         await self.tell_fail(
-                            study, number, "the job completed without an evaluation"
+                            study,
+                            number,
+                            "the job completed without an evaluation",
+                            kind="no_evaluation",
                         )
                         return Outcome(number)
                     best = results.best_epoch(epochs)
@@ -313,14 +328,19 @@ class TrialLifecycle:
                         )
                     await self._store.run(study.tell, number, best.evaluation.objective)
                     await self._finished(study, number, started, "complete")
+                    await self._completed(run, best.evaluation.objective)
                     return Outcome(number)
                 elif isinstance(event, JobFailed):
                     if event.reason == "SHUTDOWN":
                         return await self.interrupted(
-                            study, number, f"trainer {run.address} shut down: {event.message}"
+                            study,
+                            number,
+                            f"trainer {run.address} shut down: {event.message}",
+                            kind="trainer_shutdown",
                         )
                     await self._job_failed(run, event)
-                    await self._finished(study, number, started, "fail")
+                    # Counted by tell_fail (with the failure's reason); timed and published here.
+                    await self._finished(study, number, started, "fail", count=False)
                     return Outcome(number)
         finally:
             await events.aclose()  # type: ignore[attr-defined]
@@ -347,19 +367,25 @@ class TrialLifecycle:
             record = await self._store.record(study.study_name)
             key = json.dumps(run.params, sort_keys=True)
             await self._store.update(study.study_name, oom_configs=[*record.oom_configs, key])
-            await self.tell_fail(study, number, message)
+            await self.tell_fail(study, number, message, kind="out_of_memory")
         elif failed.reason == "INVALID_INPUT":
-            await self.tell_fail(study, number, message)
+            await self.tell_fail(study, number, message, kind="invalid_input")
             await self._store.update(
                 study.study_name, fatal=f"the trainer cannot use the data: {failed.message}"
             )
         elif failed.reason == "INTERNAL":
             await self._retry(run, message)
         else:
-            await self.tell_fail(study, number, message)
+            kind = "nan_loss" if failed.reason == "NAN_LOSS" else "other"
+            await self.tell_fail(study, number, message, kind=kind)
 
-    async def interrupted(self, study: optuna.Study, number: int, reason: str) -> Outcome:
-        """The trial stopped through no fault of its own: it runs again, uncounted (bounded)."""
+    async def interrupted(
+        self, study: optuna.Study, number: int, reason: str, *, kind: str = "trainer_lost"
+    ) -> Outcome:
+        """The trial stopped through no fault of its own: it runs again, uncounted (bounded).
+
+        ``kind`` is the reason's label on the re-runs counter (``INTERRUPTION_REASONS``).
+        """
         trial = await self._store.trial(study, number)
         if trial.state.is_finished():
             return Outcome(number)
@@ -367,7 +393,10 @@ class TrialLifecycle:
         interruptions = int(attrs.get("interruptions", 0)) + 1
         if interruptions > self._options.max_trial_interruptions:
             await self.tell_fail(
-                study, number, f"interrupted {interruptions} times; last: {reason}"
+                study,
+                number,
+                f"interrupted {interruptions} times; last: {reason}",
+                kind="interrupted_too_often",
             )
             return Outcome(number)
         await self._store.set_trial_attrs(
@@ -379,29 +408,46 @@ class TrialLifecycle:
             trainer="",
             job_id="",
         )
-        metrics.TRIAL_INTERRUPTIONS.inc()
+        label = kind if kind in metrics.INTERRUPTION_REASONS else "trainer_lost"
+        metrics.TRIAL_INTERRUPTIONS.labels(reason=label).inc()
         logger.warning("Trial %d interrupted (%s); it runs again", number, reason)
         return Outcome(number, interrupted=True)
 
     async def tell_fail(
-        self, study: optuna.Study, number: int, reason: str, *, count: bool = True
+        self,
+        study: optuna.Study,
+        number: int,
+        reason: str,
+        *,
+        count: bool = True,
+        kind: str = "other",
     ) -> None:
-        """Marks the trial FAIL with `reason`; a counted failure brings the study's limit near."""
+        """Marks the trial FAIL with `reason`; a counted failure brings the study's limit near.
+
+        A counted failure is a ``fail`` on the trials counter with ``kind`` (one of
+        ``FAILURE_REASONS``) on the failures counter; an uncounted one (its study was
+        cancelled) is ``cancelled``.
+        """
         trial = await self._store.trial(study, number)
         if trial.state.is_finished():
             return
         await self._store.set_trial_attrs(study, trial._trial_id, failure_reason=reason)
         await self._store.run(study.tell, number, state=optuna.trial.TrialState.FAIL)
         logger.warning("Trial %d failed: %s", number, reason)
-        if count:
-            record = await self._store.record(study.study_name)
-            await self._store.update(
-                study.study_name, failures=record.failures + 1, last_failure=reason
-            )
+        if not count:
+            metrics.TRIALS.labels(state="cancelled").inc()
+            return
+        metrics.TRIALS.labels(state="fail").inc()
+        metrics.TRIAL_FAILURES.labels(reason=metrics.failure_label(kind)).inc()
+        metrics.trial_ended(study.study_name)
+        record = await self._store.record(study.study_name)
+        await self._store.update(
+            study.study_name, failures=record.failures + 1, last_failure=reason
+        )
 
     async def _retry(self, run: TrialRun, reason: str) -> None:
         """Records the trial FAIL (counted) and enqueues its parameters again (bounded)."""
-        await self.tell_fail(run.study, run.number, reason)
+        await self.tell_fail(run.study, run.number, reason, kind="internal")
         if run.attempt < self._options.max_trial_attempts:
             await self._store.run(
                 run.study.enqueue_trial, run.params, user_attrs={"attempt": run.attempt + 1}
@@ -410,8 +456,27 @@ class TrialLifecycle:
                 "re-enqueued the parameters of trial %d (attempt %d)", run.number, run.attempt + 1
             )
 
-    async def _finished(self, study: optuna.Study, number: int, started: float, state: str) -> None:
-        metrics.TRIALS.labels(state=state).inc()
+    async def _finished(
+        self, study: optuna.Study, number: int, started: float, state: str, *, count: bool = True
+    ) -> None:
+        if count:
+            metrics.TRIALS.labels(state=state).inc()
+            metrics.trial_ended(study.study_name)
         metrics.TRIAL_DURATION.observe(time.monotonic() - started)
         trial = await self._store.trial(study, number)
         self._bus.publish(study.study_name, TrialFinished(await self._store.run(trial_view, trial)))
+
+    async def _completed(self, run: TrialRun, value: float) -> None:
+        """The objective histogram and the study's best-so-far gauge."""
+        best = await self._store.run(_best_value, run.study)
+        metrics.trial_completed(
+            run.study.study_name, run.spec.objective_name, value, value if best is None else best
+        )
+
+
+def _best_value(study: optuna.Study) -> float | None:
+    """The study's best value, None while no trial is COMPLETE."""
+    try:
+        return float(study.best_value)
+    except ValueError:
+        return None

@@ -116,6 +116,9 @@ class Optimizer:
         self._creation = StudyCreation(judges, defaults, self.projects)
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._cancelled: set[str] = set()
+        # Per running study: its trials on a trainer, and those it would start but cannot.
+        self._running_trials: dict[str, int] = {}
+        self._waiting_trials: dict[str, int] = {}
 
     # ---- creating ----------------------------------------------------------------------
 
@@ -272,6 +275,10 @@ class Optimizer:
             study_id, sampler(spec.sampler, seed=spec.dataset.seed), pruner(spec.pruner)
         )
         n_trials = spec.fine_tuning.n_trials
+        if record.state == "RUNNING":  # resumed after a restart
+            complete = await self.store.trials(study_id, (optuna.trial.TrialState.COMPLETE,))
+            values = [t.value for t in complete if t.value is not None]
+            metrics.study_running(study_id, max(values, default=None), spec.objective_name)
         running: dict[asyncio.Task[Outcome], str] = {}
         # Trials interrupted through no fault of their own, waiting for a trainer to run on.
         pending: list[int] = []
@@ -311,15 +318,21 @@ class Optimizer:
                 limit = spec.max_parallel_trials or 1_000
                 address: str | None = None
                 wanted = pending or finished + len(running) < n_trials
+                starved = 0
                 if wanted and len(running) < limit:
                     address = await self.pool.acquire()
+                    if address is None:
+                        unstarted = len(pending) + max(0, n_trials - finished - len(running))
+                        starved = max(0, min(limit - len(running), unstarted))
                     if address is None and not running and not waiting_said:
                         logger.info("study %s waits for an idle trainer", study_id)
                         waiting_said = True
+                self._count_trials(study_id, len(running) + (address is not None), starved)
                 if address is not None:
                     waiting_said = False
                     if record.state == "QUEUED":
                         await self.store.update(study_id, state="RUNNING", start_time=_now())
+                        metrics.study_running(study_id)
                         await self._update_study_gauge()
                     if pending:
                         work = self._trials.dispatch(study, spec, pending.pop(0), address)
@@ -352,6 +365,18 @@ class Optimizer:
         finally:
             for address in running.values():
                 self.pool.release(address)
+            self._running_trials.pop(study_id, None)
+            self._waiting_trials.pop(study_id, None)
+            self._set_trial_gauges()
+
+    def _count_trials(self, study_id: str, running: int, waiting: int) -> None:
+        self._running_trials[study_id] = running
+        self._waiting_trials[study_id] = waiting
+        self._set_trial_gauges()
+
+    def _set_trial_gauges(self) -> None:
+        metrics.TRIALS_RUNNING.set(sum(self._running_trials.values()))
+        metrics.TRIALS_WAITING.set(sum(self._waiting_trials.values()))
 
     # ---- endings -----------------------------------------------------------------------
 
@@ -388,6 +413,7 @@ class Optimizer:
         await self._finish(study_id)
 
     async def _finish(self, study_id: str) -> None:
+        metrics.forget_study(study_id)
         self.bus.publish(study_id, StudyFinished(await self.get_study(study_id)))
         await self._update_study_gauge()
 

@@ -16,6 +16,8 @@ class TrainerPool:
         self._trainers = trainers
         self._in_use: set[str] = set()
         self._lock = asyncio.Lock()
+        # What the last look at the pool found (the loratune_optimizer_trainers gauge).
+        self._counts = {"idle": 0, "busy": 0, "unreachable": 0}
 
     async def acquire(self) -> str | None:
         """An idle trainer's address, now marked in use; None when there is none."""
@@ -40,9 +42,8 @@ class TrainerPool:
                 self._in_use.add(chosen)
                 idle -= 1
                 busy += 1
-            metrics.TRAINERS.labels(state="idle").set(idle)
-            metrics.TRAINERS.labels(state="busy").set(busy)
-            metrics.TRAINERS.labels(state="unreachable").set(unreachable)
+            self._counts = {"idle": idle, "busy": busy, "unreachable": unreachable}
+            self._publish()
             return chosen
 
     def claim(self, address: str) -> None:
@@ -50,8 +51,17 @@ class TrainerPool:
         self._in_use.add(address)
 
     def release(self, address: str) -> None:
-        """The trainer is free again."""
-        self._in_use.discard(address)
+        """The trainer is free again (the gauges say so until the next look at the pool)."""
+        if address in self._in_use:
+            self._in_use.discard(address)
+            if self._counts["busy"] > 0:
+                self._counts["busy"] -= 1
+                self._counts["idle"] += 1
+                self._publish()
+
+    def _publish(self) -> None:
+        for state, count in self._counts.items():
+            metrics.TRAINERS.labels(state=state).set(count)
 
     async def reachable(self) -> int:
         """How many trainers answer."""
