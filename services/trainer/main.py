@@ -25,6 +25,7 @@ def loop_options(settings: TrainerSettings) -> LoopOptions:
     return LoopOptions(
         linear_probe=settings.trainer_linear_probe,
         head_only_fraction=settings.trainer_head_only_fraction,
+        cpu_bf16={"auto": None, "true": True, "false": False}[settings.trainer_cpu_bf16],
     )
 
 

@@ -57,6 +57,7 @@ __all__ = [
     "autocast_dtype",
     "base_model_info",
     "check_base_model",
+    "cpu_has_native_bf16",
     "cuda_broken",
     "default_device",
     "default_pooling",
@@ -148,13 +149,47 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The mixed-precision dtype for this device: bfloat16 on CUDA that has it, else none (fp32).
+_NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+_native_bf16: bool | None = None
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16 in its flags).
+
+    There torch's bfloat16 matrix products run several times faster than float32 ones
+    (AMX: about 8x on one core, measured on 384x384x1536); elsewhere bfloat16 is
+    emulated and slower. False where the flags cannot be read (not Linux).
+    """
+    global _native_bf16
+    if _native_bf16 is None or cpuinfo != Path("/proc/cpuinfo"):
+        try:
+            text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            found = False
+        else:
+            flags: set[str] = set()
+            for line in text.splitlines():
+                if line.startswith("flags"):
+                    flags.update(line.partition(":")[2].split())
+                    break
+            found = bool(flags & _NATIVE_BF16_FLAGS)
+        if cpuinfo != Path("/proc/cpuinfo"):
+            return found
+        _native_bf16 = found
+    return _native_bf16
+
+
+def autocast_dtype(device: torch.device, *, cpu_bf16: bool | None = False) -> torch.dtype | None:
+    """The mixed-precision dtype for this device: bfloat16 on CUDA that has it; on the CPU,
+    bfloat16 when ``cpu_bf16`` is True, or None and the CPU has native bfloat16; else none.
 
     float16 is not offered: it would need a gradient scaler, and GPUs without bfloat16 are
-    rare enough that plain float32 is the safer fallback.
+    rare enough that plain float32 is the safer fallback. Weights are loaded in this dtype
+    on CUDA only (``cpu_bf16`` is for autocast: a CPU job keeps float32 weights).
     """
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.type == "cpu" and (cpu_has_native_bf16() if cpu_bf16 is None else cpu_bf16):
         return torch.bfloat16
     return None
 

@@ -158,6 +158,10 @@ class LoopOptions:
     # head trains at the adapter's rate.
     head_lr_multiplier: float = 10.0
     head_min_learning_rate: float = 5e-3
+    # bfloat16 autocast on the CPU: None = where the CPU has it natively (AVX512-BF16 or
+    # AMX), True / False = always / never. Weights, gradients and the optimizer stay
+    # float32; the matrix products run in bfloat16 (models.autocast_dtype).
+    cpu_bf16: bool | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.head_only_fraction < 1.0:  # NaN fails too
