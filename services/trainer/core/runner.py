@@ -66,7 +66,7 @@ class LocalRunner:
         options: LoopOptions = DEFAULT_LOOP_OPTIONS,
     ) -> None:
         self._options = options
-        self._models = BaseModelCache(device)
+        self._models = BaseModelCache(device, cpu_bf16=options.cpu_bf16)
         self._tokens = TokenizationCache(max(tokenization_cache_entries, 1))
         self._probe_features = ProbeFeatureCache(entries=2)
 

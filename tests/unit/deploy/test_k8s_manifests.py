@@ -238,6 +238,7 @@ def test_the_study_job_uses_real_tune_options(submit_job: dict[str, Any]) -> Non
         assert flag in help_text, flag
     assert args[args.index("--optimizer") + 1] == "loratune-optimizer:50051"
     assert int(args[args.index("--project") + 1]) == 123
+    assert "--wait" in args  # the exit code says whether the study completed
     env = {e["name"]: e for e in main["env"]}
     assert env["LORATUNE_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {
         "name": "loratune-secrets",

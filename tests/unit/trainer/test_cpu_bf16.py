@@ -115,3 +115,25 @@ def test_bf16_on_the_cpu_trains_minilm_to_the_same_quality(minilm_dir: Path) -> 
     assert bf16_losses[-1] < bf16_losses[0] or bf16_losses[-1] < 0.05
     assert bf16_losses[-1] == pytest.approx(fp32_losses[-1], abs=0.05)
     assert fp32_accuracy >= 0.9 and bf16_accuracy >= fp32_accuracy - 1 / 24
+
+
+def test_a_bf16_cache_holds_the_frozen_base_in_bf16_and_trains_in_float32(
+    minilm_dir: Path,
+) -> None:
+    cache = BaseModelCache("cpu", cpu_bf16=True)
+    losses, accuracy = _train(minilm_dir, cache, cpu_bf16=True)
+    model = cache.acquire(
+        make_spec(minilm_dir, Task.CLASSIFICATION), ["negative", "positive"]
+    ).model
+    frozen = {
+        p.dtype
+        for name, p in model.named_parameters()
+        if not p.requires_grad and "classifier" not in name
+    }
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16}  # the encoder; the head is float32 throughout
+    # LoRA and the head train in float32 (AdamW on bfloat16 weights loses small updates).
+    assert trainable == {torch.float32}
+    assert losses[-1] < losses[0] or losses[-1] < 0.05
+    assert accuracy >= 0.9
+    cache.release()

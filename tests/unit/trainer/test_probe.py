@@ -307,3 +307,38 @@ def test_probe_only_is_the_frozen_baseline_as_a_job(minilm_dir: Path, tmp_path: 
     with pytest.raises(InvalidArgument) as caught:
         validate_parameters(generation)
     assert caught.value.field == "hyperparameters.training.probe_only"
+
+
+def test_the_probe_embeds_without_computing_the_fresh_adapter(minilm_dir: Path) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    cache, prepared, batch = _one_batch(minilm_dir)
+    model = prepared.model
+    head = final_linear(model, 2)
+    assert head is not None
+    lora_calls: list[str] = []
+    hooks = [
+        module.register_forward_hook(lambda *_: lora_calls.append("lora_A"))
+        for name, module in model.named_modules()
+        if name.endswith("lora_A.default")
+    ]
+    assert hooks
+    amp = loop._autocast(prepared.device)
+    skipped = probe_module._embed(model, head, [batch], prepared.device, amp, lambda: False)
+    assert skipped is not None and not lora_calls  # no LoRA matrix was computed
+    # ... and the LoRA layers are back on for training, their gradients untouched.
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and not any(m.disable_adapters for m in layers)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    # A fresh adapter adds exactly nothing: the features are those the adapter gives.
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    handle.remove()
+    for hook in hooks:
+        hook.remove()
+    assert lora_calls  # this pass did go through the adapter
+    torch.testing.assert_close(skipped[0], captured[0].float(), rtol=0, atol=0)
+    cache.release()
