@@ -207,7 +207,10 @@ def job_spec(
 
 def loop_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LoopOptions:
     """The trainer's loop options with this run's ablation flags applied."""
-    changes: dict[str, Any] = {"linear_probe": not args.no_probe}
+    changes: dict[str, Any] = {
+        "linear_probe": not args.no_probe,
+        "cpu_bf16": {"auto": None, "on": True, "off": False}[args.cpu_bf16],
+    }
     for option, value in (
         ("head_lr_multiplier", args.head_lr_multiplier),
         ("head_min_learning_rate", args.head_min_lr),
@@ -350,6 +353,13 @@ def main() -> None:
         action="store_true",
         help="ablation: no linear probe of the fresh head before fine-tuning (it then trains "
         "at the head learning rate below)",
+    )
+    parser.add_argument(
+        "--cpu-bf16",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="bfloat16 autocast on the CPU (LORATUNE_TRAINER_CPU_BF16; auto = where the CPU "
+        "has it natively, as the trainer ships)",
     )
     parser.add_argument(
         "--base-dropout",

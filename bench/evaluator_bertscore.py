@@ -114,6 +114,12 @@ def run_library(
     return time.perf_counter() - started, f1s
 
 
+def _spin() -> None:
+    """A neighbour that keeps one core busy."""
+    while True:
+        pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000, help="texts per evaluation")
@@ -122,8 +128,33 @@ def main() -> None:
         "--model", default="", help="model path or hub name (default: packaged all-MiniLM-L6-v2)"
     )
     parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for both sides; 0 = what the services choose "
+        "(services.common.threads: OMP_NUM_THREADS, else affinity capped by the cgroup quota)",
+    )
+    parser.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        help="start this many busy-looping processes first: contention, as from a "
+        "neighbour on the node",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import multiprocessing
+
+    import torch
+
+    from services.common.threads import configure_torch_threads
+
+    configure_torch_threads(args.threads)
+    busy = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.busy)]
+    for process in busy:
+        process.start()
+    print(f"torch threads {torch.get_num_threads()}, {args.busy} busy neighbour process(es)")
     model = args.model or packaged_minilm_path()
     refs = references(args.n)
     trials = [generations(refs, t) for t in range(args.trials)]
@@ -135,9 +166,11 @@ def main() -> None:
     ours, ours_f1 = asyncio.run(run_service(model, args.layers, refs, trials))
     print(f"loratune evaluator (gRPC service): {ours:8.2f} s")
     theirs, lib_f1 = run_library(model, args.layers, refs, trials)
-    print(f"bert_score.score (10 calls)      : {theirs:8.2f} s")
+    print(f"bert_score.score ({len(trials)} calls)       : {theirs:8.2f} s")
     diff = max(abs(a - b) for a, b in zip(ours_f1, lib_f1, strict=True))
     print(f"speed-up: {theirs / ours:.2f}x   max |F1 difference| = {diff:.2e}")
+    for process in busy:
+        process.terminate()
 
 
 if __name__ == "__main__":

@@ -667,6 +667,12 @@ def main() -> None:
         "careful-bf16 (careful with TrainingArguments(bf16=True) on the CPU too)",
     )
     parser.add_argument(
+        "--only",
+        type=lambda text: [c.strip() for c in text.split(",") if c.strip()],
+        default=[],
+        help="run only these cases, by number (e.g. 1,5); default: every case the flags enable",
+    )
+    parser.add_argument(
         "--cpu-bf16",
         choices=("auto", "on", "off"),
         default="auto",
@@ -789,6 +795,8 @@ def main() -> None:
                         hf_model_dir=dense,
                     )
                 )
+        if args.only:
+            cases = [c for c in cases if c.title.split(".", 1)[0] in args.only]
         for case in cases:
             compare(case, args, device, tmp)
             # The next case may be on another model: nothing of this one stays in memory.

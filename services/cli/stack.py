@@ -21,6 +21,7 @@ from services.common.server import (
     serve_until_signal,
     start_server,
 )
+from services.common.threads import configure_torch_threads
 
 if TYPE_CHECKING:
     from services.console.main import RunningConsole
@@ -231,7 +232,9 @@ async def serve_stack(options: StackOptions, console: Console) -> int:
     The settings come from the environment (token, TLS, reflection, grace period), as for
     any service; the signal handling is the services' own (``serve_until_signal``).
     """
-    stack = LocalStack(options, CommonSettings(), ClientSettings.from_env(), with_console=True)
+    common = CommonSettings()
+    configure_torch_threads(common.torch_threads)  # the trainer's and the evaluator's pool
+    stack = LocalStack(options, common, ClientSettings.from_env(), with_console=True)
 
     async def start() -> LocalStack:
         await stack.start()

@@ -41,6 +41,9 @@ class CommonSettings(BaseSettings):
     shutdown_drain_seconds: float = Field(default=0.0, ge=0)
     max_message_bytes: int = Field(default=64 * 2**20, gt=0)
     host: str = "0.0.0.0"
+    # torch's intra-op threads in the trainer and the evaluator; 0 = from OMP_NUM_THREADS
+    # when set, else the CPUs the process may use (affinity capped by the cgroup quota).
+    torch_threads: int = Field(default=0, ge=0)
 
     @field_validator("log_format", mode="before")
     @classmethod

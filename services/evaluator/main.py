@@ -8,6 +8,7 @@ from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from services.common.client import ClientSettings, create_channel
 from services.common.config import CommonSettings
 from services.common.server import ServiceDefinition, run
+from services.common.threads import configure_torch_threads
 from services.evaluator.api.servicer import EvaluatorServicer
 from services.evaluator.config import EvaluatorSettings
 from services.evaluator.core.bertscore import (
@@ -103,6 +104,7 @@ def service_definition(evaluator: Evaluator) -> ServiceDefinition:
 def main(port: int, metrics_port: int | None) -> int:
     """Serves the evaluator until SIGTERM / SIGINT; returns the exit code."""
     common = CommonSettings()
+    configure_torch_threads(common.torch_threads)
     settings = EvaluatorSettings()
     return run(
         lambda: [service_definition(build_evaluator(settings))],

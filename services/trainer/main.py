@@ -9,6 +9,7 @@ from loratune.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.common.config import CommonSettings
 from services.common.defaults import TrainingDefaults
 from services.common.server import RunningServer, ServiceDefinition, run
+from services.common.threads import configure_torch_threads
 from services.trainer.api.servicer import TrainerServicer
 from services.trainer.config import TrainerSettings
 from services.trainer.core.jobs import JobManager
@@ -74,6 +75,7 @@ def service_definition(
 def main(port: int, metrics_port: int | None) -> int:
     """Serves the trainer until SIGTERM / SIGINT; returns the exit code."""
     common = CommonSettings()
+    configure_torch_threads(common.torch_threads)
     settings = TrainerSettings()
     defaults = TrainingDefaults()
     return run(

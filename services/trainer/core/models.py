@@ -134,6 +134,9 @@ class _BaseKey:
     quantize_4bit: bool
     dtype: torch.dtype
     device: str
+    # 4-bit layers' compute dtype (bitsandbytes): bfloat16 on CUDA and on a CPU job that
+    # autocasts to bfloat16, float32 otherwise.
+    compute_dtype: torch.dtype = torch.float32
 
 
 @dataclass
@@ -327,13 +330,15 @@ def load_base_model(
     dtype: torch.dtype | None = None,
     tokenizer_path: str | None = None,
     pooling: str | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load a transformers base model and its tokenizer, with padding set up for `task`.
 
     Classification loads `AutoModelForSequenceClassification` with `len(labels)` outputs,
     generation `AutoModelForCausalLM`. `quantize_4bit` loads the linear layers as NF4
-    (double quantisation; compute in bfloat16 on CUDA, float32 on the CPU) and never the
-    heads. `tokenizer_path` defaults to `name` (a saved adapter carries its own).
+    (double quantisation; compute in `compute_dtype`: by default bfloat16 on CUDA, float32
+    on the CPU) and never the heads. `tokenizer_path` defaults to `name` (a saved adapter
+    carries its own).
 
     `name` may be a GGUF file, or a folder holding exactly one (core/gguf.py): its weights
     are de-quantised to `dtype` (4-bit: to float32, then NF4) and its tokenizer is the
@@ -380,7 +385,8 @@ def load_base_model(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if target.type == "cuda" else torch.float32,
+            bnb_4bit_compute_dtype=compute_dtype
+            or (torch.bfloat16 if target.type == "cuda" else torch.float32),
             llm_int8_skip_modules=list(_UNQUANTISED_MODULES),
         )
         # bitsandbytes quantises while placing the weights: load straight onto the device
@@ -679,6 +685,7 @@ class BaseModelCache:
             quantize_4bit=spec.training.quantize_4bit,
             dtype=self._load_dtype(spec.training.quantize_4bit),
             device=str(self._device),
+            compute_dtype=autocast_dtype(self._device, cpu_bf16=self._cpu_bf16) or torch.float32,
         )
         with self._lock:
             reused = self._loaded is not None and self._loaded.key == key
@@ -788,6 +795,7 @@ class BaseModelCache:
             device=self._device,
             quantize_4bit=key.quantize_4bit,
             dtype=key.dtype,
+            compute_dtype=key.compute_dtype if key.quantize_4bit else None,
         )
         model.requires_grad_(False)
         if key.quantize_4bit:

@@ -176,3 +176,39 @@ def test_a_cached_base_with_repacked_weights_is_loaded_again(qwen64_dir: Path) -
     torch.testing.assert_close(again, fresh, atol=0, rtol=0)
     # And a clean base is reused as before.
     assert cache.acquire(spec, []).base_reused  # type: ignore[arg-type]
+
+
+def _bf16_losses(base: Path, cpu_bf16: bool) -> tuple[list[float], set[torch.dtype]]:
+    """Two epochs of a QLoRA job on a cache with `cpu_bf16`: eval losses, 4-bit compute dtypes."""
+    from services.trainer.core.types import LoopOptions
+
+    spec = _qlora_spec(base, Path(""))
+    cache = BaseModelCache("cpu", cpu_bf16=cpu_bf16)
+    prepared = cache.acquire(spec, [])  # type: ignore[arg-type]
+    layers = four_bit_layers(prepared.model)
+    assert layers and not any(getattr(layer, REPACK_SWITCH) for layer in layers)
+    rows = echo_rows(16, seed=11)
+    data, encoded = generation_data(rows[:12], rows[12:], prepared.tokenizer)
+    recorder = Recorder()
+    options = LoopOptions(cpu_bf16=cpu_bf16)
+    train(prepared, data, encoded, spec, _context(recorder), options=options)  # type: ignore[arg-type]
+    assert not has_repacked_weights(prepared.model)
+    dtypes = {layer.compute_dtype for layer in layers}
+    cache.release()
+    return [e.eval_loss for e in recorder.of(EvaluationEvent)], dtypes
+
+
+@pytest.mark.slow
+def test_a_bf16_qlora_job_computes_in_bf16_never_repacks_and_learns_like_float32(
+    qwen64_dir: Path, monkeypatch: pytest.MonkeyPatch, repack_calls: list[int]
+) -> None:
+    fp32, fp32_dtypes = _bf16_losses(qwen64_dir, cpu_bf16=False)
+    assert fp32_dtypes == {torch.float32}
+    for forced in (True, False):  # bitsandbytes' bfloat16 repacking needs AVX512-BF16
+        monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda forced=forced: forced)
+        bf16, dtypes = _bf16_losses(qwen64_dir, cpu_bf16=True)
+        assert dtypes == {torch.bfloat16}
+        assert len(bf16) == 2 and bf16[1] < bf16[0]
+        # The same learning within bfloat16's rounding.
+        assert bf16 == pytest.approx(fp32, rel=0.05)
+    assert repack_calls == []
