@@ -18,7 +18,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import httpx
 import pytest
 
 from tests.e2e.console_stack import TOKEN, ConsoleStack, console_stack
-from tests.e2e.test_up_and_tune import OPTIMIZER, free_ports, wait_serving
+from tests.e2e.test_up_and_tune import OPTIMIZER, start_up, wait_serving
 from tests.unit.trainer.conftest import build_tiny_qwen
 
 CHROMIUM = os.environ.get("LORATUNE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -110,37 +109,19 @@ def up(tmp_path: Path) -> Iterator[Up]:
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     projects = tmp_path / "projects.yaml"
     projects.write_text(PROJECT.format(data=data, model=model))
-    optimizer, trainer, evaluator, judge, web = free_ports(5)
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_VERBOSITY="error",
-        LORATUNE_GRACE_PERIOD_SECONDS="5",
-        LORATUNE_PROJECTS=str(projects),
-        MIN_SAMPLES_PER_CLASS="3",
-        # A judge model with credentials, for the dialog's list (no call reaches it).
-        GEMINI_API_KEY="AIzaSy-console-browser-e2e",
-        COLUMNS="200",
+    up = start_up(
+        tmp_path,
+        extra_env={
+            "LORATUNE_PROJECTS": str(projects),
+            "MIN_SAMPLES_PER_CLASS": "3",
+            # A judge model with credentials, for the dialog's list (no call reaches it).
+            "GEMINI_API_KEY": "AIzaSy-console-browser-e2e",
+        },
     )
-    for name in ("LORATUNE_OPTIMIZER_ADDRESS", "LORATUNE_AUTH_TOKEN"):
-        env.pop(name, None)
-    # Its log goes to a file: a pipe nobody reads until the end fills up and blocks it.
-    log = (tmp_path / "up.log").open("w")
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "services.cli.main", "up"),
-            *("--optimizer-port", str(optimizer), "--trainer-port", str(trainer)),
-            *("--evaluator-port", str(evaluator), "--judge-port", str(judge)),
-            *("--console-port", str(web), "--metrics-port-base", "-1"),
-            *("--artifact-root", str(tmp_path / "runs")),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{web}"
+    process = up.process
+    base = f"http://127.0.0.1:{up.web}"
     try:
-        wait_serving(f"127.0.0.1:{optimizer}", OPTIMIZER, process, 90)
+        wait_serving(up.address, OPTIMIZER, process, 90)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -158,8 +139,7 @@ def up(tmp_path: Path) -> Iterator[Up]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        log.close()
-        print((tmp_path / "up.log").read_text()[-20_000:])
+        print(up.log.read_text()[-20_000:])
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,57 @@ def wait_serving(address: str, service: str, proc: subprocess.Popen[Any], second
             time.sleep(0.2)
 
 
+@dataclass(frozen=True)
+class UpProcess:
+    """`loratune up` started by a test: the process, its ports, its environment and log."""
+
+    process: subprocess.Popen[Any]
+    optimizer: int
+    trainer: int
+    evaluator: int
+    judge: int
+    web: int
+    env: dict[str, str]
+    log: Path
+
+    @property
+    def address(self) -> str:
+        """The optimizer's address."""
+        return f"127.0.0.1:{self.optimizer}"
+
+
+def start_up(
+    folder: Path, *, metrics_port_base: int = -1, extra_env: dict[str, str] | None = None
+) -> UpProcess:
+    """`loratune up` on free ports, offline, artifacts in ``folder / "runs"``, its log in
+    ``folder / "up.log"`` (a pipe nobody reads until the end fills up and blocks it)."""
+    optimizer, trainer, evaluator, judge, web = free_ports(5)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        LORATUNE_GRACE_PERIOD_SECONDS="5",
+        COLUMNS="200",
+        **(extra_env or {}),
+    )
+    for name in ("LORATUNE_OPTIMIZER_ADDRESS", "LORATUNE_AUTH_TOKEN"):
+        env.pop(name, None)
+    log = folder / "up.log"
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "services.cli.main", "up"),
+            *("--optimizer-port", str(optimizer), "--trainer-port", str(trainer)),
+            *("--evaluator-port", str(evaluator), "--judge-port", str(judge)),
+            *("--console-port", str(web), "--metrics-port-base", str(metrics_port_base)),
+            *("--artifact-root", str(folder / "runs")),
+        ],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    return UpProcess(process, optimizer, trainer, evaluator, judge, web, env, log)
+
+
 @pytest.mark.slow
 def test_up_serves_a_study_from_tune_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     model = build_tiny_qwen(tmp_path / "tiny-qwen3")
@@ -61,30 +113,8 @@ def test_up_serves_a_study_from_tune_and_stops_on_ctrl_c(tmp_path: Path) -> None
         )
     )
     root = tmp_path / "runs"
-    optimizer, trainer, evaluator, judge, web = free_ports(5)
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_VERBOSITY="error",
-        LORATUNE_GRACE_PERIOD_SECONDS="5",
-        COLUMNS="200",
-    )
-    env.pop("LORATUNE_OPTIMIZER_ADDRESS", None)
-    # Its log goes to a file: a pipe nobody reads until the end fills up and blocks it.
-    log = tmp_path / "up.log"
-    up = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "services.cli.main", "up"),
-            *("--optimizer-port", str(optimizer), "--trainer-port", str(trainer)),
-            *("--evaluator-port", str(evaluator), "--judge-port", str(judge)),
-            *("--console-port", str(web)),
-            *("--metrics-port-base", "-1", "--artifact-root", str(root)),
-        ],
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-    address = f"127.0.0.1:{optimizer}"
+    started = start_up(tmp_path)
+    up, env, log, address = started.process, started.env, started.log, started.address
     try:
         wait_serving(address, OPTIMIZER, up, 60)
         tune = subprocess.run(
@@ -115,7 +145,7 @@ def test_up_serves_a_study_from_tune_and_stops_on_ctrl_c(tmp_path: Path) -> None
         raise
     output = log.read_text()
     assert up.returncode == 0, output
-    for port in (optimizer, trainer, evaluator, judge):
+    for port in (started.optimizer, started.trainer, started.evaluator, started.judge):
         assert f"127.0.0.1:{port}" in output  # the table of addresses
     assert "SIGINT received; stopping" in output
-    assert f"web console: http://127.0.0.1:{web}/" in output  # `up` serves the console too
+    assert f"web console: http://127.0.0.1:{started.web}/" in output  # `up` serves the console too

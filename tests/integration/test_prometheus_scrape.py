@@ -18,7 +18,6 @@ Skips, saying so, only where Debian's prometheus package is missing.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
@@ -34,7 +33,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.test_up_and_tune import OPTIMIZER, free_ports, wait_serving
+from tests.e2e.test_up_and_tune import OPTIMIZER, free_ports, start_up, wait_serving
 from tests.unit.monitoring.conftest import (
     ALERTS,
     RULES,
@@ -142,29 +141,10 @@ def test_prometheus_scrapes_a_study_and_answers_the_dashboard(
 ) -> None:
     assert PROMETHEUS is not None
     base = consecutive_free_ports(4)
-    optimizer, trainer, evaluator, judge, web, prom = free_ports(6)
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_VERBOSITY="error",
-        LORATUNE_GRACE_PERIOD_SECONDS="5",
-        COLUMNS="200",
-    )
-    env.pop("LORATUNE_OPTIMIZER_ADDRESS", None)
-    # Logs go to files: a pipe nobody reads fills up and blocks the process.
-    up_log, tune_log, prom_log = tmp_path / "up.log", tmp_path / "tune.log", tmp_path / "prom.log"
-    up = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "services.cli.main", "up"),
-            *("--optimizer-port", str(optimizer), "--trainer-port", str(trainer)),
-            *("--evaluator-port", str(evaluator), "--judge-port", str(judge)),
-            *("--console-port", str(web), "--metrics-port-base", str(base)),
-            *("--artifact-root", str(tmp_path / "runs")),
-        ],
-        env=env,
-        stdout=up_log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
+    (prom,) = free_ports(1)
+    tune_log, prom_log = tmp_path / "tune.log", tmp_path / "prom.log"
+    started = start_up(tmp_path, metrics_port_base=base)
+    up, env, up_log, web = started.process, started.env, started.log, started.web
     url = f"http://127.0.0.1:{prom}"
     prometheus = subprocess.Popen(
         [
@@ -180,7 +160,7 @@ def test_prometheus_scrapes_a_study_and_answers_the_dashboard(
     tune: subprocess.Popen[Any] | None = None
     try:
         wait_ready(url, prometheus, prom_log, 30)
-        address = f"127.0.0.1:{optimizer}"
+        address = started.address
         wait_serving(address, OPTIMIZER, up, 60)
         started = time.time()
         # The console's metrics (labelled by route) exist once it has answered a request.

@@ -156,29 +156,30 @@ _NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 _native_bf16: bool | None = None
 
 
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+def _flags_have_native_bf16(cpuinfo: Path) -> bool:
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return bool(set(line.partition(":")[2].split()) & _NATIVE_BF16_FLAGS)
+    return False
+
+
+def cpu_has_native_bf16(cpuinfo: Path | None = None) -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16 in its flags).
 
     There torch's bfloat16 matrix products run several times faster than float32 ones
     (AMX: about 8x on one core, measured on 384x384x1536); elsewhere bfloat16 is
-    emulated and slower. False where the flags cannot be read (not Linux).
+    emulated and slower. False where the flags cannot be read (not Linux). This
+    machine's answer (``cpuinfo`` None: /proc/cpuinfo) is read once.
     """
     global _native_bf16
-    if _native_bf16 is None or cpuinfo != Path("/proc/cpuinfo"):
-        try:
-            text = cpuinfo.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            found = False
-        else:
-            flags: set[str] = set()
-            for line in text.splitlines():
-                if line.startswith("flags"):
-                    flags.update(line.partition(":")[2].split())
-                    break
-            found = bool(flags & _NATIVE_BF16_FLAGS)
-        if cpuinfo != Path("/proc/cpuinfo"):
-            return found
-        _native_bf16 = found
+    if cpuinfo is not None:
+        return _flags_have_native_bf16(cpuinfo)
+    if _native_bf16 is None:
+        _native_bf16 = _flags_have_native_bf16(Path("/proc/cpuinfo"))
     return _native_bf16
 
 
