@@ -75,6 +75,8 @@ def trial_note(trial: optimizer_pb2.Trial) -> str:
     """Which epoch a trial kept, why it failed, why it ran more than once, and a judge that
     scored only part of its sample or was away (refused evaluations) before the score."""
     parts = []
+    if trial.HasField("same_as"):
+        parts.append(f"the same point as trial {trial.same_as}: its result, no job")
     if 0 < trial.best_epoch < len(trial.epoch_objectives):
         parts.append(f"kept epoch {trial.best_epoch} of {len(trial.epoch_objectives)}")
     if trial.failure_reason:

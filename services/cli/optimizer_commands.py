@@ -166,6 +166,7 @@ def render_result(study: optimizer_pb2.Study, trials: Sequence[optimizer_pb2.Tri
     counts = (
         f"{study.trials_complete} complete, {study.trials_pruned} pruned, "
         f"{study.trials_failed} failed"
+        + (f", {study.trials_reused} repeats taken without a job" if study.trials_reused else "")
     )
     console.print(f"study {study.study_id}: {state} ({counts})")
     if study.excluded_note:

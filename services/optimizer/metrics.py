@@ -12,11 +12,12 @@ import contextlib
 from prometheus_client import Counter, Gauge, Histogram
 
 STUDIES = Gauge("loratune_optimizer_studies", "Studies by state.", ["state"])
-# complete, pruned, fail (a trial told FAIL) and cancelled (ended with its study).
-TRIAL_STATES = ("complete", "pruned", "fail", "cancelled")
+# complete, pruned, fail (a trial told FAIL), cancelled (ended with its study) and reused (a
+# trial that took a finished twin's result: same result-deciding parameters, no job).
+TRIAL_STATES = ("complete", "pruned", "fail", "cancelled", "reused")
 TRIALS = Counter(
     "loratune_optimizer_trials_total",
-    "Trials ended, by state (complete, pruned, fail, cancelled).",
+    "Trials ended, by state (complete, pruned, fail, cancelled, reused).",
     ["state"],
 )
 # Why a trial was told FAIL: the trainer's failure reasons and the optimizer's own.

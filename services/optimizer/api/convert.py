@@ -227,6 +227,8 @@ def trial_to_proto(view: TrialView) -> optimizer_pb2.Trial:
     _stamp(view.end_time, message.end_time)
     if view.objective is not None:
         message.objective = view.objective
+    if view.same_as is not None:
+        message.same_as = view.same_as
     scored = view.scored_with
     if scored is not None:
         message.judge_judged = scored.judge_judged
@@ -258,6 +260,7 @@ def study_to_proto(view: StudyView) -> optimizer_pb2.Study:
         trials_failed=view.counts.get("FAIL", 0),
         trials_running=view.counts.get("RUNNING", 0),
         trials_waiting=view.counts.get("WAITING", 0),
+        trials_reused=view.counts.get("REUSED", 0),
         failure_reason=record.failure_reason,
         best_model_dir=record.best_model_dir,
         objective_name=spec.objective_name,

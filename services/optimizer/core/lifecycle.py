@@ -9,6 +9,7 @@ an evaluator that cannot score).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -41,7 +42,7 @@ from services.optimizer.core.ports import (
 )
 from services.optimizer.core.records import Hyperparameters, StudySpec
 from services.optimizer.core.scoring import Scoring, log_evaluation
-from services.optimizer.core.space import SearchSpace, suggest
+from services.optimizer.core.space import SearchSpace, result_key, suggest
 from services.optimizer.core.store import StudyStore
 from services.optimizer.core.views import excluded_note, trial_view
 
@@ -64,6 +65,7 @@ class Outcome:
 
     number: int
     interrupted: bool = False
+    reused: bool = False  # took a finished twin's result: no job ran, no trainer was used
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,11 @@ class TrialLifecycle:
             )
             return Outcome(trial.number)
         hyper = hyperparameters(spec, params, self._defaults)
+        # Every resolved parameter (fixed dimensions too: Optuna records only those it drew).
+        deciding = result_key(dataclasses.asdict(params))
+        twin = await self._store.run(_finished_twin, study, deciding)
+        if twin is not None:
+            return await self._take_twins_result(study, trial, twin, hyper, deciding)
         trial_dir = self._options.artifact_root / study.study_name / f"trial-{trial.number}"
         await self._store.set_trial_attrs(
             study,
@@ -131,9 +138,49 @@ class TrialLifecycle:
             artifact_dir=str(trial_dir.resolve()),
             hyperparameters=hyper.to_storage(),
             params_key=key,
+            result_key=deciding,
         )
         logger.info("Trial %d: params=%s", trial.number, params.as_log_dict())
         return await self.dispatch(study, spec, trial.number, address)
+
+    async def _take_twins_result(
+        self,
+        study: optuna.Study,
+        trial: optuna.Trial,
+        twin: optuna.trial.FrozenTrial,
+        hyper: Hyperparameters,
+        deciding: str,
+    ) -> Outcome:
+        """A trial whose result-deciding parameters equal a COMPLETE trial's: it takes that
+        trial's value, epochs and adapter folder, runs no job, and is not counted against
+        `n_trials` (`same_as`); the sampler learns the value all the same."""
+        attrs = twin.user_attrs
+        await self._store.set_trial_attrs(
+            study,
+            trial._trial_id,
+            attempt=1,
+            same_as=twin.number,
+            artifact_dir=str(attrs.get("artifact_dir", "")),
+            hyperparameters=hyper.to_storage(),
+            params_key=json.dumps(trial.params, sort_keys=True),
+            result_key=deciding,
+            epochs=list(attrs.get("epochs", [])),
+            best_epoch=attrs.get("best_epoch", 0),
+        )
+        await self._store.run(study.tell, trial.number, twin.value)
+        logger.info(
+            "Trial %d: the same result-deciding parameters as trial %d; its value %.4f "
+            "taken without a job",
+            trial.number,
+            twin.number,
+            twin.value or 0.0,
+        )
+        metrics.TRIALS.labels(state="reused").inc()
+        frozen = await self._store.trial(study, trial.number)
+        self._bus.publish(
+            study.study_name, TrialFinished(await self._store.run(trial_view, frozen))
+        )
+        return Outcome(trial.number, reused=True)
 
     async def dispatch(
         self, study: optuna.Study, spec: StudySpec, number: int, address: str
@@ -472,6 +519,15 @@ class TrialLifecycle:
         metrics.trial_completed(
             run.study.study_name, run.spec.objective_name, value, value if best is None else best
         )
+
+
+def _finished_twin(study: optuna.Study, deciding: str) -> optuna.trial.FrozenTrial | None:
+    """The first COMPLETE trial that ran its own job with this `result_key`."""
+    for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        attrs = frozen.user_attrs
+        if "same_as" not in attrs and attrs.get("result_key") == deciding:
+            return frozen
+    return None
 
 
 def _best_value(study: optuna.Study) -> float | None:

@@ -67,6 +67,20 @@ class OptimizerOptions:
     poll_seconds: float = 1.0
 
 
+def budget_used(finished: list[optuna.trial.FrozenTrial], n_trials: int) -> int:
+    """Of the COMPLETE and PRUNED trials (by number), those counted against `n_trials`: every
+    trial that ran its own job. Trials that took a twin's result (`same_as`) are free, but
+    when the last `n_trials` of them in a row were all such repeats, the sampler has nothing
+    new to propose: the whole budget counts as used, and the study ends."""
+    ran = sum(1 for t in finished if "same_as" not in t.user_attrs)
+    trailing = 0
+    for trial in reversed(finished):
+        if "same_as" not in trial.user_attrs:
+            break
+        trailing += 1
+    return n_trials if trailing >= n_trials else ran
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat()
 
@@ -296,11 +310,12 @@ class Optimizer:
                 record = await self.store.record(study_id)
                 if study_id in self._cancelled or record.state == "CANCELLED":
                     return
-                finished = len(
+                finished = budget_used(
                     await self.store.trials(
                         study_id,
                         (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED),
-                    )
+                    ),
+                    n_trials,
                 )
                 if finished >= n_trials and not running and not pending:
                     await self._complete(study_id)

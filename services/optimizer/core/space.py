@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import unicodedata
@@ -293,6 +294,26 @@ def suggest(
             group_separator=str(_suggest_choice(trial, "group_separator", space.group_separator)),
         )
     return params
+
+
+# What a probe-only trial's result depends on, of its parameters: no fine-tuning step runs,
+# so the adapter's shape (rank, alpha, modules, rsLoRA, dropout), the learning rate and the
+# training loss (focal gamma, class weights, weighted sampler and its power, the
+# logit-adjusted loss's tau, two-stage) change nothing: its probe is class-balanced whatever
+# `use_class_weights` says (the floor). The batch size (the padding of the frozen pass), the
+# post-hoc adjustment chosen on validation and a group head fitted beside the probe do.
+PROBE_ONLY_DIMENSIONS = frozenset(
+    {"num_epochs", "batch_size", "posthoc_logit_adjustment", "group_separator"}
+)
+
+
+def result_key(params: Mapping[str, Any]) -> str:
+    """The trial parameters that decide its result, as a canonical string: two trials of a
+    study with equal keys give the same result (the study's data, base model and seed are
+    the same for all its trials), so the second takes the first's without a job."""
+    if params.get("num_epochs") == PROBE_ONLY:
+        params = {k: v for k, v in params.items() if k in PROBE_ONLY_DIMENSIONS}
+    return json.dumps(dict(params), sort_keys=True, default=str)
 
 
 def modules_for(choice: str, space: SearchSpace) -> tuple[str, ...]:

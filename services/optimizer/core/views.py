@@ -66,6 +66,8 @@ class TrialView:
     interruptions: Sequence[str]
     # The best epoch's (the latest one's while the trial runs); None before any evaluation.
     scored_with: ScoredWith | None = None
+    # The COMPLETE trial whose result this one took without a job; None: it ran its own.
+    same_as: int | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ def trial_view(trial: optuna.trial.FrozenTrial) -> TrialView:
         epoch_objectives=[float(e["objective"]) for e in attrs.get("epochs", [])],
         interruptions=list(attrs.get("interruption_reasons", [])),
         scored_with=scored_with(attrs),
+        same_as=int(attrs["same_as"]) if "same_as" in attrs else None,
     )
 
 
@@ -128,10 +131,16 @@ def study_view(
     study_id: str, record: StudyRecord, trials: Sequence[optuna.trial.FrozenTrial]
 ) -> StudyView:
     """A study's view from its record and trials."""
-    counts = dict.fromkeys(_STATES.values(), 0)
+    counts = dict.fromkeys([*_STATES.values(), "REUSED"], 0)
     for trial in trials:
-        counts[_STATES[trial.state]] += 1
-    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        # A trial that took a twin's result ran nothing: counted apart from COMPLETE.
+        reused = trial.state == optuna.trial.TrialState.COMPLETE and "same_as" in trial.user_attrs
+        counts["REUSED" if reused else _STATES[trial.state]] += 1
+    complete = [
+        t
+        for t in trials
+        if t.state == optuna.trial.TrialState.COMPLETE and "same_as" not in t.user_attrs
+    ]
     best = None
     if complete:
         best = trial_view(

@@ -31,6 +31,7 @@ from services.trainer.core.models import (
 from services.trainer.core.probe import (
     PROBE_MAX_ROWS,
     ProbeFeatureCache,
+    balanced_class_weight,
     final_linear,
     linear_probe_head,
 )
@@ -53,6 +54,7 @@ from services.trainer.core.types import (
     ProgressEvent,
     RunContext,
     Task,
+    TrainingSpec,
 )
 
 __all__ = [
@@ -280,7 +282,10 @@ def train(
             _probe_batches(encoded.train, pad_id, training.batch_size, training.seed),
             len(data.labels),
             device,
-            class_weight=loss_fn.weight if loss_fn is not None else None,
+            # The frozen baseline is a class-balanced logistic regression whatever the trial's
+            # loss: a floor is what a careful user fits (and then depends on nothing a
+            # probe-only trial's other dimensions change).
+            class_weight=_probe_class_weight(loss_fn, training, encoded, len(data.labels)),
             amp=amp,
             should_stop=ctx.should_stop,
             cache=probe_cache,
@@ -291,6 +296,9 @@ def train(
             raise Cancelled("cancelled before the first step")
         if probed is not None and scalars is not None:
             scalars.scalar("train/probe_accuracy", probed.train_accuracy, 0)
+            scalars.scalar("train/probe_c", probed.c, 0)
+            if probed.cv_macro_f1 is not None:
+                scalars.scalar("train/probe_cv_macro_f1", probed.cv_macro_f1, 0)
 
     if training.probe_only:
         # The frozen baseline as a trial: the probed head (a decoder's fresh head when it
@@ -544,6 +552,16 @@ def _probe_cache_key(
         hash(tuple((e.input_ids, e.label_id) for e in rows)),
         spec.training.seed if len(rows) > PROBE_MAX_ROWS else None,  # picks the subset
     )
+
+
+def _probe_class_weight(
+    loss_fn: Any, training: TrainingSpec, encoded: Any, n_classes: int
+) -> torch.Tensor | None:
+    """The probe's class weights: balanced for a probe-only trial (the floor), else the loss's."""
+    if training.probe_only:
+        labels = torch.tensor([e.label_id for e in encoded.train], dtype=torch.long)
+        return balanced_class_weight(labels, n_classes)
+    return loss_fn.weight if loss_fn is not None else None
 
 
 def _probe_batches(

@@ -318,7 +318,9 @@ async def test_out_of_memory_configuration_is_never_dispatched_again(
     )
     study = await run(optimizer, request)
     assert study.state == optimizer_pb2.STUDY_STATE_COMPLETED, study.failure_reason
-    assert study.trials_complete == 5
+    # The one configuration that fits ran once; its repeats took its result.
+    assert study.trials_complete == 1 and study.trials_reused >= 1
+    assert trainers.ranks.count(8) == 1
     assert trainers.ranks.count(4) == 1  # the first OOM, and never again
     trials = await trials_of(optimizer, study.study_id)
     skipped = [t for t in trials if t.failure_reason.startswith("skipped")]
@@ -617,3 +619,51 @@ async def test_a_group_separator_reaches_the_trainer_when_the_space_asks(
     assert jobs and all(h.group_separator == "." for h in jobs)
     message = hyperparameters_to_proto(jobs[0])
     assert message.balancing.group_separator == "."
+
+
+async def test_a_probe_only_point_runs_once_and_its_repeats_cost_no_job(
+    tmp_path: Path, data: Path
+) -> None:
+    # Only the frozen baseline is in the space: every later trial repeats it.
+    trainers = FakeTrainers(epochs=1)
+    optimizer = make(tmp_path, trainers, FakeEvaluator())
+    request = create(data, n=5, pruner="none", name="once")
+    request.search_space.num_epochs[:] = [0]
+    study = await run(optimizer, request)
+    assert study.state == optimizer_pb2.STUDY_STATE_COMPLETED, study.failure_reason
+    trials = await trials_of(optimizer, "once")
+    assert trainers.started == 1  # one job, for trial 0
+    assert not trials[0].HasField("same_as")
+    repeats = trials[1:]
+    assert repeats and all(t.same_as == 0 for t in repeats)
+    assert all(t.state == optimizer_pb2.TRIAL_STATE_COMPLETE for t in trials)
+    assert {t.objective for t in trials} == {trials[0].objective}
+    assert all(t.artifact_dir == trials[0].artifact_dir for t in repeats)
+    # Repeats are free, but n_trials of them in a row mean the sampler has nothing new to
+    # propose: the study ends.
+    assert len(trials) == 1 + 5
+
+
+async def test_repeats_do_not_use_the_budget_of_a_mixed_space(tmp_path: Path, data: Path) -> None:
+    trainers = FakeTrainers(epochs=1)
+    optimizer = make(tmp_path, trainers, FakeEvaluator())
+    request = create(data, n=6, pruner="none", name="mixed")
+    request.search_space.num_epochs[:] = [0, 1]
+    request.search_space.rank[:] = [4, 8]
+    study = await run(optimizer, request)
+    assert study.state == optimizer_pb2.STUDY_STATE_COMPLETED, study.failure_reason
+    trials = await trials_of(optimizer, "mixed")
+    ran = [t for t in trials if not t.HasField("same_as")]
+    reused = len(trials) - len(ran)
+    assert reused, "no repeat was proposed: the test proves nothing"
+    assert len(ran) == trainers.started
+    # The budget: every trial that ran (repeats are free while new points come).
+    assert len(ran) == 6
+    assert study.trials_reused == reused
+    # Each trial that ran is a different result-deciding point: the frozen pass once.
+    probe_only = [t for t in ran if t.hyperparameters.training.probe_only]
+    assert len(probe_only) == 1
+    for t in trials:
+        if t.HasField("same_as"):
+            twin = trials[t.same_as]
+            assert t.objective == twin.objective and not twin.HasField("same_as")

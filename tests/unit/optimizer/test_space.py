@@ -17,6 +17,7 @@ from services.optimizer.core.space import (
     default_space,
     default_trial,
     modules_for,
+    result_key,
     suggest,
     validate,
 )
@@ -366,3 +367,25 @@ def test_the_first_generation_trial_leaves_balancing_and_batch_alone() -> None:
     assert not {"focal_gamma", "use_class_weights", "use_weighted_sampler", "batch_size"} & set(
         first
     )
+
+
+def test_a_probe_only_point_is_one_point_whatever_its_training_dimensions() -> None:
+    point = {**default_trial(default_space(True), DEFAULTS, True), "num_epochs": 0}
+    other = {
+        **point,
+        "rank": 64,
+        "learning_rate": 1e-3,
+        "focal_gamma": 0.5,
+        "use_class_weights": not point["use_class_weights"],
+        "use_weighted_sampler": not point["use_weighted_sampler"],
+        "target_modules": "attention",
+        "two_stage": True,
+    }
+    assert result_key(point) == result_key(other)
+    # What a frozen pass and its evaluation depend on still tells points apart.
+    assert result_key(point) != result_key({**point, "posthoc_logit_adjustment": False})
+    assert result_key(point) != result_key({**point, "group_separator": "."})
+    # A trial that fine-tunes is the same point only with every parameter equal.
+    trained = {**point, "num_epochs": 2}
+    assert result_key(trained) == result_key(dict(reversed(list(trained.items()))))
+    assert result_key(trained) != result_key({**trained, "learning_rate": 1e-3})

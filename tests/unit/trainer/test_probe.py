@@ -342,3 +342,93 @@ def test_the_probe_embeds_without_computing_the_fresh_adapter(minilm_dir: Path) 
     assert lora_calls  # this pass did go through the adapter
     torch.testing.assert_close(skipped[0], captured[0].float(), rtol=0, atol=0)
     cache.release()
+
+
+def _sklearn_cv_choice(x: np.ndarray, y: np.ndarray, grid: tuple[float, ...]) -> float:
+    """scikit-learn's balanced logistic regression, C by stratified 5-fold out-of-fold
+    macro-F1 (the smallest C of the best): what a careful user fits as a baseline."""
+    from sklearn.metrics import f1_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    scores = []
+    for c in grid:
+        model = LogisticRegression(C=c, class_weight="balanced", max_iter=5000)
+        folds = StratifiedKFold(5, shuffle=True, random_state=0)
+        predicted = cross_val_predict(model, x, y, cv=folds)
+        scores.append(f1_score(y, predicted, average="macro"))
+    return grid[int(np.argmax(scores))]
+
+
+def test_the_cross_validation_picks_the_regularisation_a_careful_user_would() -> None:
+    # Many dimensions, few rows of the rare classes: unregularised overfits, heavy
+    # regularisation underfits, so the choice matters and both ends of the grid lose.
+    x, y = _blobs((80, 30, 12, 9), dim=40, seed=4)
+    k = 4
+    grid = probe_module.PROBE_C_GRID
+    selection = probe_module.choose_probe_c(
+        torch.from_numpy(x), torch.from_numpy(y), k, weighted=True
+    )
+    assert selection is not None
+    assert set(selection.scores) == set(grid) and selection.folds == 5
+    assert selection.cv_macro_f1 == max(selection.scores.values())
+    # The smallest C of the best.
+    assert all(selection.scores[c] < selection.cv_macro_f1 for c in grid if c < selection.c)
+    # Different folds, same answer to within one step of the grid as scikit-learn's.
+    theirs = _sklearn_cv_choice(x, y, grid)
+    assert abs(grid.index(selection.c) - grid.index(theirs)) <= 1, (selection.c, theirs)
+    # And what it fits at that C predicts held-out rows as scikit-learn's does at its C.
+    x_new, y_new = _blobs((40, 40, 40, 40), dim=40, seed=4)  # same centres, new draws
+    weight = probe_module.balanced_class_weight(torch.from_numpy(y), k)
+    w, b = fit_linear_probe(
+        torch.from_numpy(x), torch.from_numpy(y), k, class_weight=weight, c=selection.c
+    )
+    assert b is not None
+    ours = (torch.from_numpy(x_new) @ w.T + b).argmax(-1).numpy()
+    reference = LogisticRegression(C=theirs, class_weight="balanced", max_iter=5000).fit(x, y)
+    from sklearn.metrics import f1_score
+
+    assert (
+        f1_score(y_new, ours, average="macro")
+        >= f1_score(y_new, reference.predict(x_new), average="macro") - 0.03
+    )
+
+
+def test_the_weights_follow_each_folds_rows_and_the_trainers_formula() -> None:
+    labels = torch.tensor([0] * 6 + [1] * 3 + [2] * 1)
+    weight = probe_module.balanced_class_weight(labels, 4)
+    assert weight.tolist() == pytest.approx([10 / 18, 10 / 9, 10 / 3, 0.0])
+    # A fold deals each class's rows round-robin: every fold holds 1-2 of the 6, and the
+    # single row of class 2 is in exactly one.
+    folds = probe_module._stratified_folds(labels, 3, seed=1)
+    for f in range(3):
+        assert int(((folds == f) & (labels == 0)).sum()) == 2
+    assert int((labels == 2).sum()) == 1
+
+
+def test_no_cross_validation_without_two_rows_of_any_class() -> None:
+    x = torch.randn(3, 4)
+    assert probe_module.choose_probe_c(x, torch.tensor([0, 1, 2]), 3, weighted=True) is None
+
+
+def test_a_large_set_is_cross_validated_on_a_subset_that_keeps_every_rare_row() -> None:
+    labels = torch.tensor([0] * 5000 + [1] * 3000 + [2] * 7)
+    subset = probe_module._cv_subset(labels, 1000, seed=0)
+    kept = torch.bincount(labels[subset], minlength=3)
+    assert int(kept[2]) == 7
+    assert int(subset.numel()) <= 1000 + 7
+    assert int(kept[0]) == int(kept[1])  # an equal share of each large class
+    assert torch.equal(subset, probe_module._cv_subset(labels, 1000, seed=0))
+
+
+def test_the_chosen_c_is_kept_beside_its_features() -> None:
+    cache = ProbeFeatureCache(entries=1)
+    features, targets = torch.randn(10, 3), torch.tensor([0, 1] * 5)
+    selection = probe_module.ProbeSelection(c=3.0, scores={3.0: 0.9}, folds=5, rows=10)
+    cache.put_selection("a", True, selection)  # no features under "a": not kept
+    assert cache.selection("a", True) is None
+    cache.put("a", features, targets)
+    cache.put_selection("a", True, selection)
+    assert cache.selection("a", True) == selection
+    assert cache.selection("a", False) is None
+    cache.put("b", features, targets)  # "a" dropped, its choice with it
+    assert cache.selection("a", True) is None

@@ -636,6 +636,7 @@ class Study(_message.Message):
     OBJECTIVE_NAME_FIELD_NUMBER: _builtins.int
     EXCLUDED_CLASSES_FIELD_NUMBER: _builtins.int
     EXCLUDED_NOTE_FIELD_NUMBER: _builtins.int
+    TRIALS_REUSED_FIELD_NUMBER: _builtins.int
     study_id: _builtins.str
     """Its id (the Optuna study name)."""
     project_id: _builtins.int
@@ -643,7 +644,7 @@ class Study(_message.Message):
     state: Global___StudyState.ValueType
     """Where it is."""
     trials_complete: _builtins.int
-    """Trials finished with an objective."""
+    """Trials finished with an objective from a job of their own."""
     trials_pruned: _builtins.int
     """Trials pruned."""
     trials_failed: _builtins.int
@@ -660,6 +661,11 @@ class Study(_message.Message):
     """The objective's name ("f1_macro" or "combined")."""
     excluded_note: _builtins.str
     """How the objective treats `excluded_classes`, in words (empty when there are none)."""
+    trials_reused: _builtins.int
+    """Trials that ran no job: they repeated a COMPLETE trial's result-deciding parameters and
+    took its result (Trial.same_as). Not in trials_complete; not counted against n_trials
+    (up to n_trials of them).
+    """
     @_builtins.property
     def fine_tuning_params(self) -> Global___FineTuningParams:
         """The seed's parameters, with defaults filled in."""
@@ -712,10 +718,11 @@ class Study(_message.Message):
         objective_name: _builtins.str = ...,
         excluded_classes: _abc.Iterable[_common_pb2.ExcludedClass] | None = ...,
         excluded_note: _builtins.str = ...,
+        trials_reused: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["best_trial", b"best_trial", "create_time", b"create_time", "dataset", b"dataset", "end_time", b"end_time", "fine_tuning_params", b"fine_tuning_params", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_model_dir", b"best_model_dir", "best_trial", b"best_trial", "create_time", b"create_time", "dataset", b"dataset", "end_time", b"end_time", "excluded_classes", b"excluded_classes", "excluded_note", b"excluded_note", "failure_reason", b"failure_reason", "fine_tuning_params", b"fine_tuning_params", "objective_name", b"objective_name", "project_id", b"project_id", "start_time", b"start_time", "state", b"state", "study_id", b"study_id", "trials_complete", b"trials_complete", "trials_failed", b"trials_failed", "trials_pruned", b"trials_pruned", "trials_running", b"trials_running", "trials_waiting", b"trials_waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_model_dir", b"best_model_dir", "best_trial", b"best_trial", "create_time", b"create_time", "dataset", b"dataset", "end_time", b"end_time", "excluded_classes", b"excluded_classes", "excluded_note", b"excluded_note", "failure_reason", b"failure_reason", "fine_tuning_params", b"fine_tuning_params", "objective_name", b"objective_name", "project_id", b"project_id", "start_time", b"start_time", "state", b"state", "study_id", b"study_id", "trials_complete", b"trials_complete", "trials_failed", b"trials_failed", "trials_pruned", b"trials_pruned", "trials_reused", b"trials_reused", "trials_running", b"trials_running", "trials_waiting", b"trials_waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -746,6 +753,7 @@ class Trial(_message.Message):
     JUDGE_REQUESTED_FIELD_NUMBER: _builtins.int
     EVALUATION_REFUSALS_FIELD_NUMBER: _builtins.int
     LAST_EVALUATION_REFUSAL_FIELD_NUMBER: _builtins.int
+    SAME_AS_FIELD_NUMBER: _builtins.int
     number: _builtins.int
     """Optuna's trial number."""
     state: Global___TrialState.ValueType
@@ -779,6 +787,12 @@ class Trial(_message.Message):
     """
     last_evaluation_refusal: _builtins.str
     """The last such refusal's reason, at most 300 characters; empty when there was none."""
+    same_as: _builtins.int
+    """Set when the trial ran no job: its result-deciding parameters were those of this
+    COMPLETE trial (for a probe-only trial, the dimensions a frozen pass depends on), so it
+    took that trial's objective, epochs and adapter folder. Such trials do not count
+    against n_trials (up to n_trials of them); absent for a trial that ran its own job.
+    """
     @_builtins.property
     def hyperparameters(self) -> _common_pb2.Hyperparameters:
         """What it tried."""
@@ -827,19 +841,24 @@ class Trial(_message.Message):
         judge_requested: _builtins.int = ...,
         evaluation_refusals: _builtins.int = ...,
         last_evaluation_refusal: _builtins.str = ...,
+        same_as: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_judge_coverage", b"_judge_coverage", "_objective", b"_objective", "end_time", b"end_time", "evaluation", b"evaluation", "hyperparameters", b"hyperparameters", "judge_coverage", b"judge_coverage", "objective", b"objective", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_judge_coverage", b"_judge_coverage", "_objective", b"_objective", "_same_as", b"_same_as", "end_time", b"end_time", "evaluation", b"evaluation", "hyperparameters", b"hyperparameters", "judge_coverage", b"judge_coverage", "objective", b"objective", "same_as", b"same_as", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_judge_coverage", b"_judge_coverage", "_objective", b"_objective", "artifact_dir", b"artifact_dir", "attempt", b"attempt", "best_epoch", b"best_epoch", "end_time", b"end_time", "epoch_objectives", b"epoch_objectives", "evaluation", b"evaluation", "evaluation_refusals", b"evaluation_refusals", "failure_reason", b"failure_reason", "hyperparameters", b"hyperparameters", "interruptions", b"interruptions", "judge_coverage", b"judge_coverage", "judge_judged", b"judge_judged", "judge_requested", b"judge_requested", "last_evaluation_refusal", b"last_evaluation_refusal", "number", b"number", "objective", b"objective", "start_time", b"start_time", "state", b"state", "trainer", b"trainer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_judge_coverage", b"_judge_coverage", "_objective", b"_objective", "_same_as", b"_same_as", "artifact_dir", b"artifact_dir", "attempt", b"attempt", "best_epoch", b"best_epoch", "end_time", b"end_time", "epoch_objectives", b"epoch_objectives", "evaluation", b"evaluation", "evaluation_refusals", b"evaluation_refusals", "failure_reason", b"failure_reason", "hyperparameters", b"hyperparameters", "interruptions", b"interruptions", "judge_coverage", b"judge_coverage", "judge_judged", b"judge_judged", "judge_requested", b"judge_requested", "last_evaluation_refusal", b"last_evaluation_refusal", "number", b"number", "objective", b"objective", "same_as", b"same_as", "start_time", b"start_time", "state", b"state", "trainer", b"trainer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__judge_coverage: _TypeAlias = _typing.Literal["judge_coverage"]  # noqa: Y015
     _WhichOneofArgType__judge_coverage: _TypeAlias = _typing.Literal["_judge_coverage", b"_judge_coverage"]  # noqa: Y015
     _WhichOneofReturnType__objective: _TypeAlias = _typing.Literal["objective"]  # noqa: Y015
     _WhichOneofArgType__objective: _TypeAlias = _typing.Literal["_objective", b"_objective"]  # noqa: Y015
+    _WhichOneofReturnType__same_as: _TypeAlias = _typing.Literal["same_as"]  # noqa: Y015
+    _WhichOneofArgType__same_as: _TypeAlias = _typing.Literal["_same_as", b"_same_as"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__judge_coverage) -> _WhichOneofReturnType__judge_coverage | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__objective) -> _WhichOneofReturnType__objective | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__same_as) -> _WhichOneofReturnType__same_as | None: ...
 
 Global___Trial: _TypeAlias = Trial  # noqa: Y015
 
