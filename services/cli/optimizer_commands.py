@@ -31,6 +31,7 @@ from services.cli.project_commands import task_label
 from services.cli.stack import StackOptions, embedded_stack, serve_stack
 from services.common.client import ClientSettings, create_channel
 from services.common.config import CommonSettings
+from services.common.durations import format_duration, parse_duration
 from services.common.logging import configure_logging
 
 console = Console()
@@ -114,7 +115,7 @@ def trials_table(study: optimizer_pb2.Study, trials: Sequence[optimizer_pb2.Tria
     """One row a trial: state, the key hyperparameters, the objective (fits 80 columns)."""
     classification = study.dataset.task_type == common_pb2.TASK_TYPE_CLASSIFICATION
     objective = study.objective_name or "objective"
-    caption = "* best, rs = rsLoRA"
+    caption = "* best, = #n: the result of trial n (same point, no job), rs = rsLoRA"
     if classification:
         caption += ", γ = focal gamma, cw = class weights, ws = weighted sampler"
     table = Table(
@@ -136,7 +137,8 @@ def trials_table(study: optimizer_pb2.Study, trials: Sequence[optimizer_pb2.Tria
         h = t.hyperparameters
         row = [
             str(t.number) + ("*" if t.number == best else " "),
-            trial_state(t.state),
+            # A repeat of a finished point: that trial's result, taken without a job.
+            f"= #{t.same_as}" if t.HasField("same_as") else trial_state(t.state),
             str(h.lora.rank) + (" rs" if h.lora.use_rslora else ""),
             f"{h.lora.alpha:g}",
             f"{h.training.learning_rate:.1e}",
@@ -169,6 +171,8 @@ def render_result(study: optimizer_pb2.Study, trials: Sequence[optimizer_pb2.Tri
         + (f", {study.trials_reused} repeats taken without a job" if study.trials_reused else "")
     )
     console.print(f"study {study.study_id}: {state} ({counts})")
+    if study.end_note:
+        console.print(f"[yellow]ended early:[/yellow] {study.end_note}")
     if study.excluded_note:
         console.print(f"[yellow]left out of training:[/yellow] {study.excluded_note}")
     if study.failure_reason and state != "COMPLETED":
@@ -197,6 +201,10 @@ class StudyProgress:
             self._record(trial)
 
     def _record(self, trial: optimizer_pb2.Trial) -> None:
+        if trial.HasField("same_as"):  # a repeat: no job, not counted toward n_trials
+            self.states.pop(trial.number, None)
+            self.running.pop(trial.number, None)
+            return
         self.states[trial.number] = trial.state
         if trial.HasField("objective") and trial.state == optimizer_pb2.TRIAL_STATE_COMPLETE:
             self.objectives[trial.number] = trial.objective
@@ -470,6 +478,14 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
         n_trials: Annotated[
             int | None, typer.Option("--n-trials", help="5..100; default LORA_N_TRIALS.")
         ] = None,
+        time_budget: Annotated[
+            str | None,
+            typer.Option(
+                "--time-budget",
+                help="Start no trial after this long (90m, 2h, 1h30m); the running ones "
+                "finish. --n-trials stays the cap.",
+            ),
+        ] = None,
         judge: Annotated[
             str | None,
             typer.Option("--judge", help="Add this LLM judge to the objective (generation)."),
@@ -574,6 +590,12 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
                 "fine_tuning_params.n_trials (--n-trials): "
                 f"must be between 5 and 100 (got {n_trials})"
             )
+        budget_seconds = 0
+        if time_budget is not None:
+            try:
+                budget_seconds = parse_duration(time_budget)
+            except ValueError as err:
+                raise usage_error(f"--time-budget: {err}") from None
         request = optimizer_pb2.CreateStudyRequest(
             project_id=project or project_id,
             fine_tuning_params=optimizer_pb2.FineTuningParams(
@@ -581,6 +603,7 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
                 judge_model_id=judge or "",
                 base_model_name=base_model or "",
                 n_trials=n_trials or 0,
+                time_budget_seconds=budget_seconds,
             ),
             max_parallel_trials=max(max_parallel, 0),
             study_name=study_name or "",
@@ -621,11 +644,13 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
                 if project is not None:
                     await _project_defaults(stub, project, request, judge_given=judge is not None)
                 created = (await stub.CreateStudy(request)).study
+                budget = created.fine_tuning_params.time_budget_seconds
                 console.print(
                     f"study [bold]{created.study_id}[/bold]: "
                     f"{created.fine_tuning_params.n_trials} trials of "
-                    f"{model_label(created.fine_tuning_params.base_model_name)} "
-                    f"({study_state(created.state)})"
+                    f"{model_label(created.fine_tuning_params.base_model_name)}"
+                    + (f" within {format_duration(budget)}" if budget else "")
+                    + f" ({study_state(created.state)})"
                 )
                 if stack is not None:
                     await _say_other_active(stub, created.study_id)

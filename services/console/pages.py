@@ -219,8 +219,10 @@ async def _study_page(request: web.Request) -> web.Response:
             "trials",
             f"{study.trials_complete} complete, {study.trials_pruned} pruned, "
             f"{study.trials_failed} failed, {study.trials_running} running of "
-            f"{study.fine_tuning_params.n_trials}",
+            f"{study.fine_tuning_params.n_trials}"
+            + (f"; {study.trials_reused} repeats (no job)" if study.trials_reused else ""),
         ),
+        *([("ended early", _e(study.end_note))] if study.end_note else []),
         (f"best {_e(study.objective_name)}", _e(_best(study))),
     ]
     if study.best_model_dir:

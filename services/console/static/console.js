@@ -142,6 +142,10 @@ function launchDialog(project, judges, classification) {
   const trials = el("input", { type: "number", id: "n-trials", name: "n_trials", min: 5, max: 100,
     step: 1, required: true, "aria-describedby": "n-trials-help" });
   trials.value = String(project.n_trials >= 5 && project.n_trials <= 100 ? project.n_trials : QUICK_TRIALS);
+  // Minutes in the page, seconds on the wire; empty = no budget (the project's, if it has one).
+  const budget = el("input", { type: "number", id: "time-budget", name: "time_budget_minutes", min: 1,
+    max: 43200, step: 1, "aria-describedby": "time-budget-help" });
+  budget.value = project.time_budget_seconds ? String(Math.round(project.time_budget_seconds / 60)) : "";
   const message = el("div", { id: "configure-error", "aria-live": "assertive" });
   const submit = el("button", { type: "submit" }, "Start");
   const cancel = el("button", { type: "button" }, "Cancel");
@@ -157,6 +161,9 @@ function launchDialog(project, judges, classification) {
       el("small", { id: "base-model-help", class: "muted" }, "A Hugging Face name or a local path")),
     el("p", null, el("label", { for: "n-trials" }, "Optimisation trials"), trials,
       el("small", { id: "n-trials-help", class: "muted" }, "From 5 to 100")),
+    el("p", null, el("label", { for: "time-budget" }, "Time budget (minutes)"), budget,
+      el("small", { id: "time-budget-help", class: "muted" },
+        "Optional: no trial starts after this; running ones finish")),
     message,
     el("p", { class: "actions" }, cancel, submit));
   // The browser checks the fields (min, max, required) before this runs.
@@ -172,6 +179,7 @@ function launchDialog(project, judges, classification) {
           judge_model_id: judgeBox.checked ? select.value : "",
           base_model_name: base.value.trim(),
           n_trials: Number(trials.value),
+          time_budget_seconds: budget.value ? Number(budget.value) * 60 : 0,
         },
       });
       window.location.assign(`/studies/${encodeURIComponent(reply.study.study_id)}/live`);
@@ -323,9 +331,13 @@ function trialsTable(study, trials, onShow) {
     const show = t.evaluation && t.evaluation.task_type !== "TASK_TYPE_UNSPECIFIED"
       ? el("button", { type: "button", "data-trial": t.number }, `Evaluation #${t.number}`) : "";
     if (show) show.addEventListener("click", () => onShow(t));
-    return el("tr", { class: t.number === bestNumber ? "best" : null, "data-trial": t.number },
+    // A repeat of a finished point took that trial's result without a job (same_as).
+    const reused = typeof t.same_as === "number";
+    const classes = [t.number === bestNumber ? "best" : "", reused ? "reused" : ""].join(" ").trim();
+    return el("tr", { class: classes || null, "data-trial": t.number },
       el("td", { class: "n" }, t.number),
-      el("td", { class: short(t.state) }, short(t.state)),
+      el("td", { class: short(t.state), title: reused ? `the result of trial #${t.same_as}, no job` : null },
+        reused ? `= #${t.same_as}` : short(t.state)),
       el("td", { class: "n" }, lora.rank ?? "-"),
       el("td", { class: "n" }, lora.alpha ?? "-"),
       el("td", { class: "n" }, num(lora.dropout, 2)),
@@ -431,6 +443,13 @@ async function studyView(main, studyId) {
       el("tr", null, el("th", { scope: "row" }, "base model"), el("td", null, study.fine_tuning_params.base_model_name)),
       el("tr", null, el("th", { scope: "row" }, "LLM judge"),
         el("td", null, study.fine_tuning_params.use_llm_judge ? study.fine_tuning_params.judge_model_id || "default" : "off")),
+      study.fine_tuning_params.time_budget_seconds
+        ? el("tr", null, el("th", { scope: "row" }, "time budget"),
+          el("td", { id: "study-budget" }, `${Math.round(study.fine_tuning_params.time_budget_seconds / 60)} min`)) : null,
+      study.trials_reused
+        ? el("tr", null, el("th", { scope: "row" }, "repeats"),
+          el("td", null, `${study.trials_reused} repeated a finished point: its result, no job`)) : null,
+      study.end_note ? el("tr", null, el("th", { scope: "row" }, "ended early"), el("td", { id: "study-end-note" }, study.end_note)) : null,
       study.failure_reason ? el("tr", null, el("th", { scope: "row" }, "failure"), el("td", { class: "error" }, study.failure_reason)) : null,
     ]));
     renderRunning();

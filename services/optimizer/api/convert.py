@@ -106,6 +106,7 @@ def study_request_from_proto(request: optimizer_pb2.CreateStudyRequest) -> Study
             judge_model_id=params.judge_model_id,
             base_model_name=params.base_model_name,
             n_trials=params.n_trials,
+            time_budget_seconds=params.time_budget_seconds,
         ),
         dataset=dataset_from_proto(request.dataset) if given else None,
         search_space=json_format.MessageToDict(
@@ -170,6 +171,7 @@ def project_to_proto(project: Project) -> optimizer_pb2.Project:
         use_llm_judge=project.use_llm_judge,
         judge_model_id=project.judge_model_id,
         n_trials=project.n_trials,
+        time_budget_seconds=project.time_budget_seconds,
     )
     if project.search_space:
         json_format.ParseDict(dict(project.search_space), message.search_space)
@@ -253,6 +255,7 @@ def study_to_proto(view: StudyView) -> optimizer_pb2.Study:
             judge_model_id=fine.judge_model_id,
             base_model_name=fine.base_model_name,
             n_trials=fine.n_trials,
+            time_budget_seconds=fine.time_budget_seconds,
         ),
         dataset=dataset_to_proto(spec.dataset),
         trials_complete=view.counts.get("COMPLETE", 0),
@@ -262,6 +265,7 @@ def study_to_proto(view: StudyView) -> optimizer_pb2.Study:
         trials_waiting=view.counts.get("WAITING", 0),
         trials_reused=view.counts.get("REUSED", 0),
         failure_reason=record.failure_reason,
+        end_note=record.end_note,
         best_model_dir=record.best_model_dir,
         objective_name=spec.objective_name,
         excluded_classes=[common_pb2.ExcludedClass(**c) for c in record.excluded_classes or []],

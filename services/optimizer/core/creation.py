@@ -17,6 +17,7 @@ from typing import Any
 import optuna
 
 from services.common.defaults import TrainingDefaults
+from services.common.durations import MAX_DURATION_SECONDS as MAX_TIME_BUDGET_SECONDS
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.names import MAX_PATH_LENGTH, escape_control, excerpt, validate_name
 from services.optimizer.core.datasets import check_dataset
@@ -99,6 +100,12 @@ class StudyCreation:
             raise InvalidArgument(
                 f"must be between 5 and 100 (got {n_trials})", field="fine_tuning_params.n_trials"
             )
+        if not 0 <= fine.time_budget_seconds <= MAX_TIME_BUDGET_SECONDS:
+            raise InvalidArgument(
+                f"must be between 0 (none) and {MAX_TIME_BUDGET_SECONDS} seconds (30 days), "
+                f"got {fine.time_budget_seconds}",
+                field="fine_tuning_params.time_budget_seconds",
+            )
         await asyncio.to_thread(check_dataset, dataset)
         base_model = fine.base_model_name or self._defaults.lora_model_name
         if len(base_model) > MAX_PATH_LENGTH or escape_control(base_model) != base_model:
@@ -142,6 +149,7 @@ class StudyCreation:
                 judge_model_id=fine.judge_model_id,
                 base_model_name=base_model,
                 n_trials=n_trials,
+                time_budget_seconds=fine.time_budget_seconds,
             ),
             dataset=dataset,
             space=space,

@@ -19,6 +19,7 @@ from typing import Any
 import optuna
 
 from services.common.defaults import TrainingDefaults
+from services.common.durations import format_duration
 from services.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -44,6 +45,7 @@ from services.optimizer.core.records import (
     STATES,
     StudyRecord,
     StudyRequest,
+    StudySpec,
 )
 from services.optimizer.core.space import PROBE_ONLY, default_trial
 from services.optimizer.core.store import StudyStore
@@ -67,12 +69,26 @@ class OptimizerOptions:
     poll_seconds: float = 1.0
 
 
+def budget_ran(finished: list[optuna.trial.FrozenTrial]) -> int:
+    """Trials that ran a job of their own (not `same_as` another's)."""
+    return sum(1 for t in finished if "same_as" not in t.user_attrs)
+
+
+def _budget_spent(record: StudyRecord, spec: StudySpec) -> bool:
+    """Whether the study's time budget, counted from its start, is spent."""
+    budget = spec.fine_tuning.time_budget_seconds
+    if not budget or not record.start_time:
+        return False
+    started = datetime.fromisoformat(record.start_time)
+    return bool((datetime.now(UTC) - started).total_seconds() >= budget)
+
+
 def budget_used(finished: list[optuna.trial.FrozenTrial], n_trials: int) -> int:
     """Of the COMPLETE and PRUNED trials (by number), those counted against `n_trials`: every
     trial that ran its own job. Trials that took a twin's result (`same_as`) are free, but
     when the last `n_trials` of them in a row were all such repeats, the sampler has nothing
     new to propose: the whole budget counts as used, and the study ends."""
-    ran = sum(1 for t in finished if "same_as" not in t.user_attrs)
+    ran = budget_ran(finished)
     trailing = 0
     for trial in reversed(finished):
         if "same_as" not in trial.user_attrs:
@@ -310,16 +326,34 @@ class Optimizer:
                 record = await self.store.record(study_id)
                 if study_id in self._cancelled or record.state == "CANCELLED":
                     return
-                finished = budget_used(
-                    await self.store.trials(
-                        study_id,
-                        (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED),
-                    ),
-                    n_trials,
+                finished_trials = await self.store.trials(
+                    study_id, (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
                 )
+                finished = budget_used(finished_trials, n_trials)
                 if finished >= n_trials and not running and not pending:
+                    if budget_ran(finished_trials) < n_trials and not record.end_note:
+                        await self.store.update(
+                            study_id,
+                            end_note=f"the sampler proposed only points already run, "
+                            f"{n_trials} times in a row",
+                        )
                     await self._complete(study_id)
                     return
+                if _budget_spent(record, spec):
+                    if not record.end_note:
+                        budget = format_duration(spec.fine_tuning.time_budget_seconds)
+                        ran = budget_ran(finished_trials)
+                        note = f"time budget of {budget} spent after {ran} of {n_trials} trials"
+                        logger.info("study %s: %s; no trial starts now", study_id, note)
+                        await self.store.update(study_id, end_note=note)
+                    for number in pending:
+                        await self._trials.tell_fail(
+                            study, number, "not run again: the time budget was spent", count=False
+                        )
+                    pending.clear()
+                    if not running:
+                        await self._complete(study_id)
+                        return
                 if record.failures >= self._options.max_trial_failures:
                     await _cancel_all(running)
                     await self._fail(
@@ -332,7 +366,9 @@ class Optimizer:
                     return
                 limit = spec.max_parallel_trials or 1_000
                 address: str | None = None
-                wanted = pending or finished + len(running) < n_trials
+                wanted = not _budget_spent(record, spec) and (
+                    pending or finished + len(running) < n_trials
+                )
                 starved = 0
                 if wanted and len(running) < limit:
                     address = await self.pool.acquire()

@@ -18,6 +18,7 @@ The shape (the dataset's keys are the contract's `DatasetSpec` fields; everythin
         use_llm_judge: false          # generation only
         judge_model_id: gemini
         n_trials: 20                  # 5..100
+        time_budget: 90m              # no trial starts after 90 minutes (s, m, h, d; 0 = none)
         search_space: {rank: [8, 16], learning_rate: {low: 1.0e-4, high: 1.0e-3, log: true}}
         training: {max_seq_length: 256}
 
@@ -44,6 +45,7 @@ from typing import Any
 
 import yaml
 
+from services.common.durations import parse_duration
 from services.common.errors import InvalidArgument
 from services.common.names import MAX_PATH_LENGTH, escape_control, excerpt, validate_name
 from services.optimizer.core.records import (
@@ -83,6 +85,7 @@ class Project:
     use_llm_judge: bool = False
     judge_model_id: str = ""
     n_trials: int = 0
+    time_budget_seconds: int = 0  # 0: none
     # The contract's SearchSpace fields (snake_case), as a request's search space.
     search_space: Mapping[str, Any] = field(default_factory=dict)
     training: TrainingOverrides = field(default_factory=TrainingOverrides)
@@ -96,6 +99,7 @@ _PROJECT_KEYS = (
     "use_llm_judge",
     "judge_model_id",
     "n_trials",
+    "time_budget",
     "search_space",
     "training",
 )
@@ -276,6 +280,10 @@ def _project(entry: dict[Any, Any], folder: Path, search_space: SearchSpaceParse
             f"must be between 5 and 100, or 0 for LORA_N_TRIALS (got {n_trials})",
             field="n_trials",
         )
+    try:
+        time_budget = parse_duration(entry.get("time_budget", 0))
+    except ValueError as err:
+        raise InvalidArgument(str(err), field="time_budget") from None
     space = _search_space(entry.get("search_space"), dataset.classification, search_space)
     return Project(
         project_id=project_id,
@@ -285,6 +293,7 @@ def _project(entry: dict[Any, Any], folder: Path, search_space: SearchSpaceParse
         use_llm_judge=use_judge,
         judge_model_id=judge_id,
         n_trials=n_trials,
+        time_budget_seconds=time_budget,
         search_space=space,
         training=_training(entry.get("training")),
     )

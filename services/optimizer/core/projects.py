@@ -121,7 +121,8 @@ class ProjectCatalog:
 def apply_project(request: StudyRequest, project: Project) -> StudyRequest:
     """`request` with the project's dataset, and its defaults where the request has none.
 
-    The base model when base_model_name is empty, n_trials when 0, the judge model when
+    The base model when base_model_name is empty, n_trials and the time budget when 0, the
+    judge model when
     the judge is on and judge_model_id empty, the judge on / off when the request carried
     no fine_tuning_params at all, and each search space dimension and fixed training
     parameter the request leaves unset.
@@ -143,6 +144,7 @@ def apply_project(request: StudyRequest, project: Project) -> StudyRequest:
             judge_model_id=judge_id,
             base_model_name=fine.base_model_name or project.base_model_name,
             n_trials=fine.n_trials or project.n_trials,
+            time_budget_seconds=fine.time_budget_seconds or project.time_budget_seconds,
         ),
         search_space={**project.search_space, **request.search_space},
         training=training,

@@ -33,6 +33,7 @@ class FineTuning:
     judge_model_id: str = ""
     base_model_name: str = ""
     n_trials: int = 0
+    time_budget_seconds: int = 0  # 0: none; else no trial starts once this much has passed
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,9 @@ class StudyRecord:
     failures: int = 0
     last_failure: str = ""
     fatal: str = ""  # set by a trial: the study must stop with this reason
+    # Why a study stopped starting trials before n_trials ran (its time budget was spent,
+    # or its sampler proposed only points already run); empty when it ran them all.
+    end_note: str = ""
     oom_configs: list[str] = field(default_factory=list)
     excluded_classes: list[dict[str, Any]] | None = None
 

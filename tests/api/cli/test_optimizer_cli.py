@@ -125,11 +125,13 @@ def test_tune_in_process_ends_with_the_table_and_the_adapter(
 ) -> None:
     root = tmp_path / "runs"
     args = tune_args(sentiment, tiny_qwen, "--n-trials", "5", "--study-name", "cli")
+    args += ["--time-budget", "2h"]  # far more than the study needs: it ends by n_trials
     result = runner.invoke(app, [*args, "--artifact-root", str(root)], env=ENV)
     assert result.exit_code == 0, result.output
     out = result.output
     # The base model's folder shortened, so that the line stays one line.
-    assert f"study cli: 5 trials of {model_label(str(tiny_qwen))} (" in out
+    assert f"study cli: 5 trials of {model_label(str(tiny_qwen))} within 2h (" in out
+    assert "ended early" not in out
     assert "5/5 trials" in out and "best f1_macro" in out  # the progress line at its end
     assert "Trials of cli" in out
     assert len(FINISHED_ROW.findall(out)) == 5, out
@@ -155,6 +157,12 @@ def test_usage_errors_need_no_server(tmp_path: Path, sentiment: Path) -> None:
         app, ["tune", "--dataset", str(sentiment), "--task", "classification", "--n-trials", "0"]
     )
     assert result.exit_code == 2 and "fine_tuning_params.n_trials" in result.output
+    result = runner.invoke(
+        app,
+        ["tune", "--dataset", str(sentiment), "--task", "classification", "--time-budget", "soon"],
+    )
+    assert result.exit_code == 2, result.output
+    assert "--time-budget" in result.output and "such as 90m" in result.output
 
 
 @pytest.fixture

@@ -667,3 +667,53 @@ async def test_repeats_do_not_use_the_budget_of_a_mixed_space(tmp_path: Path, da
         if t.HasField("same_as"):
             twin = trials[t.same_as]
             assert t.objective == twin.objective and not twin.HasField("same_as")
+
+
+class SlowTrainers(FakeTrainers):
+    """Each job takes `seconds` (real time) before its first event."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(epochs=1)
+        self.seconds = seconds
+        self.started_at: list[float] = []
+
+    async def start(self, address: str, request: TrainingJob) -> None:
+        self.started_at.append(asyncio.get_running_loop().time())
+        await super().start(address, request)
+
+    async def watch(self, address: str, job_id: str) -> AsyncIterator[JobEvent]:
+        await asyncio.sleep(self.seconds)
+        async for event in super().watch(address, job_id):
+            yield event
+
+
+async def test_a_spent_time_budget_starts_no_trial_and_lets_the_running_one_finish(
+    tmp_path: Path, data: Path
+) -> None:
+    trainers = SlowTrainers(0.4)
+    optimizer = make(tmp_path, trainers, FakeEvaluator())
+    request = create(data, n=50, pruner="none", name="budget")
+    request.fine_tuning_params.time_budget_seconds = 1
+    began = asyncio.get_running_loop().time()
+    study = await run(optimizer, request)
+    assert study.state == optimizer_pb2.STUDY_STATE_COMPLETED, study.failure_reason
+    assert study.fine_tuning_params.time_budget_seconds == 1
+    assert "time budget of 1s spent after" in study.end_note and "of 50 trials" in study.end_note
+    trials = await trials_of(optimizer, "budget")
+    assert 2 <= len(trials) < 50
+    # Every trial it started finished (the last one after the budget ran out), none failed.
+    assert all(t.state == optimizer_pb2.TRIAL_STATE_COMPLETE for t in trials)
+    assert len([t for t in trials if not t.HasField("same_as")]) == trainers.started
+    # None started after the budget (a poll period of slack for the last check).
+    assert max(trainers.started_at) - began < 1.0 + 0.5
+    assert study.best_model_dir
+
+
+async def test_a_time_budget_beyond_30_days_is_refused(tmp_path: Path, data: Path) -> None:
+    optimizer = make(tmp_path, FakeTrainers(), FakeEvaluator())
+    request = create(data, name="long")
+    request.fine_tuning_params.time_budget_seconds = 31 * 24 * 3600
+    with pytest.raises(InvalidArgument) as caught:
+        await create_with(optimizer, request)
+    assert caught.value.field == "fine_tuning_params.time_budget_seconds"
+    assert "30 days" in caught.value.message

@@ -45,6 +45,7 @@ projects:
       seed: 7
     base_model_name: Qwen/Qwen3-0.6B
     n_trials: 20
+    time_budget: 1h30m
     search_space:
       rank: [8, 16]
       learningRate: {low: 1e-4, high: 1.0e-3, log: true}
@@ -71,6 +72,7 @@ def test_the_file_parses_into_projects_by_id() -> None:
         seed=7,
     )
     assert payments.base_model_name == "Qwen/Qwen3-0.6B" and payments.n_trials == 20
+    assert payments.time_budget_seconds == 5400
     # The contract's JSON, either key style, as a request's (snake_case) search space.
     assert payments.search_space == {
         "rank": [8, 16],
@@ -139,6 +141,8 @@ BAD = [
     (entry(id="DROP"), "projects[0].id", "is required"),
     (entry(name="../etc"), "projects[0].name", "may contain only"),
     (entry(n_trials="3"), "projects[0].n_trials", "between 5 and 100"),
+    (entry(time_budget="soon"), "projects[0].time_budget", "such as 90m"),
+    (entry(time_budget="40d"), "projects[0].time_budget", "30 days"),
     (entry(use_llm_judge="true"), "projects[0].use_llm_judge", "classification"),
     (entry(use_llm_judge="yes please"), "projects[0].use_llm_judge", "true or false"),
     (entry(judge_model_id='"gem ini"'), "projects[0].judge_model_id", "may contain only"),
@@ -301,14 +305,17 @@ def test_a_request_takes_the_projects_data_and_what_it_leaves_unset() -> None:
     )
     assert filled.dataset == payments.dataset
     assert filled.fine_tuning == FineTuning(
-        use_llm_judge=False, base_model_name="Qwen/Qwen3-0.6B", n_trials=20
+        use_llm_judge=False,
+        base_model_name="Qwen/Qwen3-0.6B",
+        n_trials=20,
+        time_budget_seconds=5400,
     )
     assert filled.search_space == {
         "rank": [4],
         "learning_rate": payments.search_space["learning_rate"],
     }
     assert filled.training == TrainingOverrides(max_seq_length=256, warmup_ratio=0.3)
-    mine = FineTuning(base_model_name="org/m", n_trials=8)
+    mine = FineTuning(base_model_name="org/m", n_trials=8, time_budget_seconds=60)
     assert apply_project(request(fine_tuning=mine), payments).fine_tuning == mine
 
     _, support = parse(GOOD)

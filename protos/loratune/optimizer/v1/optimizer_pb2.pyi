@@ -103,6 +103,7 @@ class FineTuningParams(_message.Message):
     JUDGE_MODEL_ID_FIELD_NUMBER: _builtins.int
     BASE_MODEL_NAME_FIELD_NUMBER: _builtins.int
     N_TRIALS_FIELD_NUMBER: _builtins.int
+    TIME_BUDGET_SECONDS_FIELD_NUMBER: _builtins.int
     use_llm_judge: _builtins.bool
     """Add the LLM judge to the objective (generation only)."""
     judge_model_id: _builtins.str
@@ -111,6 +112,11 @@ class FineTuningParams(_message.Message):
     """Base model; empty = LORA_MODEL_NAME."""
     n_trials: _builtins.int
     """Trials to finish, 5..100; 0 = LORA_N_TRIALS."""
+    time_budget_seconds: _builtins.int
+    """Wall-clock budget of the study in seconds, from its start (0 = none; at most 30 days).
+    Once it is spent the study starts no trial (nor re-runs an interrupted one), lets the
+    running ones finish, and completes; n_trials stays the cap.
+    """
     def __init__(
         self,
         *,
@@ -118,10 +124,11 @@ class FineTuningParams(_message.Message):
         judge_model_id: _builtins.str = ...,
         base_model_name: _builtins.str = ...,
         n_trials: _builtins.int = ...,
+        time_budget_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_name", b"base_model_name", "judge_model_id", b"judge_model_id", "n_trials", b"n_trials", "use_llm_judge", b"use_llm_judge"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_name", b"base_model_name", "judge_model_id", b"judge_model_id", "n_trials", b"n_trials", "time_budget_seconds", b"time_budget_seconds", "use_llm_judge", b"use_llm_judge"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -636,6 +643,7 @@ class Study(_message.Message):
     OBJECTIVE_NAME_FIELD_NUMBER: _builtins.int
     EXCLUDED_CLASSES_FIELD_NUMBER: _builtins.int
     EXCLUDED_NOTE_FIELD_NUMBER: _builtins.int
+    END_NOTE_FIELD_NUMBER: _builtins.int
     TRIALS_REUSED_FIELD_NUMBER: _builtins.int
     study_id: _builtins.str
     """Its id (the Optuna study name)."""
@@ -661,6 +669,11 @@ class Study(_message.Message):
     """The objective's name ("f1_macro" or "combined")."""
     excluded_note: _builtins.str
     """How the objective treats `excluded_classes`, in words (empty when there are none)."""
+    end_note: _builtins.str
+    """Why the study stopped starting trials before n_trials of them ran: its time budget
+    was spent ("time budget of 1h30m spent after 12 trials"), or its sampler proposed only
+    points already run, n_trials times in a row. Empty when it ran them all.
+    """
     trials_reused: _builtins.int
     """Trials that ran no job: they repeated a COMPLETE trial's result-deciding parameters and
     took its result (Trial.same_as). Not in trials_complete; not counted against n_trials
@@ -718,11 +731,12 @@ class Study(_message.Message):
         objective_name: _builtins.str = ...,
         excluded_classes: _abc.Iterable[_common_pb2.ExcludedClass] | None = ...,
         excluded_note: _builtins.str = ...,
+        end_note: _builtins.str = ...,
         trials_reused: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["best_trial", b"best_trial", "create_time", b"create_time", "dataset", b"dataset", "end_time", b"end_time", "fine_tuning_params", b"fine_tuning_params", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_model_dir", b"best_model_dir", "best_trial", b"best_trial", "create_time", b"create_time", "dataset", b"dataset", "end_time", b"end_time", "excluded_classes", b"excluded_classes", "excluded_note", b"excluded_note", "failure_reason", b"failure_reason", "fine_tuning_params", b"fine_tuning_params", "objective_name", b"objective_name", "project_id", b"project_id", "start_time", b"start_time", "state", b"state", "study_id", b"study_id", "trials_complete", b"trials_complete", "trials_failed", b"trials_failed", "trials_pruned", b"trials_pruned", "trials_reused", b"trials_reused", "trials_running", b"trials_running", "trials_waiting", b"trials_waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_model_dir", b"best_model_dir", "best_trial", b"best_trial", "create_time", b"create_time", "dataset", b"dataset", "end_note", b"end_note", "end_time", b"end_time", "excluded_classes", b"excluded_classes", "excluded_note", b"excluded_note", "failure_reason", b"failure_reason", "fine_tuning_params", b"fine_tuning_params", "objective_name", b"objective_name", "project_id", b"project_id", "start_time", b"start_time", "state", b"state", "study_id", b"study_id", "trials_complete", b"trials_complete", "trials_failed", b"trials_failed", "trials_pruned", b"trials_pruned", "trials_reused", b"trials_reused", "trials_running", b"trials_running", "trials_waiting", b"trials_waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1087,6 +1101,7 @@ class Project(_message.Message):
     USE_LLM_JUDGE_FIELD_NUMBER: _builtins.int
     JUDGE_MODEL_ID_FIELD_NUMBER: _builtins.int
     N_TRIALS_FIELD_NUMBER: _builtins.int
+    TIME_BUDGET_SECONDS_FIELD_NUMBER: _builtins.int
     SEARCH_SPACE_FIELD_NUMBER: _builtins.int
     TRAINING_FIELD_NUMBER: _builtins.int
     project_id: _builtins.int
@@ -1103,6 +1118,10 @@ class Project(_message.Message):
     """
     n_trials: _builtins.int
     """Default trials to finish, 5..100; 0 = LORA_N_TRIALS."""
+    time_budget_seconds: _builtins.int
+    """Default time budget of its studies in seconds (FineTuningParams.time_budget_seconds);
+    0 = none.
+    """
     @_builtins.property
     def dataset(self) -> _common_pb2.DatasetSpec:
         """Its training data; a relative path in the file is given here resolved against the
@@ -1129,12 +1148,13 @@ class Project(_message.Message):
         use_llm_judge: _builtins.bool = ...,
         judge_model_id: _builtins.str = ...,
         n_trials: _builtins.int = ...,
+        time_budget_seconds: _builtins.int = ...,
         search_space: Global___SearchSpace | None = ...,
         training: _common_pb2.TrainingParams | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "search_space", b"search_space", "training", b"training"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_name", b"base_model_name", "dataset", b"dataset", "judge_model_id", b"judge_model_id", "n_trials", b"n_trials", "name", b"name", "project_id", b"project_id", "search_space", b"search_space", "training", b"training", "use_llm_judge", b"use_llm_judge"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_name", b"base_model_name", "dataset", b"dataset", "judge_model_id", b"judge_model_id", "n_trials", b"n_trials", "name", b"name", "project_id", b"project_id", "search_space", b"search_space", "time_budget_seconds", b"time_budget_seconds", "training", b"training", "use_llm_judge", b"use_llm_judge"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
