@@ -177,13 +177,42 @@ def render_result(study: optimizer_pb2.Study, trials: Sequence[optimizer_pb2.Tri
         console.print(f"[yellow]left out of training:[/yellow] {study.excluded_note}")
     if study.failure_reason and state != "COMPLETED":
         console.print(f"[yellow]reason:[/yellow] {study.failure_reason}")
-    if study.best_trial.HasField("objective"):
+    if study.HasField("report"):
+        for line in report_lines(study):
+            console.print(line)
+    elif study.best_trial.HasField("objective"):
         console.print(
             f"best: trial {study.best_trial.number}, "
             f"{study.objective_name} = {study.best_trial.objective:.4f}"
         )
     if study.best_model_dir:
         console.print(f"best adapter published to [bold]{study.best_model_dir}[/bold]")
+
+
+def report_lines(study: optimizer_pb2.Study) -> list[str]:
+    """What the study bought, on validation: floor, default, selected, noise, published."""
+    r = study.report
+    name = study.objective_name or "objective"
+    lines = [f"what the study bought (validation {name}; no test data was read):"]
+    if r.HasField("floor_trial"):
+        lines.append(f"  floor (probe only), trial {r.floor_trial}: {r.floor_objective:.4f}")
+    if r.HasField("default_trial"):
+        lines.append(f"  default trial {r.default_trial}: {r.default_objective:.4f}")
+    selected = (
+        f"  selected, best of {r.trials_compared}: trial {r.selected_trial}: "
+        f"{r.selected_objective:.4f}"
+    )
+    if r.HasField("noise"):
+        selected += (
+            f" (noise ±{r.noise:.4f}; the best of {r.trials_compared} is ahead by "
+            f"~{r.expected_optimism:.4f} by chance)"
+        )
+    lines.append(selected)
+    floor = r.HasField("floor_trial") and r.published_trial == r.floor_trial
+    lines.append(f"published: trial {r.published_trial}" + (" (the floor)" if floor else ""))
+    if r.warning:
+        lines.append(f"[yellow]warning:[/yellow] {r.warning}")
+    return lines
 
 
 class StudyProgress:

@@ -322,6 +322,24 @@ function chart(trials, objectiveName) {
   return root;
 }
 
+// What a completed study bought, on validation: its floor, default trial, selection, the
+// noise behind the choice and the trial published (Study.report).
+function reportRows(study) {
+  const r = study.report;
+  if (!r) return [];
+  const row = (name, value, attrs) => el("tr", null, el("th", { scope: "row" }, name), el("td", attrs || null, value));
+  const rows = [];
+  if (typeof r.floor_trial === "number") rows.push(row("floor (probe only)", `#${r.floor_trial}: ${num(r.floor_objective)}`));
+  if (typeof r.default_trial === "number") rows.push(row("default trial", `#${r.default_trial}: ${num(r.default_objective)}`));
+  let selected = `#${r.selected_trial || 0}: ${num(r.selected_objective)} (best of ${r.trials_compared || 0})`;
+  if (typeof r.noise === "number") selected += `, noise ±${num(r.noise)}, ahead by ~${num(r.expected_optimism)} by chance`;
+  rows.push(row("selected", selected));
+  const floor = typeof r.floor_trial === "number" && (r.published_trial || 0) === r.floor_trial;
+  rows.push(row("published", `#${r.published_trial || 0}${floor ? " (the floor)" : ""}`, { id: "study-published" }));
+  if (r.warning) rows.push(row("warning", r.warning, { class: "error", id: "study-warning" }));
+  return rows;
+}
+
 function trialsTable(study, trials, onShow) {
   const bestNumber = study.best_trial && typeof study.best_trial.objective === "number"
     ? study.best_trial.number : null;
@@ -451,6 +469,7 @@ async function studyView(main, studyId) {
           el("td", null, `${study.trials_reused} repeated a finished point: its result, no job`)) : null,
       study.end_note ? el("tr", null, el("th", { scope: "row" }, "ended early"), el("td", { id: "study-end-note" }, study.end_note)) : null,
       study.failure_reason ? el("tr", null, el("th", { scope: "row" }, "failure"), el("td", { class: "error" }, study.failure_reason)) : null,
+      ...reportRows(study),
     ]));
     renderRunning();
     const chosen = shown ?? (study.best_trial && typeof study.best_trial.objective === "number" ? study.best_trial.number : null);

@@ -278,7 +278,25 @@ def study_to_proto(view: StudyView) -> optimizer_pb2.Study:
     _stamp(record.end_time, message.end_time)
     if view.best_trial is not None:
         message.best_trial.CopyFrom(trial_to_proto(view.best_trial))
+    if record.report:
+        json_format.ParseDict(
+            {
+                _REPORT_FIELDS.get(key, key): value
+                for key, value in record.report.items()
+                if value is not None
+            },
+            message.report,
+            ignore_unknown_fields=True,
+        )
     return message
+
+
+# SelectionReport.to_json() keys that the contract names otherwise.
+_REPORT_FIELDS = {
+    "floor_value": "floor_objective",
+    "default_value": "default_objective",
+    "selected_value": "selected_objective",
+}
 
 
 def event_to_proto(event: StudyEvent) -> optimizer_pb2.StudyEvent:

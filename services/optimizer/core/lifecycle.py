@@ -328,6 +328,15 @@ class TrialLifecycle:
                     )
                     epochs.append(epoch)
                     await self._store.run(results.record_epoch, run.trial_dir, epochs)
+                    if event.labels:  # classification: kept for the study's noise estimate
+                        await self._store.run(
+                            results.record_predictions,
+                            run.trial_dir,
+                            epoch.index,
+                            event.labels,
+                            event.predictions,
+                            event.references,
+                        )
                     await self._store.set_trial_attrs(
                         study, run.trial_id, epochs=[e.record() for e in epochs]
                     )

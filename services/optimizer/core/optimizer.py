@@ -47,6 +47,7 @@ from services.optimizer.core.records import (
     StudyRequest,
     StudySpec,
 )
+from services.optimizer.core.report import SelectionReport, selection_report
 from services.optimizer.core.space import PROBE_ONLY, default_trial
 from services.optimizer.core.store import StudyStore
 from services.optimizer.core.views import StudyView, TrialView, study_view, trial_view
@@ -179,8 +180,11 @@ class Optimizer:
         if PROBE_ONLY in spec.space.num_epochs and first["num_epochs"] != PROBE_ONLY:
             # The frozen baseline first: cheap, and the study can never select below it.
             baseline = {**first, "num_epochs": PROBE_ONLY}
-            await self.store.run(study.enqueue_trial, baseline, user_attrs={"attempt": 1})
-        await self.store.run(study.enqueue_trial, first, user_attrs={"attempt": 1})
+            await self.store.run(
+                study.enqueue_trial, baseline, user_attrs={"attempt": 1, "role": "floor"}
+            )
+        role = "floor" if first["num_epochs"] == PROBE_ONLY else "default"
+        await self.store.run(study.enqueue_trial, first, user_attrs={"attempt": 1, "role": role})
         # Each named module set the first trial does not use goes first too: a set the model
         # lacks then fails the study on one of its first trials, not after many have run.
         for name in spec.space.module_sets:
@@ -437,29 +441,36 @@ class Optimizer:
         await self._finish(study_id)
 
     async def _complete(self, study_id: str) -> None:
-        complete = await self.store.trials(study_id, (optuna.trial.TrialState.COMPLETE,))
+        trials = await self.store.trials(study_id)
+        report = await self.store.run(selection_report, trials)
         best_dir = ""
-        if complete:
-            best = max(complete, key=lambda t: t.value if t.value is not None else float("-inf"))
-            source = Path(str(best.user_attrs.get("artifact_dir", "")))
+        if report is not None:
+            published = next(t for t in trials if t.number == report.published_trial)
+            source = Path(str(published.user_attrs.get("artifact_dir", "")))
             if source.is_dir():
                 target = await self.store.run(
                     results.publish_best, source, self._options.artifact_root / "models", study_id
                 )
                 best_dir = str(target)
-                summary = await self._summary(study_id, best.number)
+                summary = await self._summary(study_id, published.number, report)
                 await self.store.run(results.write_study_summary, target, summary)
             record = await self.store.record(study_id)
             logger.info(
-                "study %s completed: best trial %d, %s=%.4f, published to %s",
+                "study %s completed: published trial %d, %s=%.4f, to %s",
                 study_id,
-                best.number,
+                published.number,
                 record.spec.objective_name,
-                best.value or 0.0,
+                published.value or 0.0,
                 best_dir,
             )
+            if report.warning:
+                logger.warning("study %s: %s", study_id, report.warning)
         await self.store.update(
-            study_id, state="COMPLETED", end_time=_now(), best_model_dir=best_dir
+            study_id,
+            state="COMPLETED",
+            end_time=_now(),
+            best_model_dir=best_dir,
+            report=None if report is None else report.to_json(),
         )
         await self._finish(study_id)
 
@@ -476,7 +487,9 @@ class Optimizer:
         for state, value in counts.items():
             metrics.STUDIES.labels(state=state.lower()).set(value)
 
-    async def _summary(self, study_id: str, best_number: int) -> dict[str, Any]:
+    async def _summary(
+        self, study_id: str, best_number: int, report: SelectionReport
+    ) -> dict[str, Any]:
         record = await self.store.record(study_id)
         view = study_view(study_id, record, [])
         return {
@@ -484,6 +497,10 @@ class Optimizer:
             "project_id": record.spec.project_id,
             "objective_name": record.spec.objective_name,
             "best_trial": best_number,
+            # The floor, the default trial, the best on validation, the noise behind the
+            # choice and what was published (core/report.py).
+            "report": report.to_json(),
+            "end_note": record.end_note,
             "fine_tuning_params": asdict(record.spec.fine_tuning),
             "pinned_by_environment": dict(record.spec.pinned),
             "excluded_classes": record.excluded_classes or [],

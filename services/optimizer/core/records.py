@@ -112,6 +112,8 @@ class StudyRecord:
     # Why a study stopped starting trials before n_trials ran (its time budget was spent,
     # or its sampler proposed only points already run); empty when it ran them all.
     end_note: str = ""
+    # The completed study's report (core/report.py SelectionReport.to_json()); None before.
+    report: dict[str, Any] | None = None
     oom_configs: list[str] = field(default_factory=list)
     excluded_classes: list[dict[str, Any]] | None = None
 

@@ -17,6 +17,9 @@ logger = logging.getLogger(__name__)
 
 CURVE_FILE = "evaluation_curve.json"
 EPOCHS_DIR = "epochs"  # the trainer's `<output_dir>/epochs/epoch-<n>/`
+# A classification trial's validation predictions per evaluated epoch (label indices), read
+# back when the study ends to measure the noise of its selection (core/report.py).
+PREDICTIONS_DIR = "validation_predictions"
 
 PUBLISHED_FILES = (
     "adapter_config.json",
@@ -105,6 +108,36 @@ def record_epoch(trial_dir: Path, epochs: Sequence[EpochResult]) -> None:
         trial_dir / CURVE_FILE,
         {"epochs": [{**e.record(), "evaluation": dict(e.evaluation.document)} for e in epochs]},
     )
+
+
+def record_predictions(
+    trial_dir: Path,
+    index: int,
+    labels: Sequence[str],
+    predictions: Sequence[str],
+    references: Sequence[str],
+) -> None:
+    """`validation_predictions/epoch-<index>.json`: the epoch's predictions and references
+    as indices into `labels` (-1: a prediction outside them)."""
+    position = {label: i for i, label in enumerate(labels)}
+    _write_json(
+        trial_dir / PREDICTIONS_DIR / f"epoch-{index}.json",
+        {
+            "labels": list(labels),
+            "predictions": [position.get(p, -1) for p in predictions],
+            "references": [position.get(r, -1) for r in references],
+        },
+    )
+
+
+def read_predictions(trial_dir: Path, index: int) -> tuple[list[int], list[int]] | None:
+    """(predictions, references) recorded for an epoch, or None when there are none."""
+    path = trial_dir / PREDICTIONS_DIR / f"epoch-{index}.json"
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+        return [int(p) for p in content["predictions"]], [int(r) for r in content["references"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def keep_epoch(trial_dir: Path, best: EpochResult) -> None:

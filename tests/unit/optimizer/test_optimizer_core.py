@@ -6,7 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import optuna
 import pytest
@@ -717,3 +717,100 @@ async def test_a_time_budget_beyond_30_days_is_refused(tmp_path: Path, data: Pat
         await create_with(optimizer, request)
     assert caught.value.field == "fine_tuning_params.time_budget_seconds"
     assert "30 days" in caught.value.message
+
+
+class ClassifyingTrainers(FakeTrainers):
+    """Predicts a 10-class validation split (10 rows each): the probe-only job right on
+    `floor_accuracy` of each class's rows (the same rows every time), every other job right
+    on each row with probability `accuracy` (its own random rows)."""
+
+    LABELS: ClassVar[list[str]] = [f"c{i}" for i in range(10)]
+
+    def __init__(self, floor_accuracy: float, accuracy: float) -> None:
+        super().__init__(epochs=1)
+        self.floor_accuracy, self.accuracy = floor_accuracy, accuracy
+        self.references = [label for label in self.LABELS for _ in range(10)]
+
+    async def watch(self, address: str, job_id: str) -> AsyncIterator[JobEvent]:
+        import random
+
+        request = self.jobs[job_id]
+        number = int(job_id.split("-t")[1].split("-")[0])
+        probe = request.hyperparameters.probe_only
+        rng = random.Random(number)
+        wrong = [self.LABELS[(self.LABELS.index(r) + 1) % 10] for r in self.references]
+        if probe:
+            predictions = [
+                r if i % 10 < self.floor_accuracy * 10 else w
+                for i, (r, w) in enumerate(zip(self.references, wrong, strict=True))
+            ]
+        else:
+            predictions = [
+                r if rng.random() < self.accuracy else w
+                for r, w in zip(self.references, wrong, strict=True)
+            ]
+        folder = Path(request.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "adapter_model.safetensors").write_text(f"trial {number}")
+        yield JobEvaluation(
+            epoch=1,
+            step=1,
+            eval_loss=1.0,
+            predictions=predictions,
+            references=self.references,
+            labels=self.LABELS,
+            adapter_dir=str(folder),
+        )
+        yield JobCompleted(artifact_dir=str(folder))
+
+
+class MacroF1Evaluator(FakeEvaluator):
+    async def evaluate(self, request: EvaluationRequest) -> Evaluation:
+        from sklearn.metrics import f1_score
+
+        value = float(
+            f1_score(list(request.references), list(request.predictions), average="macro")
+        )
+        return evaluation_from_proto(
+            common_pb2.EvaluationResult(
+                task_type=common_pb2.TASK_TYPE_CLASSIFICATION,
+                objective=value,
+                objective_name="f1_macro",
+                classification=common_pb2.ClassificationMetrics(f1_macro=value),
+            )
+        )
+
+
+async def test_a_best_trial_within_the_noise_of_its_floor_is_not_published(
+    tmp_path: Path, data: Path
+) -> None:
+    # Every trial as good as the floor: the best of them is ahead by chance alone.
+    optimizer = make(tmp_path, ClassifyingTrainers(0.8, 0.8), MacroF1Evaluator())
+    study = await run(optimizer, create(data, n=12, pruner="none", name="noise"))
+    assert study.state == optimizer_pb2.STUDY_STATE_COMPLETED, study.failure_reason
+    report = study.report
+    assert report.floor_trial == 0 and report.default_trial == 1
+    assert report.selected_trial != 0 and report.selected_objective > report.floor_objective
+    assert report.HasField("noise") and report.noise > 0
+    assert report.selected_objective - report.floor_objective <= report.expected_optimism
+    assert report.published_trial == 0 and "the floor was published" in report.warning
+    published = Path(study.best_model_dir)
+    assert (published / "adapter_model.safetensors").read_text() == "trial 0"
+    summary = json.loads((published / "study.json").read_text())
+    assert summary["report"]["published_trial"] == 0 and summary["best_trial"] == 0
+    # Each trial's validation predictions were kept for the measurement.
+    trials = await trials_of(optimizer, "noise")
+    assert (Path(trials[3].artifact_dir) / "validation_predictions" / "epoch-1.json").is_file()
+
+
+async def test_a_clearly_better_trial_is_published_over_its_floor(
+    tmp_path: Path, data: Path
+) -> None:
+    optimizer = make(tmp_path, ClassifyingTrainers(0.5, 0.95), MacroF1Evaluator())
+    study = await run(optimizer, create(data, n=6, pruner="none", name="clear"))
+    report = study.report
+    assert report.floor_trial == 0 and report.published_trial == report.selected_trial != 0
+    assert not report.warning
+    assert report.selected_objective - report.floor_objective > report.expected_optimism
+    published = Path(study.best_model_dir)
+    assert (published / "adapter_model.safetensors").read_text() == f"trial {report.selected_trial}"

@@ -645,6 +645,7 @@ class Study(_message.Message):
     EXCLUDED_NOTE_FIELD_NUMBER: _builtins.int
     END_NOTE_FIELD_NUMBER: _builtins.int
     TRIALS_REUSED_FIELD_NUMBER: _builtins.int
+    REPORT_FIELD_NUMBER: _builtins.int
     study_id: _builtins.str
     """Its id (the Optuna study name)."""
     project_id: _builtins.int
@@ -709,6 +710,12 @@ class Study(_message.Message):
         row counts, as the first trial's data preparation found them.
         """
 
+    @_builtins.property
+    def report(self) -> Global___StudyReport:
+        """What the study bought, once it COMPLETED with a trial: its floor, its default trial, the
+        best on validation, the noise behind that choice and the trial published.
+        """
+
     def __init__(
         self,
         *,
@@ -733,14 +740,115 @@ class Study(_message.Message):
         excluded_note: _builtins.str = ...,
         end_note: _builtins.str = ...,
         trials_reused: _builtins.int = ...,
+        report: Global___StudyReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["best_trial", b"best_trial", "create_time", b"create_time", "dataset", b"dataset", "end_time", b"end_time", "fine_tuning_params", b"fine_tuning_params", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["best_trial", b"best_trial", "create_time", b"create_time", "dataset", b"dataset", "end_time", b"end_time", "fine_tuning_params", b"fine_tuning_params", "report", b"report", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_model_dir", b"best_model_dir", "best_trial", b"best_trial", "create_time", b"create_time", "dataset", b"dataset", "end_note", b"end_note", "end_time", b"end_time", "excluded_classes", b"excluded_classes", "excluded_note", b"excluded_note", "failure_reason", b"failure_reason", "fine_tuning_params", b"fine_tuning_params", "objective_name", b"objective_name", "project_id", b"project_id", "start_time", b"start_time", "state", b"state", "study_id", b"study_id", "trials_complete", b"trials_complete", "trials_failed", b"trials_failed", "trials_pruned", b"trials_pruned", "trials_reused", b"trials_reused", "trials_running", b"trials_running", "trials_waiting", b"trials_waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_model_dir", b"best_model_dir", "best_trial", b"best_trial", "create_time", b"create_time", "dataset", b"dataset", "end_note", b"end_note", "end_time", b"end_time", "excluded_classes", b"excluded_classes", "excluded_note", b"excluded_note", "failure_reason", b"failure_reason", "fine_tuning_params", b"fine_tuning_params", "objective_name", b"objective_name", "project_id", b"project_id", "report", b"report", "start_time", b"start_time", "state", b"state", "study_id", b"study_id", "trials_complete", b"trials_complete", "trials_failed", b"trials_failed", "trials_pruned", b"trials_pruned", "trials_reused", b"trials_reused", "trials_running", b"trials_running", "trials_waiting", b"trials_waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Study: _TypeAlias = Study  # noqa: Y015
+
+@_typing.final
+class StudyReport(_message.Message):
+    """A completed study's account of its selection. The noise is measured on the study's own
+    validation predictions (no test data): the standard deviation of the selected trial's
+    objective minus the floor's over class-stratified bootstrap resamples of the validation
+    rows. The best of `trials_compared` noisy scores is ahead by about noise x E[max of that
+    many standard normals] by chance alone (`expected_optimism`); the selected trial is
+    published only when it beats the floor by more than that, else the floor is, and
+    `warning` says so.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FLOOR_TRIAL_FIELD_NUMBER: _builtins.int
+    FLOOR_OBJECTIVE_FIELD_NUMBER: _builtins.int
+    DEFAULT_TRIAL_FIELD_NUMBER: _builtins.int
+    DEFAULT_OBJECTIVE_FIELD_NUMBER: _builtins.int
+    SELECTED_TRIAL_FIELD_NUMBER: _builtins.int
+    SELECTED_OBJECTIVE_FIELD_NUMBER: _builtins.int
+    TRIALS_COMPARED_FIELD_NUMBER: _builtins.int
+    NOISE_FIELD_NUMBER: _builtins.int
+    EXPECTED_OPTIMISM_FIELD_NUMBER: _builtins.int
+    PUBLISHED_TRIAL_FIELD_NUMBER: _builtins.int
+    WARNING_FIELD_NUMBER: _builtins.int
+    floor_trial: _builtins.int
+    """The floor: the probe-only trial (a class-balanced logistic regression on the frozen
+    features, its C by cross-validation); absent when the space has no 0-epoch point.
+    """
+    floor_objective: _builtins.float
+    """Its validation objective."""
+    default_trial: _builtins.int
+    """The first trial the sampler did not choose: the documented defaults clipped into the
+    space.
+    """
+    default_objective: _builtins.float
+    """Its validation objective."""
+    selected_trial: _builtins.int
+    """The best validation objective among the trials that ran their own job."""
+    selected_objective: _builtins.float
+    """Its validation objective (optimistic: the maximum of many)."""
+    trials_compared: _builtins.int
+    """Trials compared (COMPLETE, each with its own job)."""
+    noise: _builtins.float
+    """Bootstrap standard deviation of selected minus floor on validation; absent without a
+    floor, or when the floor was the best.
+    """
+    expected_optimism: _builtins.float
+    """noise x E[max of trials_compared standard normals]."""
+    published_trial: _builtins.int
+    """The trial whose adapter was published (best_model_dir)."""
+    warning: _builtins.str
+    """Set when the floor was published in place of the selected trial, or the noise could
+    not be measured; in plain words.
+    """
+    def __init__(
+        self,
+        *,
+        floor_trial: _builtins.int | None = ...,
+        floor_objective: _builtins.float | None = ...,
+        default_trial: _builtins.int | None = ...,
+        default_objective: _builtins.float | None = ...,
+        selected_trial: _builtins.int = ...,
+        selected_objective: _builtins.float = ...,
+        trials_compared: _builtins.int = ...,
+        noise: _builtins.float | None = ...,
+        expected_optimism: _builtins.float | None = ...,
+        published_trial: _builtins.int = ...,
+        warning: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_default_objective", b"_default_objective", "_default_trial", b"_default_trial", "_expected_optimism", b"_expected_optimism", "_floor_objective", b"_floor_objective", "_floor_trial", b"_floor_trial", "_noise", b"_noise", "default_objective", b"default_objective", "default_trial", b"default_trial", "expected_optimism", b"expected_optimism", "floor_objective", b"floor_objective", "floor_trial", b"floor_trial", "noise", b"noise"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_objective", b"_default_objective", "_default_trial", b"_default_trial", "_expected_optimism", b"_expected_optimism", "_floor_objective", b"_floor_objective", "_floor_trial", b"_floor_trial", "_noise", b"_noise", "default_objective", b"default_objective", "default_trial", b"default_trial", "expected_optimism", b"expected_optimism", "floor_objective", b"floor_objective", "floor_trial", b"floor_trial", "noise", b"noise", "published_trial", b"published_trial", "selected_objective", b"selected_objective", "selected_trial", b"selected_trial", "trials_compared", b"trials_compared", "warning", b"warning"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__default_objective: _TypeAlias = _typing.Literal["default_objective"]  # noqa: Y015
+    _WhichOneofArgType__default_objective: _TypeAlias = _typing.Literal["_default_objective", b"_default_objective"]  # noqa: Y015
+    _WhichOneofReturnType__default_trial: _TypeAlias = _typing.Literal["default_trial"]  # noqa: Y015
+    _WhichOneofArgType__default_trial: _TypeAlias = _typing.Literal["_default_trial", b"_default_trial"]  # noqa: Y015
+    _WhichOneofReturnType__expected_optimism: _TypeAlias = _typing.Literal["expected_optimism"]  # noqa: Y015
+    _WhichOneofArgType__expected_optimism: _TypeAlias = _typing.Literal["_expected_optimism", b"_expected_optimism"]  # noqa: Y015
+    _WhichOneofReturnType__floor_objective: _TypeAlias = _typing.Literal["floor_objective"]  # noqa: Y015
+    _WhichOneofArgType__floor_objective: _TypeAlias = _typing.Literal["_floor_objective", b"_floor_objective"]  # noqa: Y015
+    _WhichOneofReturnType__floor_trial: _TypeAlias = _typing.Literal["floor_trial"]  # noqa: Y015
+    _WhichOneofArgType__floor_trial: _TypeAlias = _typing.Literal["_floor_trial", b"_floor_trial"]  # noqa: Y015
+    _WhichOneofReturnType__noise: _TypeAlias = _typing.Literal["noise"]  # noqa: Y015
+    _WhichOneofArgType__noise: _TypeAlias = _typing.Literal["_noise", b"_noise"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__default_objective) -> _WhichOneofReturnType__default_objective | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__default_trial) -> _WhichOneofReturnType__default_trial | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_optimism) -> _WhichOneofReturnType__expected_optimism | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__floor_objective) -> _WhichOneofReturnType__floor_objective | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__floor_trial) -> _WhichOneofReturnType__floor_trial | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__noise) -> _WhichOneofReturnType__noise | None: ...
+
+Global___StudyReport: _TypeAlias = StudyReport  # noqa: Y015
 
 @_typing.final
 class Trial(_message.Message):

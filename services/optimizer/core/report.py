@@ -1,0 +1,221 @@
+"""What a study bought: its floor, its default trial, the trial it selected, and the noise.
+
+A classification study's validation split is small where it matters (10 rows of a rare
+class), so the best of many trials on it is optimistic: picking the maximum of m noisy
+scores adds about `noise x E[max of m standard normals]` on its own. The study measures
+that noise on its own predictions, without test data: the standard deviation of the
+selected trial's macro-F1 minus the floor's (the probe-only trial, a class-balanced
+logistic regression on the frozen features) over class-stratified bootstrap resamples of
+the validation rows (the same rows, paired). The rule, fixed before any test score was
+read: the selected trial is published only when its gain over the floor exceeds that
+expected optimism; otherwise the floor is, with a warning that says so. The floor is
+deterministic and not selected among many, so its validation score is not inflated.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import optuna
+
+from services.optimizer.core.results import read_predictions
+
+__all__ = [
+    "BOOTSTRAP_ROUNDS",
+    "SelectionReport",
+    "bootstrap_noise",
+    "expected_max_of_normals",
+    "macro_f1",
+    "select",
+    "selection_report",
+]
+
+# Resamples of the validation rows for the noise estimate.
+BOOTSTRAP_ROUNDS = 1000
+
+
+@dataclass(frozen=True)
+class TrialScore:
+    """A trial as the report sees it: its number, validation objective and predictions."""
+
+    number: int
+    value: float
+    predictions: Sequence[int] | None = None  # label indices, None when not recorded
+
+
+@dataclass(frozen=True)
+class SelectionReport:
+    """The floor, the default trial, the best on validation and what was published."""
+
+    selected_trial: int  # the best validation objective
+    selected_value: float
+    published_trial: int  # the selected trial, or the floor when its gain is within noise
+    trials_compared: int  # COMPLETE trials that ran their own job (the m of the maximum)
+    floor_trial: int | None = None
+    floor_value: float | None = None
+    default_trial: int | None = None
+    default_value: float | None = None
+    noise: float | None = None  # bootstrap SD of (selected - floor) on validation
+    expected_optimism: float | None = None  # noise x E[max of trials_compared normals]
+    warning: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        """The report as study.json and the API carry it."""
+        return {
+            "floor_trial": self.floor_trial,
+            "floor_value": self.floor_value,
+            "default_trial": self.default_trial,
+            "default_value": self.default_value,
+            "selected_trial": self.selected_trial,
+            "selected_value": self.selected_value,
+            "trials_compared": self.trials_compared,
+            "noise": self.noise,
+            "expected_optimism": self.expected_optimism,
+            "published_trial": self.published_trial,
+            "warning": self.warning,
+        }
+
+
+def macro_f1(predictions: np.ndarray, references: np.ndarray, n_classes: int) -> np.ndarray:
+    """Macro-F1 of each row of `predictions` ((rounds, rows) label indices) against the same
+    rows of `references`, over the classes present in the references (the evaluator's
+    definition); a prediction of -1 (outside the labels) is wrong for every class."""
+    predictions = np.atleast_2d(predictions)
+    references = np.atleast_2d(references)
+    rounds = predictions.shape[0]
+    offsets = (np.arange(rounds) * (n_classes + 1))[:, None]
+    size = rounds * (n_classes + 1)
+
+    def counts(values: np.ndarray) -> np.ndarray:
+        shifted = np.where(values < 0, n_classes, values) + offsets
+        return np.bincount(shifted.ravel(), minlength=size).reshape(rounds, n_classes + 1)
+
+    hits = counts(np.where(predictions == references, references, -1))[:, :n_classes]
+    predicted = counts(predictions)[:, :n_classes]
+    actual = counts(references)[:, :n_classes]
+    present = actual > 0
+    denominator = predicted + actual
+    f1 = np.divide(2.0 * hits, denominator, out=np.zeros(hits.shape), where=denominator > 0)
+    return np.asarray((f1 * present).sum(axis=1) / np.maximum(present.sum(axis=1), 1))
+
+
+def bootstrap_noise(
+    a: Sequence[int],
+    b: Sequence[int],
+    references: Sequence[int],
+    *,
+    rounds: int = BOOTSTRAP_ROUNDS,
+    seed: int = 0,
+) -> float:
+    """Standard deviation of macro-F1(a) - macro-F1(b) over `rounds` resamples of the rows,
+    each class's rows drawn with replacement to its own count (paired: the same rows)."""
+    pa, pb, ref = np.asarray(a), np.asarray(b), np.asarray(references)
+    if not (len(pa) == len(pb) == len(ref)) or len(ref) == 0:
+        raise ValueError("predictions and references must be of one non-zero length")
+    n_classes = int(max(pa.max(initial=0), pb.max(initial=0), ref.max(initial=0))) + 1
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(ref == c) for c in np.unique(ref)]
+    rows = np.concatenate(
+        [rng.choice(members, size=(rounds, len(members))) for members in by_class], axis=1
+    )
+    difference = macro_f1(pa[rows], ref[rows], n_classes) - macro_f1(pb[rows], ref[rows], n_classes)
+    return float(difference.std(ddof=1)) if rounds > 1 else 0.0
+
+
+def expected_max_of_normals(m: int) -> float:
+    """E[max of m independent standard normals] (Blom's approximation; 0 for m <= 1)."""
+    if m <= 1:
+        return 0.0
+    return statistics.NormalDist().inv_cdf((m - 0.375) / (m + 0.25))
+
+
+def select(
+    complete: Sequence[TrialScore],
+    references: Sequence[int] | None,
+    *,
+    floor: int | None,
+    default: int | None,
+) -> SelectionReport:
+    """The report of a study's COMPLETE trials (those that ran their own job).
+
+    The selected trial is the best validation objective (the earliest of equals). With a
+    floor and both trials' predictions recorded, the selected trial is published only when
+    it beats the floor by more than the expected optimism of a maximum over the trials.
+    """
+    if not complete:
+        raise ValueError("no COMPLETE trial")
+    best = complete[0]
+    for trial in complete[1:]:
+        if trial.value > best.value:
+            best = trial
+    numbers = {t.number: t for t in complete}
+    floor_trial = numbers.get(floor) if floor is not None else None
+    default_trial = numbers.get(default) if default is not None else None
+    report = SelectionReport(
+        selected_trial=best.number,
+        selected_value=best.value,
+        published_trial=best.number,
+        trials_compared=len(complete),
+        floor_trial=None if floor_trial is None else floor_trial.number,
+        floor_value=None if floor_trial is None else floor_trial.value,
+        default_trial=None if default_trial is None else default_trial.number,
+        default_value=None if default_trial is None else default_trial.value,
+    )
+    if floor_trial is None or floor_trial.number == best.number:
+        return report
+    if best.predictions is None or floor_trial.predictions is None or not references:
+        return replace(
+            report,
+            warning="the validation predictions were not recorded: the selection's noise "
+            "could not be measured",
+        )
+    noise = bootstrap_noise(best.predictions, floor_trial.predictions, references)
+    factor = expected_max_of_normals(len(complete))
+    optimism = noise * factor
+    gain = best.value - floor_trial.value
+    if gain > optimism:
+        return replace(report, noise=noise, expected_optimism=optimism)
+    return replace(
+        report,
+        noise=noise,
+        expected_optimism=optimism,
+        published_trial=floor_trial.number,
+        warning=(
+            f"the best trial (#{best.number}, {best.value:.4f}) beats the floor "
+            f"(#{floor_trial.number}, {floor_trial.value:.4f}) by {gain:.4f} on validation, "
+            f"no more than the best of {len(complete)} trials gains by chance "
+            f"({optimism:.4f} = noise {noise:.4f} x {factor:.2f}): the floor was published"
+        ),
+    )
+
+
+def selection_report(trials: Sequence[optuna.trial.FrozenTrial]) -> SelectionReport | None:
+    """The report of a study from its stored trials (blocking: reads their predictions);
+    None while no trial that ran its own job is COMPLETE."""
+    complete = [
+        t
+        for t in trials
+        if t.state == optuna.trial.TrialState.COMPLETE
+        and t.value is not None
+        and "same_as" not in t.user_attrs
+    ]
+    if not complete:
+        return None
+    references: list[int] | None = None
+    scores = []
+    for trial in complete:
+        folder = Path(str(trial.user_attrs.get("artifact_dir", "")))
+        recorded = read_predictions(folder, int(trial.user_attrs.get("best_epoch", 0) or 0))
+        predictions = None
+        if recorded is not None and (references is None or recorded[1] == references):
+            predictions, references = recorded
+        scores.append(TrialScore(trial.number, float(trial.value), predictions))  # type: ignore[arg-type]
+
+    def role(name: str) -> int | None:
+        return next((t.number for t in complete if t.user_attrs.get("role") == name), None)
+
+    return select(scores, references, floor=role("floor"), default=role("default"))
