@@ -116,6 +116,9 @@ class Outcome:
     best_trial: int
     best_dir: str
     wall_seconds: float
+    # The study as the optimizer ended it (its report), and every trial's folder.
+    study: optimizer_pb2.Study | None = None
+    trial_dirs: dict[int, str] | None = None
 
     def curve(self) -> list[tuple[TrialPoint, float, float]]:
         """(trial, cumulative trial seconds, best validation objective so far) per trial."""
@@ -204,7 +207,9 @@ async def run_study(
                 search_space=optimizer_pb2.SearchSpace()
                 if args.default_space
                 else optimizer_pb2.SearchSpace(num_epochs=[args.epochs], rank=[8, 16]),
-                training=common_pb2.TrainingParams(batch_size=32, max_seq_length=MAX_SEQ_LENGTH),
+                training=common_pb2.TrainingParams(
+                    batch_size=32, max_seq_length=getattr(args, "max_seq_length", MAX_SEQ_LENGTH)
+                ),
                 sampler=search.sampler,
                 pruner=search.pruner,
                 max_parallel_trials=1,
@@ -249,6 +254,8 @@ async def run_study(
         best_trial=study.best_trial.number,
         best_dir=study.best_model_dir or study.best_trial.artifact_dir,
         wall_seconds=time.perf_counter() - started,
+        study=study,
+        trial_dirs={t.number: t.artifact_dir for t in trials},
     )
 
 
