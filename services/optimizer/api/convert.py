@@ -107,6 +107,7 @@ def study_request_from_proto(request: optimizer_pb2.CreateStudyRequest) -> Study
             base_model_name=params.base_model_name,
             n_trials=params.n_trials,
             time_budget_seconds=params.time_budget_seconds,
+            base_model_names=tuple(params.base_model_names),
         ),
         dataset=dataset_from_proto(request.dataset) if given else None,
         search_space=json_format.MessageToDict(
@@ -172,6 +173,7 @@ def project_to_proto(project: Project) -> optimizer_pb2.Project:
         judge_model_id=project.judge_model_id,
         n_trials=project.n_trials,
         time_budget_seconds=project.time_budget_seconds,
+        base_model_names=list(project.base_model_names),
     )
     if project.search_space:
         json_format.ParseDict(dict(project.search_space), message.search_space)
@@ -231,6 +233,7 @@ def trial_to_proto(view: TrialView) -> optimizer_pb2.Trial:
         message.objective = view.objective
     if view.same_as is not None:
         message.same_as = view.same_as
+    message.base_model = view.base_model
     scored = view.scored_with
     if scored is not None:
         message.judge_judged = scored.judge_judged
@@ -256,6 +259,7 @@ def study_to_proto(view: StudyView) -> optimizer_pb2.Study:
             base_model_name=fine.base_model_name,
             n_trials=fine.n_trials,
             time_budget_seconds=fine.time_budget_seconds,
+            base_model_names=list(fine.base_model_names),
         ),
         dataset=dataset_to_proto(spec.dataset),
         trials_complete=view.counts.get("COMPLETE", 0),

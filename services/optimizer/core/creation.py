@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -108,17 +109,21 @@ class StudyCreation:
             )
         await asyncio.to_thread(check_dataset, dataset)
         base_model = fine.base_model_name or self._defaults.lora_model_name
-        if len(base_model) > MAX_PATH_LENGTH or escape_control(base_model) != base_model:
+        _check_base(base_model, "fine_tuning_params.base_model_name")
+        if len(fine.base_model_names) > 4 * MAX_EXTRA_BASES:
             raise InvalidArgument(
-                f"must be a hub name or a path of at most {MAX_PATH_LENGTH} characters without "
-                f"control characters, got '{excerpt(base_model)}'",
-                field="fine_tuning_params.base_model_name",
+                f"at most {MAX_EXTRA_BASES} more base models, got {len(fine.base_model_names)}",
+                field="fine_tuning_params.base_model_names",
             )
-        looks_local = base_model.startswith((".", "/", "~")) or Path(base_model).exists()
-        if looks_local and not Path(base_model).expanduser().exists():
+        others: list[str] = []
+        for i, name in enumerate(fine.base_model_names):
+            _check_base(name, f"fine_tuning_params.base_model_names[{i}]")
+            if name != base_model and name not in others:
+                others.append(name)
+        if len(others) > MAX_EXTRA_BASES:
             raise InvalidArgument(
-                f"local folder '{excerpt(base_model)}' does not exist",
-                field="fine_tuning_params.base_model_name",
+                f"at most {MAX_EXTRA_BASES} more base models, got {len(others)}",
+                field="fine_tuning_params.base_model_names",
             )
         if fine.use_llm_judge and dataset.classification:
             raise InvalidArgument(
@@ -134,6 +139,8 @@ class StudyCreation:
             self._defaults, searched_dimensions(request.search_space), dataset.classification
         )
         space = space_from_request(request.search_space, dataset.classification, pinned)
+        if others:  # the base: a dimension the sampler learns
+            space = replace(space, base_model=(base_model, *others))
         validate(space)
         if PROBE_ONLY in space.num_epochs and not dataset.classification:
             raise InvalidArgument(
@@ -150,6 +157,7 @@ class StudyCreation:
                 base_model_name=base_model,
                 n_trials=n_trials,
                 time_budget_seconds=fine.time_budget_seconds,
+                base_model_names=tuple(others),
             ),
             dataset=dataset,
             space=space,
@@ -196,6 +204,27 @@ class StudyCreation:
                 f"provider's key there, or choose one of: {available})",
                 field=field,
             )
+
+
+# More base models a study may search beside its first.
+MAX_EXTRA_BASES = 7
+
+
+def _check_base(base_model: str, field: str) -> None:
+    """A hub name or an existing folder, bounded, without control characters."""
+    if (
+        not base_model
+        or len(base_model) > MAX_PATH_LENGTH
+        or escape_control(base_model) != base_model
+    ):
+        raise InvalidArgument(
+            f"must be a hub name or a path of at most {MAX_PATH_LENGTH} characters without "
+            f"control characters, got '{excerpt(base_model)}'",
+            field=field,
+        )
+    looks_local = base_model.startswith((".", "/", "~")) or Path(base_model).exists()
+    if looks_local and not Path(base_model).expanduser().exists():
+        raise InvalidArgument(f"local folder '{excerpt(base_model)}' does not exist", field=field)
 
 
 def hyperparameters(spec: StudySpec, params: TrialParameters, defaults: Any) -> Hyperparameters:

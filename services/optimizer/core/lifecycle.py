@@ -129,7 +129,9 @@ class TrialLifecycle:
         deciding = result_key(dataclasses.asdict(params))
         twin = await self._store.run(_finished_twin, study, deciding)
         if twin is not None:
-            return await self._take_twins_result(study, trial, twin, hyper, deciding)
+            return await self._take_twins_result(
+                study, trial, twin, hyper, deciding, params.base_model
+            )
         trial_dir = self._options.artifact_root / study.study_name / f"trial-{trial.number}"
         await self._store.set_trial_attrs(
             study,
@@ -139,6 +141,7 @@ class TrialLifecycle:
             hyperparameters=hyper.to_storage(),
             params_key=key,
             result_key=deciding,
+            base_model=params.base_model or spec.fine_tuning.base_model_name,
         )
         logger.info("Trial %d: params=%s", trial.number, params.as_log_dict())
         return await self.dispatch(study, spec, trial.number, address)
@@ -150,6 +153,7 @@ class TrialLifecycle:
         twin: optuna.trial.FrozenTrial,
         hyper: Hyperparameters,
         deciding: str,
+        base_model: str,
     ) -> Outcome:
         """A trial whose result-deciding parameters equal a COMPLETE trial's: it takes that
         trial's value, epochs and adapter folder, runs no job, and is not counted against
@@ -164,6 +168,7 @@ class TrialLifecycle:
             hyperparameters=hyper.to_storage(),
             params_key=json.dumps(trial.params, sort_keys=True),
             result_key=deciding,
+            base_model=base_model or str(attrs.get("base_model", "")),
             epochs=list(attrs.get("epochs", [])),
             best_epoch=attrs.get("best_epoch", 0),
         )
@@ -201,7 +206,7 @@ class TrialLifecycle:
         self._bus.publish(study.study_name, TrialStarted(await self._store.run(trial_view, frozen)))
         job = TrainingJob(
             job_id=job_id,
-            base_model=spec.fine_tuning.base_model_name,
+            base_model=str(attrs.get("base_model") or spec.fine_tuning.base_model_name),
             dataset=spec.dataset,
             hyperparameters=Hyperparameters.from_storage(attrs.get("hyperparameters", {})),
             output_dir=str(attrs.get("artifact_dir", "")),

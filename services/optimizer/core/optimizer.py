@@ -178,11 +178,15 @@ class Optimizer:
         study = await self.store.create(study_id, record)
         first = default_trial(spec.space, self._defaults, spec.dataset.classification)
         if PROBE_ONLY in spec.space.num_epochs and first["num_epochs"] != PROBE_ONLY:
-            # The frozen baseline first: cheap, and the study can never select below it.
-            baseline = {**first, "num_epochs": PROBE_ONLY}
-            await self.store.run(
-                study.enqueue_trial, baseline, user_attrs={"attempt": 1, "role": "floor"}
-            )
+            # The frozen baseline first (each base's, when it searches several): cheap, and
+            # the study can never select below it.
+            for base in spec.space.base_model or ("",):
+                baseline = {**first, "num_epochs": PROBE_ONLY}
+                if base:
+                    baseline["base_model"] = base
+                await self.store.run(
+                    study.enqueue_trial, baseline, user_attrs={"attempt": 1, "role": "floor"}
+                )
         role = "floor" if first["num_epochs"] == PROBE_ONLY else "default"
         await self.store.run(study.enqueue_trial, first, user_attrs={"attempt": 1, "role": role})
         # Each named module set the first trial does not use goes first too: a set the model
@@ -195,7 +199,7 @@ class Optimizer:
             "created study %s (%d trials, base model %s)",
             study_id,
             spec.fine_tuning.n_trials,
-            spec.fine_tuning.base_model_name,
+            ", ".join(spec.fine_tuning.bases),
         )
         if spec.pinned:
             logger.info(

@@ -15,6 +15,7 @@ The shape (the dataset's keys are the contract's `DatasetSpec` fields; everythin
           validation_fraction: 0.1
           seed: 42
         base_model_name: Qwen/Qwen3-0.6B
+        base_model_names: [models/all-mpnet-base-v2]   # more bases searched (a list; optional)
         use_llm_judge: false          # generation only
         judge_model_id: gemini
         n_trials: 20                  # 5..100
@@ -86,6 +87,7 @@ class Project:
     judge_model_id: str = ""
     n_trials: int = 0
     time_budget_seconds: int = 0  # 0: none
+    base_model_names: tuple[str, ...] = ()  # further bases searched beside base_model_name
     # The contract's SearchSpace fields (snake_case), as a request's search space.
     search_space: Mapping[str, Any] = field(default_factory=dict)
     training: TrainingOverrides = field(default_factory=TrainingOverrides)
@@ -96,6 +98,7 @@ _PROJECT_KEYS = (
     "name",
     "dataset",
     "base_model_name",
+    "base_model_names",
     "use_llm_judge",
     "judge_model_id",
     "n_trials",
@@ -264,6 +267,26 @@ def _project(entry: dict[Any, Any], folder: Path, search_space: SearchSpaceParse
         raise InvalidArgument(
             f"must be at most {MAX_PATH_LENGTH} characters", field="base_model_name"
         )
+    others = entry.get("base_model_names", [])
+    if not isinstance(others, list) or len(others) > 7:
+        raise InvalidArgument(
+            f"must be a list of at most 7 base models, got {_kind(others)}",
+            field="base_model_names",
+        )
+    names = []
+    for i, value in enumerate(others):
+        other = _string(value, f"base_model_names[{i}]")
+        if not other or len(other) > MAX_PATH_LENGTH:
+            raise InvalidArgument(
+                f"must be a hub name or a path of 1 to {MAX_PATH_LENGTH} characters",
+                field=f"base_model_names[{i}]",
+            )
+        names.append(other)
+    if names and not base_model:
+        raise InvalidArgument(
+            "needs base_model_name: the first base, the others searched beside it",
+            field="base_model_names",
+        )
     use_judge = _boolean(entry.get("use_llm_judge", False), "use_llm_judge")
     if use_judge and dataset.classification:
         raise InvalidArgument(
@@ -294,6 +317,7 @@ def _project(entry: dict[Any, Any], folder: Path, search_space: SearchSpaceParse
         judge_model_id=judge_id,
         n_trials=n_trials,
         time_budget_seconds=time_budget,
+        base_model_names=tuple(names),
         search_space=space,
         training=_training(entry.get("training")),
     )

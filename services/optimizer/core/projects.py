@@ -143,6 +143,10 @@ def apply_project(request: StudyRequest, project: Project) -> StudyRequest:
             use_llm_judge=use_judge,
             judge_model_id=judge_id,
             base_model_name=fine.base_model_name or project.base_model_name,
+            # A request naming a base searches its own bases; else the project's.
+            base_model_names=fine.base_model_names
+            if fine.base_model_name or fine.base_model_names
+            else project.base_model_names,
             n_trials=fine.n_trials or project.n_trials,
             time_budget_seconds=fine.time_budget_seconds or project.time_budget_seconds,
         ),

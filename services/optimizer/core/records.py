@@ -34,6 +34,13 @@ class FineTuning:
     base_model_name: str = ""
     n_trials: int = 0
     time_budget_seconds: int = 0  # 0: none; else no trial starts once this much has passed
+    # Further bases searched beside base_model_name (a request's, checked: every base).
+    base_model_names: tuple[str, ...] = ()
+
+    @property
+    def bases(self) -> tuple[str, ...]:
+        """Every base model the study searches, base_model_name first."""
+        return (self.base_model_name, *self.base_model_names)
 
 
 @dataclass(frozen=True)
@@ -197,6 +204,7 @@ def space_from_dict(content: Mapping[str, Any]) -> SearchSpace:
         two_stage=tuple(bool(v) for v in content.get("two_stage", (False,))),
         group_separator=tuple(str(v) for v in content.get("group_separator", ("",))),
         module_sets={k: tuple(v) for k, v in content.get("module_sets", {}).items()},
+        base_model=tuple(str(v) for v in content.get("base_model", ())),
     )
 
 

@@ -62,6 +62,8 @@ class SelectionReport:
     noise: float | None = None  # bootstrap SD of (selected - floor) on validation
     expected_optimism: float | None = None  # noise x E[max of trials_compared normals]
     warning: str = ""
+    # Each base's floor: (base model, trial, validation objective); the floor is the best.
+    floors: tuple[tuple[str, int, float], ...] = ()
 
     def to_json(self) -> dict[str, object]:
         """The report as study.json and the API carry it."""
@@ -77,6 +79,10 @@ class SelectionReport:
             "expected_optimism": self.expected_optimism,
             "published_trial": self.published_trial,
             "warning": self.warning,
+            "floors": [
+                {"base_model": base, "trial": trial, "objective": value}
+                for base, trial, value in self.floors
+            ],
         }
 
 
@@ -215,7 +221,23 @@ def selection_report(trials: Sequence[optuna.trial.FrozenTrial]) -> SelectionRep
             predictions, references = recorded
         scores.append(TrialScore(trial.number, float(trial.value), predictions))  # type: ignore[arg-type]
 
-    def role(name: str) -> int | None:
-        return next((t.number for t in complete if t.user_attrs.get("role") == name), None)
+    def role(name: str) -> list[optuna.trial.FrozenTrial]:
+        return [t for t in complete if t.user_attrs.get("role") == name]
 
-    return select(scores, references, floor=role("floor"), default=role("default"))
+    floors = role("floor")
+    # The best floor of the bases (the first of equals) is what the selection must beat.
+    best_floor = max(floors, key=lambda t: float(t.value), default=None)  # type: ignore[arg-type]
+    defaults = role("default")
+    report = select(
+        scores,
+        references,
+        floor=None if best_floor is None else best_floor.number,
+        default=defaults[0].number if defaults else None,
+    )
+    return replace(
+        report,
+        floors=tuple(
+            (str(t.user_attrs.get("base_model", "")), t.number, float(t.value))  # type: ignore[arg-type]
+            for t in floors
+        ),
+    )

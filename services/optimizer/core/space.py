@@ -70,6 +70,9 @@ class SearchSpace:
     # Named choices of target_modules with their module names (the request's choices that
     # list modules); "attention" and "all-linear" need none, the trainer resolves them.
     module_sets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # The base models searched, when a study names several (FineTuningParams.base_model_names);
+    # empty: the study's one base. Set by the optimizer, not by a request's search space.
+    base_model: tuple[str, ...] = ()
 
 
 def default_space(classification: bool) -> SearchSpace:
@@ -232,6 +235,7 @@ class TrialParameters:
     sampler_power: float = 0.0
     two_stage: bool = False
     group_separator: str = ""
+    base_model: str = ""  # "" = the study's one base
 
     def as_log_dict(self) -> dict[str, Any]:
         """The parameters in the form of the users' log lines."""
@@ -275,6 +279,10 @@ def suggest(
         use_class_weights=defaults.use_class_weights,
         use_weighted_sampler=defaults.use_weighted_sampler,
     )
+    if len(space.base_model) > 1:
+        params = replace(
+            params, base_model=str(_suggest_choice(trial, "base_model", space.base_model))
+        )
     if classification:
         params = replace(
             params,
@@ -303,7 +311,7 @@ def suggest(
 # `use_class_weights` says (the floor). The batch size (the padding of the frozen pass), the
 # post-hoc adjustment chosen on validation and a group head fitted beside the probe do.
 PROBE_ONLY_DIMENSIONS = frozenset(
-    {"num_epochs", "batch_size", "posthoc_logit_adjustment", "group_separator"}
+    {"num_epochs", "batch_size", "posthoc_logit_adjustment", "group_separator", "base_model"}
 )
 
 
@@ -365,6 +373,8 @@ def default_trial(
         }
     if space.batch_size:
         params["batch_size"] = nearest(space.batch_size, defaults.lora_batch_size)
+    if len(space.base_model) > 1:
+        params["base_model"] = space.base_model[0]
     return params
 
 

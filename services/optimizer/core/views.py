@@ -68,6 +68,7 @@ class TrialView:
     scored_with: ScoredWith | None = None
     # The COMPLETE trial whose result this one took without a job; None: it ran its own.
     same_as: int | None = None
+    base_model: str = ""  # the base it trained ("" in records from before it was kept)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ def trial_view(trial: optuna.trial.FrozenTrial) -> TrialView:
         interruptions=list(attrs.get("interruption_reasons", [])),
         scored_with=scored_with(attrs),
         same_as=int(attrs["same_as"]) if "same_as" in attrs else None,
+        base_model=str(attrs.get("base_model", "")),
     )
 
 

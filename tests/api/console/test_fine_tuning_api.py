@@ -48,6 +48,7 @@ async def test_the_seed_request_starts_a_study_that_exists(stack: Stack) -> None
             "base_model_name": "Qwen/Qwen3-0.6B",
             "n_trials": 20,
             "time_budget_seconds": 0,  # none
+            "base_model_names": [],
         }
         assert study["dataset"]["task_type"] == "TASK_TYPE_GENERATION"
 

@@ -814,3 +814,51 @@ async def test_a_clearly_better_trial_is_published_over_its_floor(
     assert report.selected_objective - report.floor_objective > report.expected_optimism
     published = Path(study.best_model_dir)
     assert (published / "adapter_model.safetensors").read_text() == f"trial {report.selected_trial}"
+
+
+async def test_a_study_of_several_bases_runs_each_floor_first_and_searches_the_base(
+    tmp_path: Path, data: Path
+) -> None:
+    trainers = ClassifyingTrainers(0.8, 0.8)
+    optimizer = make(tmp_path, trainers, MacroF1Evaluator())
+    request = create(data, n=8, pruner="none", name="bases")
+    request.fine_tuning_params.base_model_name = "org/small"
+    request.fine_tuning_params.base_model_names[:] = ["org/large", "org/small"]  # one repeat
+    study = await run(optimizer, request)
+    assert study.state == optimizer_pb2.STUDY_STATE_COMPLETED, study.failure_reason
+    assert list(study.fine_tuning_params.base_model_names) == ["org/large"]
+    trials = await trials_of(optimizer, "bases")
+    # Each base's floor first, then the default trial on the first base.
+    assert [(t.number, t.base_model) for t in trials[:3]] == [
+        (0, "org/small"),
+        (1, "org/large"),
+        (2, "org/small"),
+    ]
+    assert trials[0].hyperparameters.training.probe_only
+    assert trials[1].hyperparameters.training.probe_only
+    jobs = {j.job_id: j for j in trainers.jobs.values()}
+    for t in trials:
+        assert t.base_model in ("org/small", "org/large")
+        if not t.HasField("same_as"):
+            assert jobs[f"bases-t{t.number}-a1"].base_model == t.base_model
+    # Both floors reported; the floor to beat is the better of them.
+    floors = {f.base_model: (f.trial, f.objective) for f in study.report.floors}
+    assert set(floors) == {"org/small", "org/large"}
+    assert study.report.floor_objective == max(v for _, v in floors.values())
+    # A probe-only repeat takes the result of its own base's floor, never another base's.
+    for t in trials:
+        if t.HasField("same_as"):
+            assert trials[t.same_as].base_model == t.base_model
+
+
+async def test_a_bad_extra_base_is_refused_naming_it(tmp_path: Path, data: Path) -> None:
+    optimizer = make(tmp_path, FakeTrainers(), FakeEvaluator())
+    request = create(data, name="bad-bases")
+    request.fine_tuning_params.base_model_names[:] = ["org/ok", "org/\x1b[31mred"]
+    with pytest.raises(InvalidArgument) as caught:
+        await create_with(optimizer, request)
+    assert caught.value.field == "fine_tuning_params.base_model_names[1]"
+    request.fine_tuning_params.base_model_names[:] = [f"org/m{i}" for i in range(9)]
+    with pytest.raises(InvalidArgument) as caught:
+        await create_with(optimizer, request)
+    assert "at most 7 more" in caught.value.message

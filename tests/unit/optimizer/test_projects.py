@@ -44,6 +44,7 @@ projects:
       validation_fraction: 0.2
       seed: 7
     base_model_name: Qwen/Qwen3-0.6B
+    base_model_names: [org/larger]
     n_trials: 20
     time_budget: 1h30m
     search_space:
@@ -73,6 +74,7 @@ def test_the_file_parses_into_projects_by_id() -> None:
     )
     assert payments.base_model_name == "Qwen/Qwen3-0.6B" and payments.n_trials == 20
     assert payments.time_budget_seconds == 5400
+    assert payments.base_model_names == ("org/larger",)
     # The contract's JSON, either key style, as a request's (snake_case) search space.
     assert payments.search_space == {
         "rank": [8, 16],
@@ -142,6 +144,13 @@ BAD = [
     (entry(name="../etc"), "projects[0].name", "may contain only"),
     (entry(n_trials="3"), "projects[0].n_trials", "between 5 and 100"),
     (entry(time_budget="soon"), "projects[0].time_budget", "such as 90m"),
+    (entry(base_model_names="org/x"), "projects[0].base_model_names", "must be a list"),
+    (entry(base_model_names="[org/x]"), "projects[0].base_model_names", "needs base_model_name"),
+    (
+        entry(base_model_name="org/a", base_model_names='[""]'),
+        "projects[0].base_model_names[0]",
+        "hub name or a path",
+    ),
     (entry(time_budget="40d"), "projects[0].time_budget", "30 days"),
     (entry(use_llm_judge="true"), "projects[0].use_llm_judge", "classification"),
     (entry(use_llm_judge="yes please"), "projects[0].use_llm_judge", "true or false"),
@@ -309,6 +318,7 @@ def test_a_request_takes_the_projects_data_and_what_it_leaves_unset() -> None:
         base_model_name="Qwen/Qwen3-0.6B",
         n_trials=20,
         time_budget_seconds=5400,
+        base_model_names=("org/larger",),
     )
     assert filled.search_space == {
         "rank": [4],

@@ -104,6 +104,7 @@ class FineTuningParams(_message.Message):
     BASE_MODEL_NAME_FIELD_NUMBER: _builtins.int
     N_TRIALS_FIELD_NUMBER: _builtins.int
     TIME_BUDGET_SECONDS_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_NAMES_FIELD_NUMBER: _builtins.int
     use_llm_judge: _builtins.bool
     """Add the LLM judge to the objective (generation only)."""
     judge_model_id: _builtins.str
@@ -117,6 +118,14 @@ class FineTuningParams(_message.Message):
     Once it is spent the study starts no trial (nor re-runs an interrupted one), lets the
     running ones finish, and completes; n_trials stays the cap.
     """
+    @_builtins.property
+    def base_model_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """More base models to search beside base_model_name (at most 7 more): the study's base is
+        then a dimension the sampler learns (Trial.base_model), and each base's floor (its
+        probe-only trial) runs first. Each is a hub name or a folder, checked as
+        base_model_name is.
+        """
+
     def __init__(
         self,
         *,
@@ -125,10 +134,11 @@ class FineTuningParams(_message.Message):
         base_model_name: _builtins.str = ...,
         n_trials: _builtins.int = ...,
         time_budget_seconds: _builtins.int = ...,
+        base_model_names: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_name", b"base_model_name", "judge_model_id", b"judge_model_id", "n_trials", b"n_trials", "time_budget_seconds", b"time_budget_seconds", "use_llm_judge", b"use_llm_judge"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_name", b"base_model_name", "base_model_names", b"base_model_names", "judge_model_id", b"judge_model_id", "n_trials", b"n_trials", "time_budget_seconds", b"time_budget_seconds", "use_llm_judge", b"use_llm_judge"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -774,6 +784,7 @@ class StudyReport(_message.Message):
     EXPECTED_OPTIMISM_FIELD_NUMBER: _builtins.int
     PUBLISHED_TRIAL_FIELD_NUMBER: _builtins.int
     WARNING_FIELD_NUMBER: _builtins.int
+    FLOORS_FIELD_NUMBER: _builtins.int
     floor_trial: _builtins.int
     """The floor: the probe-only trial (a class-balanced logistic regression on the frozen
     features, its C by cross-validation); absent when the space has no 0-epoch point.
@@ -804,6 +815,12 @@ class StudyReport(_message.Message):
     """Set when the floor was published in place of the selected trial, or the noise could
     not be measured; in plain words.
     """
+    @_builtins.property
+    def floors(self) -> _containers.RepeatedCompositeFieldContainer[Global___BaseFloor]:
+        """Each base model's floor, in the study's order of bases (the floor above is the best of
+        them).
+        """
+
     def __init__(
         self,
         *,
@@ -818,10 +835,11 @@ class StudyReport(_message.Message):
         expected_optimism: _builtins.float | None = ...,
         published_trial: _builtins.int = ...,
         warning: _builtins.str = ...,
+        floors: _abc.Iterable[Global___BaseFloor] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_default_objective", b"_default_objective", "_default_trial", b"_default_trial", "_expected_optimism", b"_expected_optimism", "_floor_objective", b"_floor_objective", "_floor_trial", b"_floor_trial", "_noise", b"_noise", "default_objective", b"default_objective", "default_trial", b"default_trial", "expected_optimism", b"expected_optimism", "floor_objective", b"floor_objective", "floor_trial", b"floor_trial", "noise", b"noise"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_objective", b"_default_objective", "_default_trial", b"_default_trial", "_expected_optimism", b"_expected_optimism", "_floor_objective", b"_floor_objective", "_floor_trial", b"_floor_trial", "_noise", b"_noise", "default_objective", b"default_objective", "default_trial", b"default_trial", "expected_optimism", b"expected_optimism", "floor_objective", b"floor_objective", "floor_trial", b"floor_trial", "noise", b"noise", "published_trial", b"published_trial", "selected_objective", b"selected_objective", "selected_trial", b"selected_trial", "trials_compared", b"trials_compared", "warning", b"warning"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_objective", b"_default_objective", "_default_trial", b"_default_trial", "_expected_optimism", b"_expected_optimism", "_floor_objective", b"_floor_objective", "_floor_trial", b"_floor_trial", "_noise", b"_noise", "default_objective", b"default_objective", "default_trial", b"default_trial", "expected_optimism", b"expected_optimism", "floor_objective", b"floor_objective", "floor_trial", b"floor_trial", "floors", b"floors", "noise", b"noise", "published_trial", b"published_trial", "selected_objective", b"selected_objective", "selected_trial", b"selected_trial", "trials_compared", b"trials_compared", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__default_objective: _TypeAlias = _typing.Literal["default_objective"]  # noqa: Y015
     _WhichOneofArgType__default_objective: _TypeAlias = _typing.Literal["_default_objective", b"_default_objective"]  # noqa: Y015
@@ -851,6 +869,36 @@ class StudyReport(_message.Message):
 Global___StudyReport: _TypeAlias = StudyReport  # noqa: Y015
 
 @_typing.final
+class BaseFloor(_message.Message):
+    """One base model's floor: its probe-only trial and validation objective."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASE_MODEL_FIELD_NUMBER: _builtins.int
+    TRIAL_FIELD_NUMBER: _builtins.int
+    OBJECTIVE_FIELD_NUMBER: _builtins.int
+    base_model: _builtins.str
+    """The base model."""
+    trial: _builtins.int
+    """Its probe-only trial."""
+    objective: _builtins.float
+    """That trial's validation objective."""
+    def __init__(
+        self,
+        *,
+        base_model: _builtins.str = ...,
+        trial: _builtins.int = ...,
+        objective: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "objective", b"objective", "trial", b"trial"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BaseFloor: _TypeAlias = BaseFloor  # noqa: Y015
+
+@_typing.final
 class Trial(_message.Message):
     """A trial."""
 
@@ -876,6 +924,7 @@ class Trial(_message.Message):
     EVALUATION_REFUSALS_FIELD_NUMBER: _builtins.int
     LAST_EVALUATION_REFUSAL_FIELD_NUMBER: _builtins.int
     SAME_AS_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_FIELD_NUMBER: _builtins.int
     number: _builtins.int
     """Optuna's trial number."""
     state: Global___TrialState.ValueType
@@ -914,6 +963,10 @@ class Trial(_message.Message):
     COMPLETE trial (for a probe-only trial, the dimensions a frozen pass depends on), so it
     took that trial's objective, epochs and adapter folder. Such trials do not count
     against n_trials (up to n_trials of them); absent for a trial that ran its own job.
+    """
+    base_model: _builtins.str
+    """The base model this trial trained (the study's base_model_name unless it searches
+    several bases).
     """
     @_builtins.property
     def hyperparameters(self) -> _common_pb2.Hyperparameters:
@@ -964,10 +1017,11 @@ class Trial(_message.Message):
         evaluation_refusals: _builtins.int = ...,
         last_evaluation_refusal: _builtins.str = ...,
         same_as: _builtins.int | None = ...,
+        base_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_judge_coverage", b"_judge_coverage", "_objective", b"_objective", "_same_as", b"_same_as", "end_time", b"end_time", "evaluation", b"evaluation", "hyperparameters", b"hyperparameters", "judge_coverage", b"judge_coverage", "objective", b"objective", "same_as", b"same_as", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_judge_coverage", b"_judge_coverage", "_objective", b"_objective", "_same_as", b"_same_as", "artifact_dir", b"artifact_dir", "attempt", b"attempt", "best_epoch", b"best_epoch", "end_time", b"end_time", "epoch_objectives", b"epoch_objectives", "evaluation", b"evaluation", "evaluation_refusals", b"evaluation_refusals", "failure_reason", b"failure_reason", "hyperparameters", b"hyperparameters", "interruptions", b"interruptions", "judge_coverage", b"judge_coverage", "judge_judged", b"judge_judged", "judge_requested", b"judge_requested", "last_evaluation_refusal", b"last_evaluation_refusal", "number", b"number", "objective", b"objective", "same_as", b"same_as", "start_time", b"start_time", "state", b"state", "trainer", b"trainer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_judge_coverage", b"_judge_coverage", "_objective", b"_objective", "_same_as", b"_same_as", "artifact_dir", b"artifact_dir", "attempt", b"attempt", "base_model", b"base_model", "best_epoch", b"best_epoch", "end_time", b"end_time", "epoch_objectives", b"epoch_objectives", "evaluation", b"evaluation", "evaluation_refusals", b"evaluation_refusals", "failure_reason", b"failure_reason", "hyperparameters", b"hyperparameters", "interruptions", b"interruptions", "judge_coverage", b"judge_coverage", "judge_judged", b"judge_judged", "judge_requested", b"judge_requested", "last_evaluation_refusal", b"last_evaluation_refusal", "number", b"number", "objective", b"objective", "same_as", b"same_as", "start_time", b"start_time", "state", b"state", "trainer", b"trainer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__judge_coverage: _TypeAlias = _typing.Literal["judge_coverage"]  # noqa: Y015
     _WhichOneofArgType__judge_coverage: _TypeAlias = _typing.Literal["_judge_coverage", b"_judge_coverage"]  # noqa: Y015
@@ -1210,6 +1264,7 @@ class Project(_message.Message):
     JUDGE_MODEL_ID_FIELD_NUMBER: _builtins.int
     N_TRIALS_FIELD_NUMBER: _builtins.int
     TIME_BUDGET_SECONDS_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_NAMES_FIELD_NUMBER: _builtins.int
     SEARCH_SPACE_FIELD_NUMBER: _builtins.int
     TRAINING_FIELD_NUMBER: _builtins.int
     project_id: _builtins.int
@@ -1237,6 +1292,12 @@ class Project(_message.Message):
         """
 
     @_builtins.property
+    def base_model_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Default further base models of its studies (FineTuningParams.base_model_names), for a
+        request that names no base model.
+        """
+
+    @_builtins.property
     def search_space(self) -> Global___SearchSpace:
         """Default search space: each dimension a request leaves empty comes from here."""
 
@@ -1257,12 +1318,13 @@ class Project(_message.Message):
         judge_model_id: _builtins.str = ...,
         n_trials: _builtins.int = ...,
         time_budget_seconds: _builtins.int = ...,
+        base_model_names: _abc.Iterable[_builtins.str] | None = ...,
         search_space: Global___SearchSpace | None = ...,
         training: _common_pb2.TrainingParams | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "search_space", b"search_space", "training", b"training"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_name", b"base_model_name", "dataset", b"dataset", "judge_model_id", b"judge_model_id", "n_trials", b"n_trials", "name", b"name", "project_id", b"project_id", "search_space", b"search_space", "time_budget_seconds", b"time_budget_seconds", "training", b"training", "use_llm_judge", b"use_llm_judge"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_name", b"base_model_name", "base_model_names", b"base_model_names", "dataset", b"dataset", "judge_model_id", b"judge_model_id", "n_trials", b"n_trials", "name", b"name", "project_id", b"project_id", "search_space", b"search_space", "time_budget_seconds", b"time_budget_seconds", "training", b"training", "use_llm_judge", b"use_llm_judge"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
