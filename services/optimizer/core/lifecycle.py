@@ -42,7 +42,14 @@ from services.optimizer.core.ports import (
 )
 from services.optimizer.core.records import Hyperparameters, StudySpec
 from services.optimizer.core.scoring import Scoring, log_evaluation
-from services.optimizer.core.space import SearchSpace, result_key, suggest
+from services.optimizer.core.space import (
+    PROBE_ONLY,
+    SearchSpace,
+    floor_parameters,
+    result_key,
+    sampled_epochs,
+    suggest,
+)
 from services.optimizer.core.store import StudyStore
 from services.optimizer.core.views import excluded_note, trial_view
 
@@ -110,10 +117,18 @@ class TrialLifecycle:
         """Asks the sampler for a trial, stores its hyperparameters and dispatches it."""
         record = await self._store.record(study.study_name)
         trial = await self._store.ask(study)
-        params = await self._store.run(
-            suggest, trial, space, self._defaults, spec.dataset.classification
-        )
-        key = json.dumps(trial.params, sort_keys=True)
+        classification = spec.dataset.classification
+        if trial.user_attrs.get("role") == "floor":
+            # A base's floor: no sampler asked (trial.params stays empty, so the sampler
+            # never learns from it and never proposes it again).
+            base = str(trial.user_attrs.get("base_model", ""))
+            params = floor_parameters(space, self._defaults, classification, base)
+        else:
+            epochs = await self._store.run(_epoch_choices, study, space)
+            params = await self._store.run(
+                suggest, trial, space, self._defaults, classification, epochs=epochs
+            )
+        key = json.dumps(trial.params or dataclasses.asdict(params), sort_keys=True)
         if key in record.oom_configs:
             # Never dispatched: this exact configuration ran out of memory before. Counted, so
             # a space whose every configuration runs out of memory ends instead of looping.
@@ -510,8 +525,14 @@ class TrialLifecycle:
         """Records the trial FAIL (counted) and enqueues its parameters again (bounded)."""
         await self.tell_fail(run.study, run.number, reason, kind="internal")
         if run.attempt < self._options.max_trial_attempts:
+            frozen = await self._store.trial(run.study, run.number)
+            kept = {
+                k: frozen.user_attrs[k] for k in ("role", "base_model") if k in frozen.user_attrs
+            }
             await self._store.run(
-                run.study.enqueue_trial, run.params, user_attrs={"attempt": run.attempt + 1}
+                run.study.enqueue_trial,
+                run.params,
+                user_attrs={"attempt": run.attempt + 1, **kept},
             )
             logger.info(
                 "re-enqueued the parameters of trial %d (attempt %d)", run.number, run.attempt + 1
@@ -533,6 +554,19 @@ class TrialLifecycle:
         metrics.trial_completed(
             run.study.study_name, run.spec.objective_name, value, value if best is None else best
         )
+
+
+def _epoch_choices(study: optuna.Study, space: SearchSpace) -> tuple[int, ...]:
+    """The epochs offered to the sampler: `sampled_epochs`, unless the study's trials were
+    drawn with the probe-only point among the choices before (a study created by an earlier
+    version, resumed): Optuna refuses another set of choices for a parameter in one study."""
+    for frozen in study.get_trials(deepcopy=False):
+        distribution = frozen.distributions.get("num_epochs")
+        if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+            if PROBE_ONLY in distribution.choices:
+                return tuple(space.num_epochs)
+            break
+    return sampled_epochs(space)
 
 
 def _finished_twin(study: optuna.Study, deciding: str) -> optuna.trial.FrozenTrial | None:

@@ -180,13 +180,10 @@ class Optimizer:
         if PROBE_ONLY in spec.space.num_epochs and first["num_epochs"] != PROBE_ONLY:
             # The frozen baseline first (each base's, when it searches several): cheap, and
             # the study can never select below it.
+            # Floors take no parameters from the sampler (lifecycle: floor_parameters).
             for base in spec.space.base_model or ("",):
-                baseline = {**first, "num_epochs": PROBE_ONLY}
-                if base:
-                    baseline["base_model"] = base
-                await self.store.run(
-                    study.enqueue_trial, baseline, user_attrs={"attempt": 1, "role": "floor"}
-                )
+                attrs = {"attempt": 1, "role": "floor", **({"base_model": base} if base else {})}
+                await self.store.run(study.enqueue_trial, {}, user_attrs=attrs)
         role = "floor" if first["num_epochs"] == PROBE_ONLY else "default"
         await self.store.run(study.enqueue_trial, first, user_attrs={"attempt": 1, "role": role})
         # Each named module set the first trial does not use goes first too: a set the model

@@ -644,29 +644,28 @@ async def test_a_probe_only_point_runs_once_and_its_repeats_cost_no_job(
     assert len(trials) == 1 + 5
 
 
-async def test_repeats_do_not_use_the_budget_of_a_mixed_space(tmp_path: Path, data: Path) -> None:
+async def test_the_floor_runs_once_outside_the_sampler(tmp_path: Path, data: Path) -> None:
     trainers = FakeTrainers(epochs=1)
+    trainers.curve = [0.8]  # every trial as good as the floor: a sampler would return to it
     optimizer = make(tmp_path, trainers, FakeEvaluator())
-    request = create(data, n=6, pruner="none", name="mixed")
+    request = create(data, n=8, pruner="none", name="mixed")
     request.search_space.num_epochs[:] = [0, 1]
     request.search_space.rank[:] = [4, 8]
     study = await run(optimizer, request)
     assert study.state == optimizer_pb2.STUDY_STATE_COMPLETED, study.failure_reason
     trials = await trials_of(optimizer, "mixed")
     ran = [t for t in trials if not t.HasField("same_as")]
-    reused = len(trials) - len(ran)
-    assert reused, "no repeat was proposed: the test proves nothing"
-    assert len(ran) == trainers.started
-    # The budget: every trial that ran (repeats are free while new points come).
-    assert len(ran) == 6
-    assert study.trials_reused == reused
-    # Each trial that ran is a different result-deciding point: the frozen pass once.
-    probe_only = [t for t in ran if t.hyperparameters.training.probe_only]
-    assert len(probe_only) == 1
-    for t in trials:
-        if t.HasField("same_as"):
-            twin = trials[t.same_as]
-            assert t.objective == twin.objective and not twin.HasField("same_as")
+    assert len(ran) == 8 == trainers.started
+    probe_only = [t for t in trials if t.hyperparameters.training.probe_only]
+    assert [t.number for t in probe_only] == [0]
+    # The sampler was never offered the probe-only point: it cannot learn to repeat it.
+    frozen = (await optimizer.store.study("mixed")).trials
+    assert frozen[0].params == {}
+    assert all(
+        0 not in t.distributions["num_epochs"].choices  # type: ignore[attr-defined]
+        for t in frozen
+        if "num_epochs" in t.distributions
+    )
 
 
 class SlowTrainers(FakeTrainers):
