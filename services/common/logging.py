@@ -55,6 +55,14 @@ def registered_secret_count() -> int:
         return len(_secrets)
 
 
+def redact(text: str) -> str:
+    """``text`` with every registered secret replaced by ``***`` (for messages that leave the
+    process: a job's failure reason, a status message)."""
+    with _secrets_lock:
+        secrets = sorted(_secrets, key=len, reverse=True)
+    return _redact(text, secrets)
+
+
 def _redact(text: str, secrets: list[str]) -> str:
     for secret in secrets:
         text = text.replace(secret, REDACTED)

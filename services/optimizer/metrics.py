@@ -93,7 +93,7 @@ for _reason in INTERRUPTION_REASONS:
     TRIAL_INTERRUPTIONS.labels(reason=_reason)
 for _objective in OBJECTIVES:
     TRIAL_OBJECTIVE.labels(objective=_objective)
-for _reason in ("busy", "unavailable", "invalid", "trainer_lost"):
+for _reason in ("busy", "unavailable", "invalid", "error", "trainer_lost"):
     DISPATCH_ERRORS.labels(reason=_reason)
 for _state in ("idle", "busy", "unreachable"):
     TRAINERS.labels(state=_state)

@@ -9,17 +9,19 @@ an evaluator that cannot score).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import optuna
 
 from services.common.errors import InvalidArgument, LoratuneError, ResourceExhausted, Unavailable
+from services.common.names import excerpt
 from services.optimizer import metrics
 from services.optimizer.core import results
 from services.optimizer.core.creation import hyperparameters
@@ -115,8 +117,20 @@ class TrialLifecycle:
         self, study: optuna.Study, spec: StudySpec, space: SearchSpace, address: str
     ) -> Outcome:
         """Asks the sampler for a trial, stores its hyperparameters and dispatches it."""
-        record = await self._store.record(study.study_name)
         trial = await self._store.ask(study)
+        return await self._guarded(
+            study, trial.number, self._start_new(study, spec, space, address, trial)
+        )
+
+    async def _start_new(
+        self,
+        study: optuna.Study,
+        spec: StudySpec,
+        space: SearchSpace,
+        address: str,
+        trial: optuna.Trial,
+    ) -> Outcome:
+        record = await self._store.record(study.study_name)
         classification = spec.dataset.classification
         if trial.user_attrs.get("role") == "floor":
             # A base's floor: no sampler asked (trial.params stays empty, so the sampler
@@ -159,7 +173,21 @@ class TrialLifecycle:
             base_model=params.base_model or spec.fine_tuning.base_model_name,
         )
         logger.info("Trial %d: params=%s", trial.number, params.as_log_dict())
-        return await self.dispatch(study, spec, trial.number, address)
+        return await self._dispatch(study, spec, trial.number, address)
+
+    async def _guarded(self, study: optuna.Study, number: int, work: Any) -> Outcome:
+        """Runs a trial's handling so that it always ends in a recorded state: whatever the
+        trainer answers or the optimizer's own code raises, the trial is told FAIL with the
+        reason (counted: the study's failure limit ends a study that cannot run trials)."""
+        try:
+            return cast(Outcome, await work)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # anything: a trial left RUNNING would be started again
+            logger.exception("Trial %d: its handling failed", number)
+            reason = f"the optimizer could not run the trial: {type(err).__name__}: {err}"
+            await self.tell_fail(study, number, excerpt(reason, 300), kind="internal")
+            return Outcome(number)
 
     async def _take_twins_result(
         self,
@@ -206,6 +234,11 @@ class TrialLifecycle:
         self, study: optuna.Study, spec: StudySpec, number: int, address: str
     ) -> Outcome:
         """Sends a trial (new, or interrupted before) to the trainer at `address`, follows it."""
+        return await self._guarded(study, number, self._dispatch(study, spec, number, address))
+
+    async def _dispatch(
+        self, study: optuna.Study, spec: StudySpec, number: int, address: str
+    ) -> Outcome:
         frozen = await self._store.trial(study, number)
         if frozen.state.is_finished():  # told meanwhile: nothing left to run
             logger.warning(
@@ -244,6 +277,14 @@ class TrialLifecycle:
             await self.tell_fail(study, number, str(err), kind="trainer_refused")
             await self._store.update(study.study_name, fatal=f"the trainer refused the job: {err}")
             return Outcome(number)
+        except LoratuneError as err:
+            # Any other answer (INTERNAL, FAILED_PRECONDITION, ...): this trial failed,
+            # counted; the study's failure limit ends a study whose trials cannot start.
+            metrics.DISPATCH_ERRORS.labels(reason="error").inc()
+            await self.tell_fail(
+                study, number, f"the trainer could not start the job: {err}", kind="internal"
+            )
+            return Outcome(number)
         return await self._follow(self._run_of(study, spec, frozen, job_id, address, attempt))
 
     async def reattach(
@@ -254,7 +295,7 @@ class TrialLifecycle:
         job_id, address = str(attrs.get("job_id", "")), str(attrs.get("trainer", ""))
         logger.info("reattaching trial %d to job %s on %s", frozen.number, job_id, address)
         run = self._run_of(study, spec, frozen, job_id, address, int(attrs.get("attempt", 1)))
-        return await self._follow(run)
+        return await self._guarded(study, frozen.number, self._follow(run))
 
     @staticmethod
     def _run_of(
@@ -450,7 +491,16 @@ class TrialLifecycle:
                 study.study_name, fatal=f"the trainer cannot use the data: {failed.message}"
             )
         elif failed.reason == "INTERNAL":
-            await self._retry(run, message)
+            frozen = await self._store.trial(study, number)
+            if frozen.user_attrs.get("previous_failure") == message:
+                # The same parameters failed the same way again: not a passing fault.
+                await self.tell_fail(study, number, message, kind="internal")
+                await self._store.update(
+                    study.study_name,
+                    fatal=f"trial {number} failed the same way on a retry: {message}",
+                )
+            else:
+                await self._retry(run, message)
         else:
             kind = "nan_loss" if failed.reason == "NAN_LOSS" else "other"
             await self.tell_fail(study, number, message, kind=kind)
@@ -532,7 +582,7 @@ class TrialLifecycle:
             await self._store.run(
                 run.study.enqueue_trial,
                 run.params,
-                user_attrs={"attempt": run.attempt + 1, **kept},
+                user_attrs={"attempt": run.attempt + 1, "previous_failure": reason, **kept},
             )
             logger.info(
                 "re-enqueued the parameters of trial %d (attempt %d)", run.number, run.attempt + 1

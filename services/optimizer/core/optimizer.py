@@ -334,8 +334,21 @@ class Optimizer:
                 finished_trials = await self.store.trials(
                     study_id, (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
                 )
-                finished = budget_used(finished_trials, n_trials)
+                # Failed trials use the budget too (as in Optuna's own n_trials): a study never
+                # starts more than n_trials trials, re-runs of interrupted or retried ones aside.
+                failed = await self.store.trials(study_id, (optuna.trial.TrialState.FAIL,))
+                finished = budget_used(finished_trials, n_trials) + sum(
+                    1 for t in failed if int(t.user_attrs.get("attempt", 1)) == 1
+                )
                 if finished >= n_trials and not running and not pending:
+                    if not any(
+                        t.state == optuna.trial.TrialState.COMPLETE for t in finished_trials
+                    ):
+                        await self._fail(
+                            study_id,
+                            f"no trial completed; last failure: {record.last_failure or '-'}",
+                        )
+                        return
                     if budget_ran(finished_trials) < n_trials and not record.end_note:
                         await self.store.update(
                             study_id,

@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from services.common.logging import redact
+from services.common.names import excerpt
 from services.trainer import metrics
 from services.trainer.core.types import (
     BaseModelInfo,
@@ -231,7 +233,15 @@ class JobManager:
                 logger.warning("job %s: %s", job.spec.job_id, message)
             else:
                 logger.exception("job %s failed", job.spec.job_id)
-                message = f"internal error ({type(err).__name__}); see the trainer's log"
+                # The error's own first line (escaped, bounded): what a client shows as the
+                # trial's and the study's failure; the traceback stays in this log.
+                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                message = excerpt(
+                    redact(f"internal error ({type(err).__name__}: {first}); see the trainer's log")
+                    if first
+                    else f"internal error ({type(err).__name__}); see the trainer's log",
+                    500,
+                )
             job._finish(JobState.FAILED, FailedEvent(reason, message))
             if not self._runner.healthy():
                 logger.error("the accelerator is broken; reporting NOT_SERVING for a restart")

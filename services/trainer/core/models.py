@@ -74,6 +74,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+try:
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # pragma: no cover - older huggingface_hub: transformers raises TypeError
+
+    class StrictDataclassError(Exception):  # type: ignore[no-redef]
+        """Stands in for huggingface_hub's (absent in this version)."""
+
+
 # Never quantised (and never a LoRA target, core/targets.py): the heads (HEAD_NAMES) and the
 # LM head of causal models. Passing `llm_int8_skip_modules` replaces transformers' default
 # skip list (which holds `lm_head`), so it must be named here too.
@@ -248,6 +256,8 @@ def check_base_model(spec: JobSpec) -> None:
         config = load_gguf_config(gguf) if gguf is not None else AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
         raise _not_loadable(name, gguf, err) from err
+    except _CONFIG_ERRORS as err:
+        raise _bad_config(name, err) from err
     task = spec.dataset.task
     auto = (
         AutoModelForSequenceClassification if task is Task.CLASSIFICATION else AutoModelForCausalLM
@@ -255,7 +265,7 @@ def check_base_model(spec: JobSpec) -> None:
     try:
         with torch.device("meta"):
             skeleton = auto.from_config(config)
-    except (ValueError, KeyError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise InvalidArgument(
             f"'{name}' ({type(config).__name__}) cannot be loaded for {task.value}: {err}",
             field="base_model",
@@ -368,9 +378,10 @@ def load_base_model(
     if not name.strip():
         raise InvalidArgument("must not be empty", field="base_model")
     gguf = resolve_gguf(name)
+    config: Any = None
     try:
         if gguf is None:
-            AutoConfig.from_pretrained(name)  # a clear "not found" before anything heavier
+            config = AutoConfig.from_pretrained(name)  # a clear "not found" before the rest
         if tokenizer_path:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         elif gguf is not None:
@@ -379,6 +390,8 @@ def load_base_model(
             tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
         raise _not_loadable(name, gguf, err) from err
+    except _CONFIG_ERRORS as err:
+        raise _bad_config(name, err) from err
 
     kwargs: dict[str, Any] = {"dtype": dtype}
     if quantize_4bit:
@@ -404,6 +417,20 @@ def load_base_model(
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
         )
+        saved = _saved_head_size(config)
+        if saved is not None and saved != len(labels):
+            # A published classifier (2 labels, say) as the base of a task of other labels:
+            # its head cannot be loaded, so a fresh one of the task's size is (the probe fits
+            # it as any fresh head); a head of the right size is loaded as it is.
+            kwargs["ignore_mismatched_sizes"] = True
+            logger.info(
+                "'%s' carries a classification head of %d labels and this task has %d: "
+                "a new head of %d outputs replaces it",
+                name,
+                saved,
+                len(labels),
+                len(labels),
+            )
     try:
         if gguf is not None:
             model = load_gguf_model(auto, gguf, **kwargs)
@@ -850,6 +877,32 @@ def _not_loadable(name: str, gguf: GgufFile | None, err: BaseException) -> Inval
     return InvalidArgument(
         f"the GGUF file {gguf.path} cannot be loaded: {_first_line(err)}", field="base_model"
     )
+
+
+# What transformers raises on a config.json it can read but not use: a field of the wrong
+# type fails huggingface_hub's strict validation (StrictDataclassError, from a TypeError) or
+# transformers' own (TypeError); a missing one raises KeyError or AttributeError.
+_CONFIG_ERRORS: tuple[type[BaseException], ...] = (
+    TypeError,
+    KeyError,
+    AttributeError,
+    StrictDataclassError,
+)
+
+
+def _bad_config(name: str, err: BaseException) -> InvalidArgument:
+    return InvalidArgument(
+        f"'{name}': its config.json cannot be used ({type(err).__name__}: {_first_line(err)})",
+        field="base_model",
+    )
+
+
+def _saved_head_size(config: Any) -> int | None:
+    """The label count of a checkpoint saved with a sequence-classification head, else None."""
+    architectures = getattr(config, "architectures", None) or []
+    if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
+        return None
+    return int(getattr(config, "num_labels", 0) or 0) or None
 
 
 def _first_line(err: BaseException) -> str:

@@ -14,7 +14,13 @@ import pytest
 from loratune.common.v1 import common_pb2
 from loratune.optimizer.v1 import optimizer_pb2
 from services.common.defaults import TrainingDefaults
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.common.errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from services.optimizer.api.convert import (
     evaluation_from_proto,
     hyperparameters_to_proto,
@@ -861,3 +867,79 @@ async def test_a_bad_extra_base_is_refused_naming_it(tmp_path: Path, data: Path)
     with pytest.raises(InvalidArgument) as caught:
         await create_with(optimizer, request)
     assert "at most 7 more" in caught.value.message
+
+
+class BrokenTrainers(FakeTrainers):
+    """Answers StartTraining with `error`, or raises `crash` (not a LoratuneError) in watch."""
+
+    def __init__(self, error: Exception | None = None, crash: Exception | None = None) -> None:
+        super().__init__(epochs=1)
+        self.error, self.crash = error, crash
+
+    async def start(self, address: str, request: TrainingJob) -> None:
+        self.started += 1
+        if self.error is not None:
+            raise self.error
+        self.jobs[request.job_id] = request
+
+    async def watch(self, address: str, job_id: str) -> AsyncIterator[JobEvent]:
+        if self.crash is not None:
+            raise self.crash
+        async for event in super().watch(address, job_id):
+            yield event
+
+
+@pytest.mark.parametrize(
+    ("trainers", "words"),
+    [
+        (BrokenTrainers(error=Internal("internal error (TypeError)")), "could not start the job"),
+        (BrokenTrainers(error=FailedPrecondition("not now")), "could not start the job"),
+        (BrokenTrainers(crash=RuntimeError("a bug of ours")), "RuntimeError: a bug of ours"),
+    ],
+)
+async def test_whatever_a_trainer_answers_every_trial_ends_and_the_study_ends(
+    tmp_path: Path, data: Path, trainers: BrokenTrainers, words: str
+) -> None:
+    optimizer = make(tmp_path, trainers, FakeEvaluator(), max_trial_failures=20)
+    study = await asyncio.wait_for(run(optimizer, create(data, n=6, name="broken")), 60)
+    assert study.state == optimizer_pb2.STUDY_STATE_FAILED
+    trials = await trials_of(optimizer, "broken")
+    # Never more trials than n_trials; none left RUNNING; each says why it failed.
+    assert len(trials) == 6 == trainers.started
+    assert all(t.state == optimizer_pb2.TRIAL_STATE_FAIL for t in trials)
+    assert all(words in t.failure_reason for t in trials), trials[0].failure_reason
+    assert "no trial completed" in study.failure_reason and words in study.failure_reason
+
+
+async def test_an_internal_failure_that_repeats_on_the_retry_fails_the_study_at_once(
+    tmp_path: Path, data: Path
+) -> None:
+    # The rule: INVALID_INPUT (data, a base that cannot load, a module set it lacks) ends the
+    # study at once; INTERNAL runs the parameters again, and the same failure again on that
+    # retry is no passing fault: the study fails with the trainer's words, not its budget.
+    trainers = FakeTrainers(epochs=1)
+    same = JobFailed("INTERNAL", "internal error (RuntimeError: size mismatch for classifier)")
+    trainers.fail_with = {n: same for n in range(40)}
+    optimizer = make(tmp_path, trainers, FakeEvaluator(), max_trial_failures=10)
+    study = await run(optimizer, create(data, n=20, name="same"))
+    assert study.state == optimizer_pb2.STUDY_STATE_FAILED
+    assert "failed the same way on a retry" in study.failure_reason
+    assert "size mismatch for classifier" in study.failure_reason
+    # The queued first trials and one retry (the retry queues behind the default trial),
+    # not the failure budget of 10.
+    assert trainers.started == 3
+
+
+async def test_an_internal_failure_that_passes_on_the_retry_is_forgotten(
+    tmp_path: Path, data: Path
+) -> None:
+    trainers = FakeTrainers(epochs=1)
+    trainers.fail_with = {0: JobFailed("INTERNAL", "internal error (OSError: disk hiccup)")}
+    optimizer = make(tmp_path, trainers, FakeEvaluator())
+    study = await run(optimizer, create(data, n=5, pruner="none", name="passing"))
+    assert study.state == optimizer_pb2.STUDY_STATE_COMPLETED, study.failure_reason
+    trials = await trials_of(optimizer, "passing")
+    assert trials[0].state == optimizer_pb2.TRIAL_STATE_FAIL
+    retry = next(t for t in trials if t.attempt == 2)
+    assert retry.state == optimizer_pb2.TRIAL_STATE_COMPLETE
+    assert retry.hyperparameters == trials[0].hyperparameters

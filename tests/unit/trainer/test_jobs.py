@@ -165,7 +165,8 @@ async def test_failures_become_failed_events_and_trainer_stays_usable(
     assert job.state is JobState.FAILED
     assert isinstance(last, FailedEvent) and last.reason is reason
     if reason is FailureReason.INTERNAL:
-        assert "boom" not in last.message  # details stay in the log
+        # The error's own words reach the client (the traceback stays in the log).
+        assert last.message.startswith("internal error (RuntimeError: boom)")
     runner.fail = None
     await manager.start(spec("y"))
     assert (await manager.wait("y")).state is JobState.COMPLETED
@@ -187,3 +188,16 @@ async def test_unknown_job_is_not_found() -> None:
         await manager.cancel("nope")
     with pytest.raises(NotFound):
         await collect(manager, "nope")
+
+
+async def test_an_internal_error_reaches_the_client_without_secrets_or_control_characters() -> None:
+    from services.common.logging import register_secret
+
+    register_secret("sk-live-4f9a8b7c6d5e")
+    runner = FakeRunner(fail=RuntimeError("upstream said sk-live-4f9a8b7c6d5e\x1b[31m no\nmore"))
+    manager = JobManager(runner)
+    await manager.start(spec("y"))
+    last = (await manager.wait("y")).records[-1].event
+    assert isinstance(last, FailedEvent) and last.reason is FailureReason.INTERNAL
+    assert "sk-live" not in last.message and "***" in last.message
+    assert "\x1b" not in last.message and "more" not in last.message  # first line, escaped
