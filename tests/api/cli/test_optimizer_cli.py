@@ -298,3 +298,33 @@ async def test_up_prints_the_addresses_and_stops_on_sigterm(tmp_path: Path) -> N
     assert f"loratune tune --optimizer 127.0.0.1:{optimizer}" in text
     assert "SIGTERM received; stopping" in text
     assert "Traceback" not in text
+
+
+async def test_a_base_whose_config_cannot_be_used_fails_the_study_at_once(
+    stack: LocalStack, sentiment: Path, tiny_qwen: Path, tmp_path: Path
+) -> None:
+    # Real services: the trainer refuses the job naming the base's config; the study fails
+    # at once with those words, one trial, none left RUNNING (it used to answer INTERNAL and
+    # leave trials RUNNING while new ones started every poll).
+    import json
+    import shutil
+
+    broken = tmp_path / "broken-base"
+    shutil.copytree(tiny_qwen, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["hidden_size"] = "not a number"
+    (broken / "config.json").write_text(json.dumps(config))
+    result = await invoke(
+        [*tune_args(sentiment, broken, "--n-trials", "20"), "--optimizer", stack.optimizer_address]
+    )
+    assert result.exit_code == 1, result.output
+    assert "config.json cannot be used" in result.output
+    async with grpc.aio.insecure_channel(stack.optimizer_address) as channel:
+        stub: Any = optimizer_pb2_grpc.OptimizerServiceStub(channel)
+        studies = (await stub.ListStudies(optimizer_pb2.ListStudiesRequest())).studies
+        (study,) = [s for s in studies if s.state == optimizer_pb2.STUDY_STATE_FAILED]
+        trials = (
+            await stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_id=study.study_id))
+        ).trials
+    assert len(trials) == 1 and trials[0].state == optimizer_pb2.TRIAL_STATE_FAIL
+    assert "config.json cannot be used" in study.failure_reason
