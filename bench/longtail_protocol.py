@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.evaluator.core.classification import classification_report
+from services.common.classification import classification_report
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77"
 TRAIN_LONGTAIL = DATA / "train_longtail.csv"

@@ -20,18 +20,18 @@ from rich.table import Table
 from loratune.common.v1 import common_pb2
 from loratune.optimizer.v1 import optimizer_pb2, optimizer_pb2_grpc
 from services.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, run_rpc, usage_error
-from services.cli.labels import (
+from services.cli.project_commands import task_label
+from services.cli.stack import StackOptions, embedded_stack, serve_stack
+from services.common.client import ClientSettings, create_channel
+from services.common.config import CommonSettings
+from services.common.durations import format_duration, parse_duration
+from services.common.labels import (
     model_label,
     modules_label,
     study_state,
     trial_note,
     trial_state,
 )
-from services.cli.project_commands import task_label
-from services.cli.stack import StackOptions, embedded_stack, serve_stack
-from services.common.client import ClientSettings, create_channel
-from services.common.config import CommonSettings
-from services.common.durations import format_duration, parse_duration
 from services.common.logging import configure_logging
 
 console = Console()

@@ -14,9 +14,9 @@ from rich.table import Table
 from loratune.common.v1 import common_pb2
 from loratune.optimizer.v1 import optimizer_pb2, optimizer_pb2_grpc
 from services.cli.errors import exit_for, run_rpc
-from services.cli.labels import model_label
 from services.common.client import ClientSettings, create_channel
 from services.common.errors import InvalidArgument
+from services.common.labels import model_label
 
 __all__ = ["defaults_text", "projects_table", "register", "task_label"]
 

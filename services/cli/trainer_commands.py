@@ -19,8 +19,8 @@ from rich.table import Table
 from loratune.common.v1 import common_pb2
 from loratune.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.cli.errors import EXIT_FAILED, exit_for, run_rpc, usage_error
+from services.common.classification import classification_report
 from services.common.errors import LoratuneError
-from services.evaluator.core.classification import classification_report
 
 console = Console()
 errors = Console(stderr=True)

@@ -28,8 +28,8 @@ from google.protobuf.json_format import MessageToDict
 
 from loratune.common.v1 import common_pb2
 from loratune.optimizer.v1 import optimizer_pb2
-from services.cli.labels import modules_label, study_state, trial_note, trial_state
 from services.common.errors import http_status_of
+from services.common.labels import modules_label, study_state, trial_note, trial_state
 from services.console.context import BACKENDS, OPTIONS
 
 __all__ = ["API_V1", "REFRESH_SECONDS", "page_errors", "routes"]

@@ -34,7 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loratune.common.v1 import common_pb2
 from loratune.optimizer.v1 import optimizer_pb2, optimizer_pb2_grpc
 from loratune.trainer.v1 import trainer_pb2, trainer_pb2_grpc
-from services.cli.labels import trial_note
+from services.common.labels import trial_note
 from services.evaluator.core.bertscore import packaged_minilm_path
 from services.evaluator.core.evaluation import judge_sample
 from tests.fakes.gemini import FakeGemini

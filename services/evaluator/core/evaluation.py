@@ -12,10 +12,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from services.common.classification import classification_report
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.common.reasoning import strip_reasoning
 from services.evaluator.core.bertscore import BertScoreResult
-from services.evaluator.core.classification import classification_report
 from services.evaluator.core.models import (
     DEFAULT_JUDGE_SAMPLE_SIZE,
     BertScorer,

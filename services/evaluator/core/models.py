@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from services.common.classification import ClassificationReport
 from services.evaluator.core.bertscore import BertScoreResult
-from services.evaluator.core.classification import ClassificationReport
 from services.evaluator.core.rescaling import Baseline, RawScorer, RescaleMode
 
 DEFAULT_BERTSCORE_WEIGHT = 0.4

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from services.evaluator.core.classification import classification_report
+from services.common.classification import classification_report
 
 # Post-hoc tau candidates: 0 (no adjustment) .. 2 (beyond the Bayes-optimal 1 for a
 # balanced target, which noisy heads sometimes need).

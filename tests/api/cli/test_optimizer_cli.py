@@ -26,11 +26,11 @@ from typer.testing import CliRunner
 
 from loratune.common.v1 import common_pb2
 from loratune.optimizer.v1 import optimizer_pb2, optimizer_pb2_grpc
-from services.cli.labels import model_label
 from services.cli.main import app
 from services.cli.stack import LocalStack, StackOptions
 from services.common.client import ClientSettings
 from services.common.config import CommonSettings
+from services.common.labels import model_label
 from tests.unit.trainer.conftest import build_tiny_qwen
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.cli.labels import model_label
+from services.common.labels import model_label
 from services.evaluator.core.bertscore import packaged_minilm_path
 
 

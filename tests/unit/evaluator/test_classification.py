@@ -15,7 +15,7 @@ from sklearn.metrics import (
     recall_score,
 )
 
-from services.evaluator.core.classification import classification_report
+from services.common.classification import classification_report
 
 LABELS = ["acc-1010", "acc-2020", "счёт-62", "налог-68", "z", "rare"]
 

@@ -14,8 +14,8 @@ import pytest
 
 from loratune.common.v1 import common_pb2
 from loratune.optimizer.v1 import optimizer_pb2
-from services.cli.labels import trial_note
 from services.common.errors import Unavailable
+from services.common.labels import trial_note
 from services.optimizer.api.convert import evaluation_from_proto, event_to_proto, trial_to_proto
 from services.optimizer.core.ports import Evaluation, EvaluationRequest
 from services.optimizer.core.views import ScoredWith, scored_with
