@@ -260,7 +260,7 @@ def _project(entry: dict[Any, Any], folder: Path, search_space: SearchSpaceParse
         if entry.get(required) is None:
             raise InvalidArgument("is required", field=required)
     project_id = _integer(entry["id"], "id", 1, MAX_ID)
-    name = validate_name(_string(entry["name"], "name"), "name")
+    name = _display_name(_string(entry["name"], "name"))
     dataset = _dataset(entry["dataset"], folder)
     base_model = _string(entry.get("base_model_name", ""), "base_model_name")
     if len(base_model) > MAX_PATH_LENGTH:
@@ -437,6 +437,26 @@ def _training(value: Any) -> TrainingOverrides:
 
 
 # ---- scalars --------------------------------------------------------------------------------
+
+
+# A project's name is for people: any language, any punctuation, but one bounded line. Where
+# something about a project becomes a path, a job id or a metric label, its numeric id does.
+MAX_PROJECT_NAME = 100
+
+
+def _display_name(value: str) -> str:
+    name = value.strip()
+    if not name:
+        raise InvalidArgument("must not be empty", field="name")
+    if escape_control(name) != name:
+        raise InvalidArgument(
+            f"must be one line without control characters, got '{excerpt(name)}'", field="name"
+        )
+    if len(name) > MAX_PROJECT_NAME:
+        raise InvalidArgument(
+            f"must be at most {MAX_PROJECT_NAME} characters, got {len(name)}", field="name"
+        )
+    return name
 
 
 def _kind(value: Any) -> str:

@@ -104,11 +104,11 @@ async def test_projects_reads_the_file_here_without_an_optimizer(projects_file: 
     assert row(result.output, "124", "payments", "classification")
     result = await invoke(["projects"])
     assert result.exit_code == 0 and "LORATUNE_PROJECTS is not set" in result.output
-    projects_file.write_text(PROJECTS.replace("name: payments", "name: pay/ments"))
+    projects_file.write_text(PROJECTS.replace("name: payments", 'name: ""'))
     result = await invoke(["projects"], LORATUNE_PROJECTS=str(projects_file))
     assert result.exit_code == 2, result.output
     assert "error (INVALID_ARGUMENT): LORATUNE_PROJECTS file" in result.output
-    assert "projects[1].name: may contain only" in result.output
+    assert "projects[1].name: must not be empty" in result.output
 
 
 async def test_tune_project_starts_and_follows_the_projects_study(address: str) -> None:

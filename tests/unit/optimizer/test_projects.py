@@ -141,7 +141,9 @@ BAD = [
     (entry(id='"123"'), "projects[0].id", "whole number"),
     (entry(id="0"), "projects[0].id", "between 1 and"),
     (entry(id="DROP"), "projects[0].id", "is required"),
-    (entry(name="../etc"), "projects[0].name", "may contain only"),
+    (entry(name='"two\\nlines"'), "projects[0].name", "control characters"),
+    (entry(name='"' + "x" * 101 + '"'), "projects[0].name", "at most 100"),
+    (entry(name='"  "'), "projects[0].name", "must not be empty"),
     (entry(n_trials="3"), "projects[0].n_trials", "between 5 and 100"),
     (entry(time_budget="soon"), "projects[0].time_budget", "such as 90m"),
     (entry(base_model_names="org/x"), "projects[0].base_model_names", "must be a list"),
@@ -354,3 +356,10 @@ def test_a_request_with_a_dataset_keeps_it_and_needs_no_project() -> None:
     assert caught.value.field == "project_id"
     with pytest.raises(NotFound):
         with_project(request(project_id=999), catalog)
+
+
+def test_a_name_is_for_people_in_any_language() -> None:
+    (project,) = parse(entry(name='"Платежи по счетам 2026"'))
+    assert project.name == "Платежи по счетам 2026"
+    (odd,) = parse(entry(name="\"<b>'Q1' & ../etc</b>\""))
+    assert odd.name == "<b>'Q1' & ../etc</b>"  # kept as written; shown escaped

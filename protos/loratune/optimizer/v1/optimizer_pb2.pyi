@@ -1270,7 +1270,9 @@ class Project(_message.Message):
     project_id: _builtins.int
     """The project's id (> 0), as CreateStudyRequest.project_id names it."""
     name: _builtins.str
-    """Its name: letters, digits, '.', '_' and '-'."""
+    """Its name, for people: any text on one line, at most 100 characters ("Платежи по счетам
+    2026"); shown escaped. The project_id is what becomes a path or a label.
+    """
     base_model_name: _builtins.str
     """Default base model of its studies; empty = LORA_MODEL_NAME."""
     use_llm_judge: _builtins.bool
