@@ -20,6 +20,7 @@ from services.common.metrics import (
     GRPC_SERVER_STARTED,
 )
 from services.common.names import escape_control
+from services.common.throttle import AuthThrottle, client_of_peer
 
 __all__ = [
     "GENERIC_INTERNAL_MESSAGE",
@@ -317,25 +318,6 @@ class StatusInterceptor(_ServerInterceptor):
         return _wrap_handler(handler, handler_call_details.method)
 
 
-def _rejecting_handler(handler: _Handler, code: grpc.StatusCode, details: str) -> _Handler:
-    """A handler of the same kind as ``handler`` that only aborts with ``code``."""
-
-    async def reject(_request: Any, context: _Context) -> None:
-        await context.abort(code, details)
-
-    kwargs: dict[str, Any] = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(reject, **kwargs)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(reject, **kwargs)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(reject, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(reject, **kwargs)
-
-
 def _metadata_values(metadata: Iterable[Any] | None, key: str) -> list[str]:
     values: list[str] = []
     for item in metadata or ():
@@ -352,17 +334,25 @@ def _metadata_values(metadata: Iterable[Any] | None, key: str) -> list[str]:
 class AuthInterceptor(_ServerInterceptor):
     """Requires ``authorization: Bearer <token>`` on every method but the health service's.
 
-    A missing or wrong token is ``UNAUTHENTICATED`` before any servicer code runs.
+    A missing or wrong token is ``UNAUTHENTICATED`` before any servicer code runs. Wrong
+    tokens slow their client address down (``throttle.AuthThrottle``): past a few, every
+    call from it is ``RESOURCE_EXHAUSTED`` with a ``retry-after`` trailer (seconds) until
+    its delay passes, its token not even compared; other addresses are not affected.
     Place it after ``StatusInterceptor`` so rejected calls are counted too.
     """
 
     def __init__(
-        self, token: str, *, exempt_prefixes: tuple[str, ...] = (HEALTH_METHOD_PREFIX,)
+        self,
+        token: str,
+        *,
+        exempt_prefixes: tuple[str, ...] = (HEALTH_METHOD_PREFIX,),
+        throttle: AuthThrottle | None = None,
     ) -> None:
         if not token:
             raise ValueError("the auth token must not be empty")
         self._token = token.encode("utf-8")
         self._exempt_prefixes = exempt_prefixes
+        self.throttle = throttle or AuthThrottle()
 
     def _authorized(self, metadata: Iterable[Any] | None) -> bool:
         for value in _metadata_values(metadata, "authorization"):
@@ -380,12 +370,70 @@ class AuthInterceptor(_ServerInterceptor):
     ) -> _Handler | None:
         """Pass authorised and exempt calls on; answer the rest ``UNAUTHENTICATED``."""
         method = handler_call_details.method
-        if method.startswith(self._exempt_prefixes) or self._authorized(
-            handler_call_details.invocation_metadata
-        ):
+        if method.startswith(self._exempt_prefixes):
             return await continuation(handler_call_details)
+        metadata = handler_call_details.invocation_metadata
+        authorized = self._authorized(metadata)
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        logger.warning("rejected %s: %s", method, UNAUTHENTICATED_MESSAGE)
-        return _rejecting_handler(handler, grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        if authorized and not self.throttle.any_blocked():
+            return handler  # the fast path: nobody is being slowed down
+        given = bool(_metadata_values(metadata, "authorization"))
+        return _gated_handler(handler, method, authorized, given, self.throttle)
+
+
+def _gated_handler(
+    handler: _Handler, method: str, authorized: bool, given: bool, throttle: AuthThrottle
+) -> _Handler:
+    """``handler`` behind the throttle's check of the caller's address (known only at call
+    time, from the context's peer) and, for a caller without the token, its refusal."""
+    inner = _behaviour_of(handler)
+
+    async def gate(context: _Context) -> None:
+        client = client_of_peer(context.peer())
+        wait = throttle.retry_after(client)
+        if wait is not None:
+            throttle.refused("grpc")
+            context.set_trailing_metadata((("retry-after", str(wait)),))
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many failed authentications from this address; retry after {wait} s",
+            )
+        if not authorized:
+            if given:  # a wrong token, not a missing one: a guess
+                throttle.failed(client, "grpc")
+            logger.warning("rejected %s: %s", method, UNAUTHENTICATED_MESSAGE)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        throttle.succeeded(client)
+
+    kwargs: dict[str, Any] = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.response_streaming:
+
+        async def streaming(request: Any, context: _Context) -> AsyncIterator[Any]:
+            await gate(context)
+            responses = inner(request, context)
+            if hasattr(responses, "__aiter__"):
+                async for response in responses:
+                    yield response
+            elif inspect.isawaitable(responses):  # a writer: it sends with context.write
+                await responses
+            else:
+                for response in responses:
+                    yield response
+
+        if handler.request_streaming:
+            return grpc.stream_stream_rpc_method_handler(streaming, **kwargs)
+        return grpc.unary_stream_rpc_method_handler(streaming, **kwargs)
+
+    async def unary(request: Any, context: _Context) -> Any:
+        await gate(context)
+        result = inner(request, context)
+        return await result if inspect.isawaitable(result) else result
+
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(unary, **kwargs)

@@ -10,8 +10,9 @@ import asyncio
 
 from aiohttp import web
 
+from services.common.throttle import AuthThrottle
 from services.console import api, auth, pages
-from services.console.auth import bearer_auth
+from services.console.auth import SESSIONS, THROTTLE, Sessions, bearer_auth
 from services.console.context import BACKENDS, OPTIONS, STOPPING, ApiOptions, Backends
 from services.console.errors import api_errors
 from services.console.events import study_events
@@ -42,6 +43,8 @@ def build_app(backends: Backends, options: ApiOptions | None = None) -> web.Appl
     )
     app[BACKENDS] = backends
     app[OPTIONS] = options
+    app[THROTTLE] = AuthThrottle()
+    app[SESSIONS] = Sessions()
     app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(_stopping)
     app.add_routes(

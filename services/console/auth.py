@@ -6,10 +6,17 @@ page and the API's description needs it:
 - programs send ``Authorization: Bearer <token>`` (the JSON API answers 401 without it);
 - people sign in once at ``/sign-in`` with the token and get a session cookie, which the
   browser then sends with every page, ``fetch`` and event stream (``EventSource`` cannot
-  set headers). The cookie holds an HMAC of the token, not the token: it opens this console
-  and nothing else, and it is ``HttpOnly`` and ``SameSite=Strict``. A request that changes
-  something and is authenticated by the cookie must also come from this console's own
-  origin (the ``Origin`` header), so that no other site can make a browser launch studies.
+  set headers). The cookie is a session of its own: a random id, its expiry (sign-in +
+  ``session_seconds``, LORATUNE_CONSOLE_SESSION_SECONDS, 12 hours by default) and an HMAC
+  of both keyed by the token, never the token itself. It opens this console and nothing
+  else, ends when it expires, when the token is rotated, or when it signs out (its id is
+  then refused until it would have expired), and it is ``HttpOnly`` and
+  ``SameSite=Strict``. A request that changes something and is authenticated by the
+  cookie must also come from this console's own origin (the ``Origin`` header), so that
+  no other site can make a browser launch studies.
+- a wrong credential (bearer header, session cookie, sign-in form) slows its client
+  address down (``services.common.throttle``): past a few, that address gets ``429`` with
+  ``Retry-After`` until its delay passes, whatever it sends; other addresses never do.
 
 The token and the cookie are never logged; the token goes on to the services as gRPC
 metadata (``ApiOptions.call_metadata``).
@@ -20,6 +27,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import html
+import secrets
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -27,12 +37,16 @@ from aiohttp import web
 from yarl import URL
 
 from services.common.interceptors import UNAUTHENTICATED_MESSAGE
+from services.common.throttle import AuthThrottle
 from services.console.context import OPTIONS
 from services.console.errors import API_PREFIX, ApiError
 
 __all__ = [
     "OPEN_PATHS",
+    "SESSIONS",
     "SESSION_COOKIE",
+    "THROTTLE",
+    "Sessions",
     "bearer_auth",
     "routes",
     "safe_next",
@@ -48,12 +62,66 @@ OPEN_PREFIXES = ("/static/",)
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _MAX_TOKEN_CHARS = 4096
 _MAX_NEXT_CHARS = 512
-_SESSION_LABEL = b"loratune console session v1"
+_SESSION_LABEL = "loratune console session v2"
+_MAX_COOKIE_CHARS = 200
+_MAX_REVOKED = 100_000
 
 
-def session_value(token: str) -> str:
-    """The cookie's value for ``token``: an HMAC, so the cookie is not the token itself."""
-    return hmac.new(token.encode("utf-8"), _SESSION_LABEL, hashlib.sha256).hexdigest()
+def _session_mac(token: str, session_id: str, expires: int) -> str:
+    message = f"{_SESSION_LABEL}|{session_id}|{expires}".encode()
+    return hmac.new(token.encode("utf-8"), message, hashlib.sha256).hexdigest()
+
+
+def session_value(token: str, lifetime: int, *, now: float | None = None) -> str:
+    """A new session's cookie value: `<id>.<expiry>.<HMAC of both keyed by the token>`."""
+    session_id = secrets.token_urlsafe(18)
+    expires = int((time.time() if now is None else now) + lifetime)
+    return f"{session_id}.{expires}.{_session_mac(token, session_id, expires)}"
+
+
+class Sessions:
+    """Signed-out sessions, refused until they would have expired (bounded, thread-safe)."""
+
+    def __init__(self) -> None:
+        self._revoked: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def valid(self, value: str, token: str, *, now: float | None = None) -> str | None:
+        """The session id of a cookie value that is signed by `token`, unexpired and not
+        signed out; None otherwise."""
+        if not value or len(value) > _MAX_COOKIE_CHARS:
+            return None
+        session_id, _, rest = value.partition(".")
+        expiry, _, mac = rest.partition(".")
+        if not session_id or not expiry.isdigit() or len(expiry) > 12:
+            return None
+        expected = _session_mac(token, session_id, int(expiry))
+        if not hmac.compare_digest(mac.encode("utf-8", "replace"), expected.encode("utf-8")):
+            return None
+        if int(expiry) <= (time.time() if now is None else now):
+            return None
+        with self._lock:
+            if session_id in self._revoked:
+                return None
+        return session_id
+
+    def revoke(self, value: str, token: str) -> None:
+        """Ends the session of a valid cookie value."""
+        session_id = self.valid(value, token)
+        if session_id is None:
+            return
+        expiry = int(value.split(".")[1])
+        now = time.time()
+        with self._lock:
+            for old in [k for k, v in self._revoked.items() if v <= now]:
+                del self._revoked[old]
+            if len(self._revoked) >= _MAX_REVOKED:  # the soonest to expire go first
+                del self._revoked[min(self._revoked, key=self._revoked.__getitem__)]
+            self._revoked[session_id] = expiry
+
+
+THROTTLE: web.AppKey[AuthThrottle] = web.AppKey("auth_throttle", AuthThrottle)
+SESSIONS: web.AppKey[Sessions] = web.AppKey("sessions", Sessions)
 
 
 def _bearer_ok(header: str, token: bytes) -> bool:
@@ -66,9 +134,7 @@ def _bearer_ok(header: str, token: bytes) -> bool:
 
 def _cookie_ok(request: web.Request, token: str) -> bool:
     value = request.cookies.get(SESSION_COOKIE, "")
-    return bool(value) and hmac.compare_digest(
-        value.encode("utf-8", "replace"), session_value(token).encode("utf-8")
-    )
+    return request.app[SESSIONS].valid(value, token) is not None
 
 
 def _same_origin(request: web.Request) -> bool:
@@ -110,15 +176,38 @@ async def bearer_auth(
     token = request.app[OPTIONS].auth_token
     if token is None or _is_open(request.path):
         return await handler(request)
-    if _bearer_ok(request.headers.get("Authorization", ""), token.encode("utf-8")):
+    throttle = request.app[THROTTLE]
+    client = request.remote or "unknown"
+    path = "api" if request.path.startswith(API_PREFIX) else "page"
+    _refuse_if_slowed(request, throttle, client, path)
+    header = request.headers.get("Authorization", "")
+    if _bearer_ok(header, token.encode("utf-8")):
+        throttle.succeeded(client)
         return await handler(request)
     if _cookie_ok(request, token):
         if request.method not in _SAFE_METHODS and not _same_origin(request):
             raise _refuse(request, "PERMISSION_DENIED", "a request from another site")
         return await handler(request)
+    if header or request.cookies.get(SESSION_COOKIE):
+        # A wrong token, or a cookie that is forged, expired or signed out: a guess, or
+        # as good as one. No credential at all (a first visit) is not counted.
+        throttle.failed(client, path)
     if request.path.startswith(API_PREFIX):
         raise _refuse(request, "UNAUTHENTICATED", UNAUTHENTICATED_MESSAGE)
     raise web.HTTPSeeOther(URL(SIGN_IN).with_query(next=safe_next(request.path_qs)))
+
+
+def _refuse_if_slowed(request: web.Request, throttle: AuthThrottle, client: str, path: str) -> None:
+    """429 with Retry-After while `client` is slowed down for its failed authentications."""
+    wait = throttle.retry_after(client)
+    if wait is None:
+        return
+    throttle.refused(path)
+    message = f"too many failed authentications from this address; retry after {wait} s"
+    headers = {"Retry-After": str(wait)}
+    if request.path.startswith(API_PREFIX):
+        raise ApiError("RESOURCE_EXHAUSTED", message, headers=headers)
+    raise web.HTTPTooManyRequests(text=message, headers=headers)
 
 
 def _refuse(request: web.Request, code: str, message: str) -> Exception:
@@ -168,15 +257,22 @@ async def _sign_in(request: web.Request) -> web.Response:
         raise web.HTTPSeeOther(next_path)
     if not _same_origin(request):
         raise web.HTTPForbidden(text="a sign-in from another site")
+    throttle = request.app[THROTTLE]
+    client = request.remote or "unknown"
+    _refuse_if_slowed(request, throttle, client, "sign_in")
     given = str(form.get("token") or "")[:_MAX_TOKEN_CHARS]
     if not hmac.compare_digest(given.encode("utf-8"), token.encode("utf-8")):
+        throttle.failed(client, "sign_in")
         return _sign_in_page(
             next_path, error="That is not this console's access token.", status=401
         )
+    throttle.succeeded(client)
+    lifetime = request.app[OPTIONS].session_seconds
     response = web.HTTPSeeOther(next_path)
     response.set_cookie(
         SESSION_COOKIE,
-        session_value(token),
+        session_value(token, lifetime),
+        max_age=lifetime,
         httponly=True,
         samesite="Strict",
         secure=request.secure,
@@ -186,6 +282,9 @@ async def _sign_in(request: web.Request) -> web.Response:
 
 
 async def _sign_out(request: web.Request) -> web.Response:
+    token = request.app[OPTIONS].auth_token
+    if token is not None:  # the session ends here, not only in this browser
+        request.app[SESSIONS].revoke(request.cookies.get(SESSION_COOKIE, ""), token)
     response = web.HTTPSeeOther(SIGN_IN)
     response.del_cookie(SESSION_COOKIE, path="/")
     raise response

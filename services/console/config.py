@@ -5,7 +5,11 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.console.context import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_MAX_BODY_BYTES
+from services.console.context import (
+    DEFAULT_HEARTBEAT_SECONDS,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_SESSION_SECONDS,
+)
 
 __all__ = ["ConsoleSettings"]
 
@@ -31,3 +35,6 @@ class ConsoleSettings(BaseSettings):
     grace_period_seconds: float = Field(default=10.0, ge=0)
     # Longest silence of an event stream before a heartbeat comment.
     console_heartbeat_seconds: float = Field(default=DEFAULT_HEARTBEAT_SECONDS, gt=0)
+    # How long a browser's sign-in lasts (LORATUNE_CONSOLE_SESSION_SECONDS); signing out
+    # ends it at once.
+    console_session_seconds: int = Field(default=DEFAULT_SESSION_SECONDS, gt=0, le=30 * 86400)

@@ -12,10 +12,18 @@ if TYPE_CHECKING:
     from loratune.judge.v1.judge_pb2_grpc import JudgeGatewayServiceAsyncStub
     from loratune.optimizer.v1.optimizer_pb2_grpc import OptimizerServiceAsyncStub
 
-__all__ = ["BACKENDS", "OPTIONS", "STOPPING", "ApiOptions", "Backends"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_SESSION_SECONDS",
+    "OPTIONS",
+    "STOPPING",
+    "ApiOptions",
+    "Backends",
+]
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 DEFAULT_HEARTBEAT_SECONDS = 15.0
+DEFAULT_SESSION_SECONDS = 12 * 3600
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,7 @@ class ApiOptions:
     auth_token: str | None = field(default=None, repr=False)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
+    session_seconds: int = DEFAULT_SESSION_SECONDS  # a sign-in's lifetime
 
     def __post_init__(self) -> None:
         if self.auth_token is not None and not self.auth_token:

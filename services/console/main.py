@@ -86,6 +86,7 @@ async def start_console(
         auth_token=auth_token or None,
         max_body_bytes=settings.console_max_body_bytes,
         heartbeat_seconds=settings.console_heartbeat_seconds,
+        session_seconds=settings.console_session_seconds,
     )
     # The access log is the metrics middleware's own line: no headers, no query string.
     runner = web.AppRunner(

@@ -120,3 +120,49 @@ async def test_a_servicer_that_leaks_the_token_into_an_error_is_redacted_in_the_
     logged = capsys.readouterr().err
     assert "unexpected failure holding ***" in logged
     assert TOKEN not in logged
+
+
+async def test_wrong_tokens_slow_their_address_down_and_the_right_one_waits_too(
+    start: Any,
+    fake_evaluator: Any,
+    make_definition: Any,
+    make_request: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+    import functools
+
+    from prometheus_client import REGISTRY
+
+    from services.common import interceptors, throttle
+
+    monkeypatch.setattr(
+        interceptors,
+        "AuthThrottle",
+        functools.partial(throttle.AuthThrottle, free_failures=2, base_delay=0.6),
+    )
+    server = await start(
+        [make_definition(fake_evaluator)], CommonSettings(auth_token=SecretStr(TOKEN))
+    )
+
+    def counted(name: str) -> float:
+        return REGISTRY.get_sample_value(name, {"path": "grpc"}) or 0.0
+
+    failures = counted("loratune_auth_failures_total")
+    refused = counted("loratune_auth_throttled_total")
+    for _ in range(3):  # two free wrong tries, and a third that earns a delay
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await evaluate(server.address, make_request("ok"), token="guess")
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # While slowed down, nothing from this address is looked at, the right token neither.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await evaluate(server.address, make_request("ok"), token=TOKEN)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "retry after 1 s" in (caught.value.details() or "")
+    assert ("retry-after", "1") in tuple(caught.value.trailing_metadata() or ())
+    assert fake_evaluator.calls == 0
+    assert counted("loratune_auth_failures_total") - failures == 3
+    assert counted("loratune_auth_throttled_total") - refused == 1
+    await asyncio.sleep(0.7)
+    response = await evaluate(server.address, make_request("ok"), token=TOKEN)
+    assert response.result.objective == 0.5

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.console.auth import SESSION_COOKIE, safe_next, session_value
+from services.console.auth import SESSION_COOKIE, Sessions, safe_next, session_value
 from tests.api.console.harness import TOKEN, Stack
 
 SEED = {"project_id": 123, "fine_tuning_params": {"use_llm_judge": True, "n_trials": 5}}
@@ -103,8 +103,9 @@ async def test_with_a_token_pages_need_a_signed_in_browser(
         assert signed.status_code == 303 and signed.headers["Location"] == "/projects/123"
         set_cookie = signed.headers["Set-Cookie"]
         assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie
-        assert TOKEN not in set_cookie
-        assert browser.cookies[SESSION_COOKIE] == session_value(TOKEN)
+        assert TOKEN not in set_cookie and "Max-Age=43200" in set_cookie  # 12 hours
+        session = browser.cookies[SESSION_COOKIE]
+        assert Sessions().valid(session, TOKEN) is not None
         shell = await browser.get("/projects")
         assert shell.status_code == 200 and "action='/sign-out'" in shell.text
         assert (await browser.get("/")).status_code == 200  # the plain page reaches the optimizer
@@ -124,19 +125,25 @@ async def test_with_a_token_pages_need_a_signed_in_browser(
         cancelled = await browser.post(f"/api/v1/studies/{study_id}:cancel", headers=origin)
         assert cancelled.status_code == 200
 
-        # Signing out ends the session.
+        # Signing out ends the session: the same cookie, kept and sent again, is no session.
         out = await browser.post("/sign-out", headers=origin)
         assert out.status_code == 303 and out.headers["Location"] == "/sign-in"
         assert SESSION_COOKIE not in browser.cookies
         assert (await browser.get("/api/v1/projects")).status_code == 401
-    # A forged cookie is no session.
+    async with stack.client() as replay:
+        replay.cookies.set(SESSION_COOKIE, session)
+        assert (await replay.get("/api/v1/projects")).status_code == 401
+    # A forged cookie is no session, nor an expired one signed with the right token.
     async with stack.client() as forger:
-        forger.cookies.set(SESSION_COOKIE, session_value("guess"))
+        forger.cookies.set(SESSION_COOKIE, session_value("guess", 3600))
         assert (await forger.get("/api/v1/projects")).status_code == 401
+    async with stack.client() as late:
+        late.cookies.set(SESSION_COOKIE, session_value(TOKEN, 60, now=time.time() - 120))
+        assert (await late.get("/api/v1/projects")).status_code == 401
     # The services' own log lines (not the HTTP client's debug log of what it received).
     ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("services"))
     assert "GET /projects 303" in ours and "POST /sign-in 401" in ours
-    assert TOKEN not in ours and session_value(TOKEN) not in ours
+    assert TOKEN not in ours and session not in ours
 
 
 @pytest.mark.parametrize(
@@ -247,3 +254,32 @@ def test_serve_console_serves_the_api_and_metrics_until_sigterm(tmp_path: Any) -
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+async def test_guessing_slows_down_per_address_on_the_api_and_the_sign_in_page(
+    make_stack: Any,
+) -> None:
+    from prometheus_client import REGISTRY
+
+    def counted(name: str, path: str) -> float:
+        return REGISTRY.get_sample_value(name, {"path": path}) or 0.0
+
+    stack: Stack = await make_stack(auth=True)
+    before = counted("loratune_auth_failures_total", "api")
+    async with stack.client() as guesser:
+        answers = [
+            (await guesser.get("/api/v1/projects", headers={"Authorization": f"Bearer g{i}"}))
+            for i in range(7)
+        ]
+        assert [a.status_code for a in answers[:5]] == [401] * 5  # a few free tries
+        slowed = answers[6]
+        assert slowed.status_code == 429 and int(slowed.headers["Retry-After"]) >= 1
+        assert slowed.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
+        # While slowed down the address gets nothing, the right token neither.
+        right = await guesser.get("/api/v1/projects", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert right.status_code == 429
+        page = await guesser.post("/sign-in", data={"token": TOKEN, "next": "/"})
+        assert page.status_code == 429 and "Retry-After" in page.headers
+    assert counted("loratune_auth_failures_total", "api") - before >= 6
+    assert counted("loratune_auth_throttled_total", "api") >= 1
+    assert counted("loratune_auth_throttled_total", "sign_in") >= 1
