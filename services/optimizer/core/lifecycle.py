@@ -90,6 +90,7 @@ class TrialRun:
     attempt: int
     params: dict[str, Any]
     trial_dir: Path
+    probe_only: bool = False  # the frozen probe alone: never reported to the pruner
 
 
 class TrialLifecycle:
@@ -316,6 +317,9 @@ class TrialLifecycle:
             attempt=attempt,
             params=dict(frozen.params),
             trial_dir=Path(str(frozen.user_attrs.get("artifact_dir", ""))),
+            probe_only=Hyperparameters.from_storage(
+                frozen.user_attrs.get("hyperparameters", {})
+            ).probe_only,
         )
 
     # ---- following ---------------------------------------------------------------------
@@ -412,9 +416,14 @@ class TrialLifecycle:
                             last_refusal=scored.last_refusal,
                         ),
                     )
-                    if epoch.index not in reported:
+                    if run.probe_only:
+                        # A frozen pass is no epoch of training: reported to the pruner, it
+                        # would set the bar a trained trial's first epoch must clear (on
+                        # banking77-LT that pruned 13 of a study's first 16 trials).
+                        pass
+                    elif epoch.index not in reported:
                         await self._store.run(trial.report, evaluation.objective, epoch.index)
-                    if await self._store.run(trial.should_prune):
+                    if not run.probe_only and await self._store.run(trial.should_prune):
                         await self._trainers.cancel(run.address, run.job_id)
                         await self._store.run(
                             study.tell, number, state=optuna.trial.TrialState.PRUNED

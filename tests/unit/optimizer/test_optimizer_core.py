@@ -667,6 +667,9 @@ async def test_the_floor_runs_once_outside_the_sampler(tmp_path: Path, data: Pat
     # The sampler was never offered the probe-only point: it cannot learn to repeat it.
     frozen = (await optimizer.store.study("mixed")).trials
     assert frozen[0].params == {}
+    # Nor does the pruner see it: a frozen pass is no first epoch for trained trials to clear.
+    assert frozen[0].intermediate_values == {} and frozen[0].value == 0.8
+    assert all(t.intermediate_values for t in frozen[1:])
     assert all(
         0 not in t.distributions["num_epochs"].choices  # type: ignore[attr-defined]
         for t in frozen
