@@ -76,15 +76,15 @@ def main() -> None:
         rows.append((seed, r, floor_test, selected_test, published_test, seconds, study))
         print(f"seed {seed} done in {seconds:.0f} s: {r}", flush=True)
     print(
-        "\nseed | floor val/test | default val | selected # val/test | optimism | noise, "
-        "exp. optimism | published # test (tail, head) | trials (ran, reused) | seconds"
+        "\nseed | floor val/test | default val | selected # val/test | optimism | noise, exp. "
+        "optimism (candidates) | published # test (tail, head) | trials (ran, reused) | seconds"
     )
     for seed, r, floor, selected, published, seconds, study in rows:
         print(
             f"{seed} | {r.floor_objective:.4f} / {floor.macro_f1:.4f} | "
             f"{r.default_objective:.4f} | #{r.selected_trial} {r.selected_objective:.4f} / "
             f"{selected.macro_f1:.4f} | {r.selected_objective - selected.macro_f1:+.4f} | "
-            f"{r.noise:.4f}, {r.expected_optimism:.4f} | #{r.published_trial} "
+            f"{r.noise:.4f}, {r.expected_optimism:.4f} ({r.candidates}) | #{r.published_trial} "
             f"{published.macro_f1:.4f} ({published.tail_f1:.4f}, {published.head_f1:.4f}) | "
             f"{study.trials_complete + study.trials_pruned} ran, {study.trials_reused} reused | "
             f"{seconds:.0f}"

@@ -219,8 +219,8 @@ def report_lines(study: optimizer_pb2.Study) -> list[str]:
     )
     if r.HasField("noise"):
         selected += (
-            f" (noise ±{r.noise:.4f}; the best of {r.trials_compared} is ahead by "
-            f"~{r.expected_optimism:.4f} by chance)"
+            f" (noise ±{r.noise:.4f}; the best of {r.candidates or r.trials_compared} "
+            f"evaluations is ahead by ~{r.expected_optimism:.4f} by chance)"
         )
     lines.append(selected)
     is_floor = r.HasField("floor_trial") and r.published_trial == r.floor_trial

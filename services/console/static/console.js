@@ -332,7 +332,7 @@ function reportRows(study) {
   if (typeof r.floor_trial === "number") rows.push(row("floor (probe only)", `#${r.floor_trial}: ${num(r.floor_objective)}`));
   if (typeof r.default_trial === "number") rows.push(row("default trial", `#${r.default_trial}: ${num(r.default_objective)}`));
   let selected = `#${r.selected_trial || 0}: ${num(r.selected_objective)} (best of ${r.trials_compared || 0})`;
-  if (typeof r.noise === "number") selected += `, noise ±${num(r.noise)}, ahead by ~${num(r.expected_optimism)} by chance`;
+  if (typeof r.noise === "number") selected += `, noise ±${num(r.noise)}; the best of ${r.candidates || r.trials_compared || 0} evaluations is ahead by ~${num(r.expected_optimism)} by chance`;
   rows.push(row("selected", selected));
   const floor = typeof r.floor_trial === "number" && (r.published_trial || 0) === r.floor_trial;
   rows.push(row("published", `#${r.published_trial || 0}${floor ? " (the floor)" : ""}`, { id: "study-published" }));

@@ -54,13 +54,17 @@ class SelectionReport:
     selected_trial: int  # the best validation objective
     selected_value: float
     published_trial: int  # the selected trial, or the floor when its gain is within noise
-    trials_compared: int  # COMPLETE trials that ran their own job (the m of the maximum)
+    trials_compared: int  # COMPLETE trials that ran their own job
     floor_trial: int | None = None
     floor_value: float | None = None
     default_trial: int | None = None
     default_value: float | None = None
     noise: float | None = None  # bootstrap SD of (selected - floor) on validation
-    expected_optimism: float | None = None  # noise x E[max of trials_compared normals]
+    expected_optimism: float | None = None  # noise x E[max of `candidates` normals]
+    # Evaluations the selection chose among (the m of the maximum): every evaluated epoch of
+    # every trial that ran its own job, pruned ones included (each trial keeps its best
+    # epoch, and a pruned trial was a candidate that lost).
+    candidates: int = 0
     warning: str = ""
     # Each base's floor: (base model, trial, validation objective); the floor is the best.
     floors: tuple[tuple[str, int, float], ...] = ()
@@ -75,6 +79,7 @@ class SelectionReport:
             "selected_trial": self.selected_trial,
             "selected_value": self.selected_value,
             "trials_compared": self.trials_compared,
+            "candidates": self.candidates,
             "noise": self.noise,
             "expected_optimism": self.expected_optimism,
             "published_trial": self.published_trial,
@@ -145,6 +150,7 @@ def select(
     *,
     floor: int | None,
     default: int | None,
+    candidates: int = 0,
 ) -> SelectionReport:
     """The report of a study's COMPLETE trials (those that ran their own job).
 
@@ -166,6 +172,7 @@ def select(
         selected_value=best.value,
         published_trial=best.number,
         trials_compared=len(complete),
+        candidates=max(candidates, len(complete)),
         floor_trial=None if floor_trial is None else floor_trial.number,
         floor_value=None if floor_trial is None else floor_trial.value,
         default_trial=None if default_trial is None else default_trial.number,
@@ -180,7 +187,8 @@ def select(
             "could not be measured",
         )
     noise = bootstrap_noise(best.predictions, floor_trial.predictions, references)
-    factor = expected_max_of_normals(len(complete))
+    m = max(candidates, len(complete))
+    factor = expected_max_of_normals(m)
     optimism = noise * factor
     gain = best.value - floor_trial.value
     if gain > optimism:
@@ -193,7 +201,7 @@ def select(
         warning=(
             f"the best trial (#{best.number}, {best.value:.4f}) beats the floor "
             f"(#{floor_trial.number}, {floor_trial.value:.4f}) by {gain:.4f} on validation, "
-            f"no more than the best of {len(complete)} trials gains by chance "
+            f"no more than the best of {m} evaluations gains by chance "
             f"({optimism:.4f} = noise {noise:.4f} x {factor:.2f}): the floor was published"
         ),
     )
@@ -211,6 +219,14 @@ def selection_report(trials: Sequence[optuna.trial.FrozenTrial]) -> SelectionRep
     ]
     if not complete:
         return None
+    # Every evaluation the selection chose among: each evaluated epoch of each trial that ran
+    # its own job (COMPLETE or PRUNED; the floor's one pass included).
+    candidates = sum(
+        max(1, len(t.user_attrs.get("epochs", [])))
+        for t in trials
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        and "same_as" not in t.user_attrs
+    )
     references: list[int] | None = None
     scores = []
     for trial in complete:
@@ -233,6 +249,7 @@ def selection_report(trials: Sequence[optuna.trial.FrozenTrial]) -> SelectionRep
         references,
         floor=None if best_floor is None else best_floor.number,
         default=defaults[0].number if defaults else None,
+        candidates=candidates,
     )
     return replace(
         report,

@@ -22,6 +22,7 @@ def test_a_floor_published_over_a_best_within_noise_says_so() -> None:
             selected_trial=7,
             selected_objective=0.8661,
             trials_compared=14,
+            candidates=31,
             noise=0.0061,
             expected_optimism=0.0102,
             published_trial=0,
@@ -32,7 +33,8 @@ def test_a_floor_published_over_a_best_within_noise_says_so() -> None:
     assert "no test data was read" in lines[0]
     assert "floor (probe only), trial 0: 0.8579" in text
     assert "default trial 1: 0.8545" in text
-    assert "best of 14: trial 7: 0.8661 (noise ±0.0061" in text and "~0.0102 by chance" in text
+    assert "best of 14: trial 7: 0.8661 (noise ±0.0061" in text
+    assert "the best of 31 evaluations is ahead by ~0.0102 by chance" in text
     assert "published: trial 0 (the floor)" in text
     assert "the floor was published" in lines[-1]
 

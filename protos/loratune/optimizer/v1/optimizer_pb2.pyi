@@ -765,8 +765,8 @@ class StudyReport(_message.Message):
     """A completed study's account of its selection. The noise is measured on the study's own
     validation predictions (no test data): the standard deviation of the selected trial's
     objective minus the floor's over class-stratified bootstrap resamples of the validation
-    rows. The best of `trials_compared` noisy scores is ahead by about noise x E[max of that
-    many standard normals] by chance alone (`expected_optimism`); the selected trial is
+    rows. The best of `candidates` noisy scores is ahead by about noise x E[max of that many
+    standard normals] by chance alone (`expected_optimism`); the selected trial is
     published only when it beats the floor by more than that, else the floor is, and
     `warning` says so.
     """
@@ -785,6 +785,7 @@ class StudyReport(_message.Message):
     PUBLISHED_TRIAL_FIELD_NUMBER: _builtins.int
     WARNING_FIELD_NUMBER: _builtins.int
     FLOORS_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
     floor_trial: _builtins.int
     """The floor: the probe-only trial (a class-balanced logistic regression on the frozen
     features, its C by cross-validation); absent when the space has no 0-epoch point.
@@ -808,12 +809,17 @@ class StudyReport(_message.Message):
     floor, or when the floor was the best.
     """
     expected_optimism: _builtins.float
-    """noise x E[max of trials_compared standard normals]."""
+    """noise x E[max of `candidates` standard normals]."""
     published_trial: _builtins.int
     """The trial whose adapter was published (best_model_dir)."""
     warning: _builtins.str
     """Set when the floor was published in place of the selected trial, or the noise could
     not be measured; in plain words.
+    """
+    candidates: _builtins.int
+    """Evaluations the selection chose among: every evaluated epoch of every trial that ran its
+    own job, pruned ones included (a trial keeps its best epoch; a pruned trial was a
+    candidate that lost).
     """
     @_builtins.property
     def floors(self) -> _containers.RepeatedCompositeFieldContainer[Global___BaseFloor]:
@@ -836,10 +842,11 @@ class StudyReport(_message.Message):
         published_trial: _builtins.int = ...,
         warning: _builtins.str = ...,
         floors: _abc.Iterable[Global___BaseFloor] | None = ...,
+        candidates: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_default_objective", b"_default_objective", "_default_trial", b"_default_trial", "_expected_optimism", b"_expected_optimism", "_floor_objective", b"_floor_objective", "_floor_trial", b"_floor_trial", "_noise", b"_noise", "default_objective", b"default_objective", "default_trial", b"default_trial", "expected_optimism", b"expected_optimism", "floor_objective", b"floor_objective", "floor_trial", b"floor_trial", "noise", b"noise"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_objective", b"_default_objective", "_default_trial", b"_default_trial", "_expected_optimism", b"_expected_optimism", "_floor_objective", b"_floor_objective", "_floor_trial", b"_floor_trial", "_noise", b"_noise", "default_objective", b"default_objective", "default_trial", b"default_trial", "expected_optimism", b"expected_optimism", "floor_objective", b"floor_objective", "floor_trial", b"floor_trial", "floors", b"floors", "noise", b"noise", "published_trial", b"published_trial", "selected_objective", b"selected_objective", "selected_trial", b"selected_trial", "trials_compared", b"trials_compared", "warning", b"warning"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_objective", b"_default_objective", "_default_trial", b"_default_trial", "_expected_optimism", b"_expected_optimism", "_floor_objective", b"_floor_objective", "_floor_trial", b"_floor_trial", "_noise", b"_noise", "candidates", b"candidates", "default_objective", b"default_objective", "default_trial", b"default_trial", "expected_optimism", b"expected_optimism", "floor_objective", b"floor_objective", "floor_trial", b"floor_trial", "floors", b"floors", "noise", b"noise", "published_trial", b"published_trial", "selected_objective", b"selected_objective", "selected_trial", b"selected_trial", "trials_compared", b"trials_compared", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__default_objective: _TypeAlias = _typing.Literal["default_objective"]  # noqa: Y015
     _WhichOneofArgType__default_objective: _TypeAlias = _typing.Literal["_default_objective", b"_default_objective"]  # noqa: Y015
