@@ -187,13 +187,17 @@ async def run_study(
         [optimizer_definition(optimizer, channels)], common, host="127.0.0.1", metrics_port=None
     )
     study_id = f"{search.name}-seed{seed}"
+    bases = list(getattr(args, "base_models", None) or [packaged_minilm_path()])
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = optimizer_pb2_grpc.OptimizerServiceStub(channel)
             request = optimizer_pb2.CreateStudyRequest(
                 study_name=study_id,
                 fine_tuning_params=optimizer_pb2.FineTuningParams(
-                    base_model_name=packaged_minilm_path(), n_trials=args.trials
+                    base_model_name=bases[0],
+                    base_model_names=bases[1:],
+                    n_trials=args.trials,
+                    time_budget_seconds=getattr(args, "time_budget", 0) or 0,
                 ),
                 dataset=common_pb2.DatasetSpec(
                     uri=str(data.train_path),

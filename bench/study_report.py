@@ -13,10 +13,12 @@ published one is one of them), the optimism (selected validation minus its test)
 study's seconds. Then scikit-learn's balanced logistic regression on the same frozen
 features with its C by 5-fold cross-validation on the training rows, once.
 
-test.csv is read 2 times per seed (floor, selected) and once for the baseline.
+test.csv is read 2 times per seed (floor, selected), a third when the study published the
+ensemble of its bases' best trials, and once per base for the baseline.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/study_report.py --seeds 11 --split-seed 7
         [--trials 20] [--threads 1] [--max-seq-length 64] [--no-baseline]
+        [--base-model PATH ...] [--time-budget 90m]
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import hpo_quality  # noqa: E402
 import longtail_protocol as protocol  # noqa: E402
 
+from services.common.durations import parse_duration  # noqa: E402
 from services.evaluator.core.bertscore import packaged_minilm_path  # noqa: E402
 
 
@@ -48,6 +51,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-seq-length", type=int, default=64)
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument(
+        "--base-model",
+        dest="base_models",
+        action="append",
+        default=None,
+        help="a base model of the study, repeated for several (default: the packaged "
+        "all-MiniLM-L6-v2); `make models` puts all-mpnet-base-v2 in models/",
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=parse_duration,
+        default=0,
+        help="the study's time budget (90m, 1h30m; default none: --trials decides)",
+    )
     args = parser.parse_args()
     args.default_space = True
     import torch
@@ -72,7 +89,13 @@ def main() -> None:
             if r.HasField("floor_trial") and r.floor_trial != r.selected_trial
             else selected_test
         )
-        published_test = floor_test if r.published_trial == r.floor_trial else selected_test
+        if r.ensemble_published:
+            # The published folder: the ensemble of each base's best trial.
+            published_test = protocol.score_adapter(study.best_model_dir, data, length)
+        elif r.published_trial == r.floor_trial:
+            published_test = floor_test
+        else:
+            published_test = selected_test
         rows.append((seed, r, floor_test, selected_test, published_test, seconds, study))
         print(f"seed {seed} done in {seconds:.0f} s: {r}", flush=True)
     print(
@@ -89,13 +112,22 @@ def main() -> None:
             f"{study.trials_complete + study.trials_pruned} ran, {study.trials_reused} reused | "
             f"{seconds:.0f}"
         )
+        for floor in r.floors if len(r.floors) > 1 else ():
+            print(f"  floor of {floor.base_model}: #{floor.trial} {floor.objective:.4f}")
+        if r.ensemble_trials:
+            print(
+                f"  ensemble of {', '.join(f'#{n}' for n in r.ensemble_trials)}: validation "
+                f"macro-F1 {r.ensemble_objective:.4f} (selected {r.selected_macro_f1:.4f}), "
+                f"{'published' if r.ensemble_published else 'not published'}"
+            )
         if r.warning:
             print(f"  {r.warning}")
     if not args.no_baseline:
         from banking77_longtail import run_baseline
 
-        baseline = run_baseline(str(packaged_minilm_path()), data, args.max_seq_length, "cv")
-        print(f"\n{baseline.summary()}\n{baseline.note}")
+        for base in args.base_models or [str(packaged_minilm_path())]:
+            baseline = run_baseline(base, data, args.max_seq_length, "cv")
+            print(f"\n{base}: {baseline.summary()}\n{baseline.note}")
 
 
 if __name__ == "__main__":

@@ -223,8 +223,22 @@ def report_lines(study: optimizer_pb2.Study) -> list[str]:
             f"evaluations is ahead by ~{r.expected_optimism:.4f} by chance)"
         )
     lines.append(selected)
+    if r.ensemble_trials:
+        trials = ", ".join(str(n) for n in r.ensemble_trials)
+        compared = (
+            f" against the selected trial's {r.selected_macro_f1:.4f}"
+            if r.HasField("selected_macro_f1")
+            else ""
+        )
+        lines.append(
+            f"  ensemble of each base's best (trials {trials}): macro-F1 "
+            f"{r.ensemble_objective:.4f}{compared}"
+        )
     is_floor = r.HasField("floor_trial") and r.published_trial == r.floor_trial
-    lines.append(f"published: trial {r.published_trial}" + (" (the floor)" if is_floor else ""))
+    if r.ensemble_published:
+        lines.append(f"published: the ensemble of trials {', '.join(map(str, r.ensemble_trials))}")
+    else:
+        lines.append(f"published: trial {r.published_trial}" + (" (the floor)" if is_floor else ""))
     if r.warning:
         lines.append(f"[yellow]warning:[/yellow] {r.warning}")
     return lines

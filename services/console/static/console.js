@@ -334,8 +334,16 @@ function reportRows(study) {
   let selected = `#${r.selected_trial || 0}: ${num(r.selected_objective)} (best of ${r.trials_compared || 0})`;
   if (typeof r.noise === "number") selected += `, noise ±${num(r.noise)}; the best of ${r.candidates || r.trials_compared || 0} evaluations is ahead by ~${num(r.expected_optimism)} by chance`;
   rows.push(row("selected", selected));
+  const members = r.ensemble_trials || [];
+  if (members.length) {
+    const compared = typeof r.selected_macro_f1 === "number" ? ` against the selected trial's ${num(r.selected_macro_f1)}` : "";
+    rows.push(row("ensemble", `each base's best (${members.map((n) => `#${n}`).join(", ")}): macro-F1 ${num(r.ensemble_objective)}${compared}`));
+  }
   const floor = typeof r.floor_trial === "number" && (r.published_trial || 0) === r.floor_trial;
-  rows.push(row("published", `#${r.published_trial || 0}${floor ? " (the floor)" : ""}`, { id: "study-published" }));
+  const published = r.ensemble_published
+    ? `the ensemble of ${members.map((n) => `#${n}`).join(", ")}`
+    : `#${r.published_trial || 0}${floor ? " (the floor)" : ""}`;
+  rows.push(row("published", published, { id: "study-published" }));
   if (r.warning) rows.push(row("warning", r.warning, { class: "error", id: "study-warning" }));
   return rows;
 }

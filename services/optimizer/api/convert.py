@@ -300,6 +300,7 @@ _REPORT_FIELDS = {
     "floor_value": "floor_objective",
     "default_value": "default_objective",
     "selected_value": "selected_objective",
+    "ensemble_value": "ensemble_objective",
 }
 
 

@@ -460,18 +460,30 @@ class Optimizer:
         if report is not None:
             published = next(t for t in trials if t.number == report.published_trial)
             source = Path(str(published.user_attrs.get("artifact_dir", "")))
+            models_root = self._options.artifact_root / "models"
             if source.is_dir():
-                target = await self.store.run(
-                    results.publish_best, source, self._options.artifact_root / "models", study_id
-                )
+                if report.ensemble_published:
+                    folders = {
+                        t.number: Path(str(t.user_attrs.get("artifact_dir", ""))) for t in trials
+                    }
+                    members = [(n, folders[n]) for n in report.ensemble_trials]
+                    target = await self.store.run(
+                        results.publish_ensemble, members, models_root, study_id
+                    )
+                else:
+                    target = await self.store.run(
+                        results.publish_best, source, models_root, study_id
+                    )
                 best_dir = str(target)
                 summary = await self._summary(study_id, published.number, report)
                 await self.store.run(results.write_study_summary, target, summary)
             record = await self.store.record(study_id)
             logger.info(
-                "study %s completed: published trial %d, %s=%.4f, to %s",
+                "study %s completed: published %s, %s=%.4f, to %s",
                 study_id,
-                published.number,
+                f"the ensemble of trials {', '.join(map(str, report.ensemble_trials))}"
+                if report.ensemble_published
+                else f"trial {published.number}",
                 record.spec.objective_name,
                 published.value or 0.0,
                 best_dir,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.common.ensembles import EnsembleManifest, write_manifest
 from services.optimizer.core.ports import Evaluation
 from services.optimizer.core.views import EVALUATION_FILE
 
@@ -174,6 +175,32 @@ def publish_best(trial_dir: Path, models_root: Path, run_name: str) -> Path:
         # The adapter, its configs and records, and the tokenizer's files; not the logs.
         if path.is_file():
             shutil.copy2(path, staging / path.name)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.replace(target)
+    return target
+
+
+def publish_ensemble(members: Sequence[tuple[int, Path]], models_root: Path, run_name: str) -> Path:
+    """Publishes an ensemble to `<models_root>/<run_name>/`: `ensemble.json` and one
+    `trial-<n>/` folder per member (its adapter and records, as publish_best copies them),
+    in the given order (the best member first)."""
+    target = models_root / run_name
+    staging = models_root / f".{run_name}.staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    names = []
+    for number, source in members:
+        name = f"trial-{number}"
+        (staging / name).mkdir()
+        for path in source.iterdir():
+            if path.is_file():
+                shutil.copy2(path, staging / name / path.name)
+        names.append(name)
+    write_manifest(
+        staging, EnsembleManifest(members=tuple(names), trials=tuple(n for n, _ in members))
+    )
     if target.exists():
         shutil.rmtree(target)
     staging.replace(target)

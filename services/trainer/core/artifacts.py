@@ -20,6 +20,13 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from services.common.ensembles import (
+    ENSEMBLE_FILE,
+    MAX_SCORE_CELLS,
+    SCORES_KEY,
+    VALIDATION_SCORES_FILE,
+    read_manifest,
+)
 from services.common.errors import InvalidArgument
 from services.trainer.core.adjust import folded, log_prior
 from services.trainer.core.gguf import resolve_gguf
@@ -49,11 +56,13 @@ __all__ = [
     "LOGS_DIR",
     "TRAINING_CONFIG_FILE",
     "LoadedAdapter",
+    "LoadedEnsemble",
     "TensorBoardLogger",
     "check_output_dir",
     "epoch_dir",
     "library_versions",
     "load_adapter_for_inference",
+    "load_single_adapter",
     "predict_labels",
     "save_artifacts",
 ]
@@ -189,6 +198,7 @@ def save_artifacts(
     _write_json(out_dir / TRAINING_CONFIG_FILE, config)
     if data.task is Task.CLASSIFICATION and data.stats is not None:
         _write_json(out_dir / CLASS_WEIGHTS_FILE, _class_weights_document(data.stats))
+    _save_validation_scores(result, out_dir)
     logger.info("saved adapter of job %s to %s", spec.job_id, out_dir)
     return out_dir
 
@@ -271,7 +281,46 @@ class LoadedAdapter(NamedTuple):
     group_head: GroupHead | None = None
 
 
+class LoadedEnsemble(NamedTuple):
+    """Saved adapters that predict together: the argmax of their mean log-probabilities
+    (a study's published ensemble, services/common/ensembles.py)."""
+
+    members: tuple[LoadedAdapter, ...]
+    labels: tuple[str, ...]
+    task: Task
+    trials: tuple[int, ...] = ()  # the study's trial numbers of the members, when known
+
+
 def load_adapter_for_inference(
+    adapter_dir: Path | str, device: torch.device | str | None = None
+) -> LoadedAdapter | LoadedEnsemble:
+    """A saved adapter, or a saved ensemble of adapters, ready to predict.
+
+    A folder with `ensemble.json` is an ensemble: each member sub-folder is loaded as below
+    and a `LoadedEnsemble` returned (its members must share one label set).
+    """
+    folder = Path(adapter_dir)
+    try:
+        manifest = read_manifest(folder)
+    except (OSError, ValueError) as err:
+        raise InvalidArgument(
+            f"{folder / ENSEMBLE_FILE} cannot be read: {err}", field="adapter_dir"
+        ) from err
+    if manifest is None:
+        return load_single_adapter(folder, device)
+    members = tuple(load_single_adapter(folder / name, device) for name in manifest.members)
+    labels, task = members[0].labels, members[0].task
+    if task is not Task.CLASSIFICATION or any(
+        m.labels != labels or m.task is not task for m in members
+    ):
+        raise InvalidArgument(
+            f"the members of the ensemble in {folder} are not classifiers of one label set",
+            field="adapter_dir",
+        )
+    return LoadedEnsemble(members=members, labels=labels, task=task, trials=manifest.trials)
+
+
+def load_single_adapter(
     adapter_dir: Path | str, device: torch.device | str | None = None
 ) -> LoadedAdapter:
     """Load the base named in `training_config.json` with the saved adapter (and head).
@@ -333,24 +382,40 @@ def load_adapter_for_inference(
 
 
 def predict_labels(
-    loaded: LoadedAdapter,
+    loaded: LoadedAdapter | LoadedEnsemble,
     texts: Sequence[str],
     *,
     max_length: int = 512,
     batch_size: int = 16,
 ) -> list[str]:
-    """Label names a saved classification adapter predicts for `texts`.
+    """Label names a saved classification adapter (or ensemble) predicts for `texts`.
 
     With a group head (hierarchical codes) each code scores
     log_softmax(code logits)[code] + log_softmax(group logits)[group(code)], as the
-    evaluation scored it; the argmax is the prediction.
+    evaluation scored it; the argmax is the prediction. An ensemble predicts the argmax of
+    its members' mean log-probabilities.
     """
     if loaded.task is not Task.CLASSIFICATION:
         raise InvalidArgument("the adapter was trained for generation", field="adapter_dir")
+    if isinstance(loaded, LoadedEnsemble):
+        total = sum(
+            torch.log_softmax(_class_scores(m, texts, max_length, batch_size), dim=-1)
+            for m in loaded.members
+        )
+        assert isinstance(total, torch.Tensor)
+        return [loaded.labels[i] for i in total.argmax(-1).tolist()]
+    scores = _class_scores(loaded, texts, max_length, batch_size)
+    return [loaded.labels[i] for i in scores.argmax(-1).tolist()]
+
+
+def _class_scores(
+    loaded: LoadedAdapter, texts: Sequence[str], max_length: int, batch_size: int
+) -> torch.Tensor:
+    """(rows, classes) float32 scores of `texts`: the logits, or a group head's scores."""
     model, tokenizer = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
     dtype = autocast_dtype(device)
-    predictions: list[str] = []
+    scores = torch.zeros(len(texts), len(loaded.labels))
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
             encoded = tokenizer(
@@ -368,8 +433,8 @@ def predict_labels(
                 ).logits
                 if loaded.group_head is not None:
                     logits = loaded.group_head.scores(logits)
-            predictions.extend(loaded.labels[i] for i in logits.argmax(-1).tolist())
-    return predictions
+            scores[start : start + len(rows)] = logits.float().cpu()
+    return scores
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -403,6 +468,19 @@ def _posthoc_offsets(
         return None, None
     head = final_linear(prepared.model, len(prepared.labels))
     return head, -tau * log_prior(data.stats.counts, prepared.labels)
+
+
+def _save_validation_scores(result: LoopResult, out_dir: Path) -> None:
+    """The evaluation's log-probabilities beside the adapter they came from (for the study's
+    ensemble); an earlier run's are removed when this one has none or too many."""
+    path = out_dir / VALIDATION_SCORES_FILE
+    scores = result.last_eval.scores if result.last_eval is not None else None
+    if scores is None or scores.numel() > MAX_SCORE_CELLS:
+        path.unlink(missing_ok=True)
+        return
+    from safetensors.torch import save_file
+
+    save_file({SCORES_KEY: scores.detach().to("cpu", torch.float16).contiguous()}, str(path))
 
 
 def _match_head_dtype(model: PeftModel, task: Task) -> None:

@@ -702,9 +702,11 @@ def _evaluate(
                 labels = prepared.labels
                 predictions = [labels[i] for i in logits.argmax(-1).tolist()]
                 tau = 0.0
+                adjusted = logits
                 if posthoc_adjustable(prepared, data, spec) and data.stats is not None:
                     prior = log_prior(data.stats.counts, labels)
                     tau, predictions = choose_tau(logits, prior, references, labels)
+                    adjusted = logits - tau * prior
                 return EvaluationEvent(
                     epoch=float(epoch),
                     step=step,
@@ -713,6 +715,7 @@ def _evaluate(
                     references=references,
                     labels=list(data.labels),
                     posthoc_tau=tau,
+                    scores=torch.log_softmax(adjusted.float(), dim=-1).half(),
                 )
             eval_loss = _generation_loss(prepared, rows, batch_size, ctx, amp)
             outputs = _generate(prepared, rows, batch_size, spec.max_new_tokens, ctx, amp)

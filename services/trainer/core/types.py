@@ -283,6 +283,10 @@ class EvaluationEvent:
     labels: Sequence[str] = ()
     adapter_dir: str = ""  # where this epoch's adapter was saved ("" = not saved)
     posthoc_tau: float = 0.0  # the post-hoc logit adjustment the predictions were made with
+    # Classification: each row's class log-probabilities (a float16 torch tensor, rows in
+    # validation order, after the post-hoc adjustment), saved beside the epoch's adapter
+    # for the study's ensemble (services/common/ensembles.py); never sent over gRPC.
+    scores: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -61,3 +61,24 @@ def test_several_bases_list_each_floor() -> None:
     assert "floor of org/small, trial 0: 0.8500" in text
     assert "floor of org/large, trial 1: 0.8800" in text
     assert "published: trial 9" in text and "(the floor)" not in text
+
+
+def test_a_published_ensemble_names_its_members_and_what_it_was_compared_with() -> None:
+    lines = report_lines(
+        _study(
+            floor_trial=1,
+            floor_objective=0.8664,
+            selected_trial=1,
+            selected_objective=0.8664,
+            trials_compared=6,
+            published_trial=1,
+            ensemble_trials=[1, 0],
+            ensemble_objective=0.8721,
+            selected_macro_f1=0.8664,
+            ensemble_published=True,
+        )
+    )
+    text = "\n".join(lines)
+    assert "ensemble of each base's best (trials 1, 0): macro-F1 0.8721" in text
+    assert "against the selected trial's 0.8664" in text
+    assert "published: the ensemble of trials 1, 0" in text

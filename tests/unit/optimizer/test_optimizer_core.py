@@ -14,6 +14,7 @@ import pytest
 from loratune.common.v1 import common_pb2
 from loratune.optimizer.v1 import optimizer_pb2
 from services.common.defaults import TrainingDefaults
+from services.common.ensembles import ENSEMBLE_FILE, SCORES_KEY, VALIDATION_SCORES_FILE
 from services.common.errors import (
     FailedPrecondition,
     Internal,
@@ -760,6 +761,7 @@ class ClassifyingTrainers(FakeTrainers):
         folder = Path(request.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "adapter_model.safetensors").write_text(f"trial {number}")
+        self._save_scores(folder, predictions)
         yield JobEvaluation(
             epoch=1,
             step=1,
@@ -770,6 +772,20 @@ class ClassifyingTrainers(FakeTrainers):
             adapter_dir=str(folder),
         )
         yield JobCompleted(artifact_dir=str(folder))
+
+    def _save_scores(self, folder: Path, predictions: list[str]) -> None:
+        """The trainer's validation log-probabilities: confident where right, and where
+        wrong only just ahead of the right class."""
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        logits = np.zeros((len(predictions), len(self.LABELS)), dtype=np.float32)
+        for row, (p, r) in enumerate(zip(predictions, self.references, strict=True)):
+            logits[row, self.LABELS.index(r)] = 4.0 if p == r else 1.0
+            if p != r:
+                logits[row, self.LABELS.index(p)] = 1.5
+        log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        save_file({SCORES_KEY: log_probs.astype(np.float16)}, str(folder / VALIDATION_SCORES_FILE))
 
 
 class MacroF1Evaluator(FakeEvaluator):
@@ -857,6 +873,19 @@ async def test_a_study_of_several_bases_runs_each_floor_first_and_searches_the_b
     for t in trials:
         if t.HasField("same_as"):
             assert trials[t.same_as].base_model == t.base_model
+    # The bases err on different rows: their best trials together predict validation
+    # better than either, and the ensemble is what was published.
+    report = study.report
+    assert len(report.ensemble_trials) == 2
+    assert {trials[n].base_model for n in report.ensemble_trials} == {"org/small", "org/large"}
+    assert report.ensemble_objective > report.selected_macro_f1
+    assert report.ensemble_published and report.published_trial == report.ensemble_trials[0]
+    published = Path(study.best_model_dir)
+    manifest = json.loads((published / ENSEMBLE_FILE).read_text())
+    assert manifest["trials"] == list(report.ensemble_trials)
+    for name in manifest["members"]:
+        assert (published / name / "adapter_model.safetensors").is_file()
+    assert json.loads((published / "study.json").read_text())["report"]["ensemble_published"]
 
 
 async def test_a_bad_extra_base_is_refused_naming_it(tmp_path: Path, data: Path) -> None:

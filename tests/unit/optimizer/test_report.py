@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from sklearn.metrics import f1_score
@@ -9,6 +11,7 @@ from sklearn.metrics import f1_score
 from services.optimizer.core.report import (
     TrialScore,
     bootstrap_noise,
+    ensemble,
     expected_max_of_normals,
     macro_f1,
     select,
@@ -101,3 +104,77 @@ def test_without_a_floor_or_predictions_the_best_is_published_and_the_report_say
     # The floor itself the best: nothing to compare.
     top = select([b, a], references.tolist(), floor=1, default=None)
     assert top.published_trial == 1 and top.noise is None and not top.warning
+
+
+def _member(
+    number: int, base: str, right: np.ndarray, references: np.ndarray, classes: int = 12
+) -> TrialScore:
+    """A trial confident where it is right and hesitant where it is wrong (the right class
+    its close second): the log-probabilities a calibrated classifier saves."""
+    wrong = (references + 1) % classes
+    logits = np.zeros((len(references), classes))
+    rows = np.arange(len(references))
+    logits[rows, references] = np.where(right, 4.0, 1.0)
+    logits[rows, wrong] = np.where(right, 0.0, 1.5)
+    scores = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    predictions = scores.argmax(axis=1)
+    value = float(macro_f1(predictions, references, classes)[0])
+    return TrialScore(number, value, predictions.tolist(), base_model=base, scores=scores)
+
+
+def test_bases_that_err_on_different_rows_publish_their_ensemble() -> None:
+    references = _labels(21, per_class=20)
+    rng = np.random.default_rng(22)
+    trials = [
+        _member(0, "small", rng.random(len(references)) < 0.70, references),  # floors
+        _member(1, "large", rng.random(len(references)) < 0.72, references),
+        _member(2, "small", rng.random(len(references)) < 0.60, references),
+        _member(3, "large", rng.random(len(references)) < 0.75, references),
+    ]
+    picked = select(trials, references.tolist(), floor=1, default=2, candidates=4)
+    report = ensemble(picked, trials, references.tolist())
+    # Each base's best, the best first.
+    assert report.ensemble_trials == (3, 0)
+    assert report.ensemble_value is not None and report.selected_macro_f1 is not None
+    assert report.ensemble_value > report.selected_macro_f1 + 0.1  # errors on other rows
+    assert report.ensemble_published and report.published_trial == 3
+    assert report.to_json()["ensemble_trials"] == [3, 0]
+
+
+def test_an_ensemble_that_does_not_predict_better_is_reported_not_published() -> None:
+    references = _labels(23, per_class=20)
+    right = np.random.default_rng(24).random(len(references)) < 0.8
+    twins = [_member(0, "small", right, references), _member(1, "large", right, references)]
+    picked = select(twins, references.tolist(), floor=0, default=None)
+    report = ensemble(picked, twins, references.tolist())
+    assert report.ensemble_trials == (0, 1) and report.ensemble_value == report.selected_macro_f1
+    assert not report.ensemble_published and report.published_trial == 0
+
+
+def test_one_base_or_unrecorded_scores_leave_the_report_as_it_was() -> None:
+    references = _labels(25, per_class=20)
+    rng = np.random.default_rng(26)
+    one_base = [_member(n, "small", rng.random(len(references)) < 0.7, references) for n in (0, 1)]
+    picked = select(one_base, references.tolist(), floor=0, default=None)
+    assert ensemble(picked, one_base, references.tolist()) == picked
+    blind = [one_base[0], replace(one_base[1], base_model="large", scores=None)]
+    picked = select(blind, references.tolist(), floor=0, default=None)
+    assert ensemble(picked, blind, references.tolist()) == picked
+
+
+def test_an_ensemble_must_beat_the_floor_by_more_than_the_noise() -> None:
+    # Two bases barely apart, many candidates: the gain over the floor is within the
+    # expected optimism, so the floor stays published even though the ensemble is ahead.
+    references = _labels(27, per_class=10)
+    rng = np.random.default_rng(28)
+    base_right = rng.random(len(references)) < 0.8
+    other = base_right.copy()
+    flip = rng.choice(len(references), 4, replace=False)
+    other[flip] = ~other[flip]
+    trials = [_member(0, "small", base_right, references), _member(1, "large", other, references)]
+    picked = select(trials, references.tolist(), floor=0, default=None, candidates=200)
+    report = ensemble(picked, trials, references.tolist())
+    assert report.ensemble_value is not None and report.selected_macro_f1 is not None
+    assert report.ensemble_value > report.selected_macro_f1
+    assert report.ensemble_trials and not report.ensemble_published
+    assert report.published_trial == picked.published_trial

@@ -90,6 +90,23 @@ def test_a_head_of_another_size_is_replaced_once_and_logged(
     assert head is not None and head.out_features == 4
 
 
+def test_a_fresh_composite_head_passes_the_pooled_features_to_its_output_layer(
+    tmp_path: Path,
+) -> None:
+    # RoBERTa's head is dense -> tanh -> out_proj: the dense layer starts as the identity,
+    # so the probe fits out_proj on (tanh of) the pooled features, not on a random
+    # projection of them; the output layer starts random, as transformers starts it.
+    folder = _checkpoint(tmp_path / "roberta", "roberta", labels=2)
+    prepared = BaseModelCache("cpu").acquire(make_spec(folder, Task.CLASSIFICATION), ["a", "b"])
+    base = prepared.model.get_base_model()
+    trainable = [m for m in base.classifier.modules() if isinstance(m, torch.nn.Linear)]
+    dense, out = [m for m in trainable if m.weight.requires_grad]
+    assert torch.equal(dense.weight.detach(), torch.eye(16))
+    assert dense.bias is not None and not bool(dense.bias.detach().any())
+    assert out.out_features == 2 and 0.005 < float(out.weight.detach().std()) < 0.05
+    assert final_linear(prepared.model, 2) is out
+
+
 @pytest.mark.parametrize("kind", ["distilbert", "bert"])
 def test_a_head_that_fits_is_kept(
     tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
