@@ -176,6 +176,9 @@ def render_result(study: optimizer_pb2.Study, trials: Sequence[optimizer_pb2.Tri
     console.print(f"study {study.study_id}: {state} ({counts})")
     if study.end_note:
         console.print(f"[yellow]ended early:[/yellow] {study.end_note}")
+    if study.waiting_reason:
+        since = study.waiting_since.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+        console.print(f"[yellow]{study.waiting_reason}[/yellow] (since {since} UTC)")
     if study.excluded_note:
         console.print(f"[yellow]left out of training:[/yellow] {study.excluded_note}")
     if study.failure_reason and state != "COMPLETED":
@@ -255,6 +258,8 @@ class StudyProgress:
         self.objectives: dict[int, float] = {}
         self.running: dict[int, str] = {}
         self.final: optimizer_pb2.Study | None = None
+        # Why no trial runs, while the study waits for a trainer ("" when it does not).
+        self.waiting = study.waiting_reason
         for trial in trials:
             self._record(trial)
 
@@ -285,14 +290,21 @@ class StudyProgress:
         return f"best {self.objective_name} {self.objectives[number]:.4f} (#{number})"
 
     def running_text(self) -> str:
-        """The running trials' epoch and loss."""
+        """The running trials' epoch and loss; or why none runs."""
+        if not self.running and self.waiting:
+            return self.waiting
         return "; ".join(f"#{n} {text}" for n, text in sorted(self.running.items()))
 
     def apply(self, event: optimizer_pb2.StudyEvent) -> str | None:
         """Takes one event in; returns a line worth printing above the progress bar."""
         kind = event.WhichOneof("event")
+        if kind == "study_waiting":
+            self.waiting = event.study_waiting.reason
+            since = event.study_waiting.since.ToDatetime().strftime("%H:%M:%S")
+            return f"{self.waiting} (since {since} UTC)"
         if kind == "trial_started":
             trial = event.trial_started.trial
+            self.waiting = ""
             self._record(trial)
             return f"trial {trial.number} started on {trial.trainer}: {_key_params(trial)}"
         if kind == "trial_progress":

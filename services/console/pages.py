@@ -223,6 +223,7 @@ async def _study_page(request: web.Request) -> web.Response:
             + (f"; {study.trials_reused} repeats (no job)" if study.trials_reused else ""),
         ),
         *([("ended early", _e(study.end_note))] if study.end_note else []),
+        *([("waiting", _e(study.waiting_reason))] if study.waiting_reason else []),
         (f"best {_e(study.objective_name)}", _e(_best(study))),
     ]
     if study.best_model_dir:

@@ -15,6 +15,10 @@ class OptimizerSettings(BaseSettings):
 
     # Comma-separated trainer addresses; empty = Kubernetes discovery (k8s_namespace).
     trainers: str = ""
+    # The trainers may all be gone for a while (scaled to zero, started on demand): a study
+    # created with none ready waits for one instead of being refused. Always so with
+    # Kubernetes discovery.
+    trainers_scale_from_zero: bool = False
     evaluator_address: str = ""
     judge_address: str = ""
     # Optuna storage; empty = sqlite:///<artifact_root>/optuna.db.

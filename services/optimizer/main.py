@@ -81,6 +81,8 @@ def build_optimizer(
             max_trial_interruptions=settings.max_trial_interruptions,
             evaluation_retry_seconds=settings.evaluation_retry_seconds,
             poll_seconds=settings.poll_seconds,
+            wait_for_trainers=settings.trainers_scale_from_zero
+            or (not settings.trainer_addresses() and bool(settings.k8s_namespace)),
         ),
         projects=project_catalog(settings),
     )

@@ -480,6 +480,9 @@ async function studyView(main, studyId) {
         ? el("tr", null, el("th", { scope: "row" }, "repeats"),
           el("td", null, `${study.trials_reused} repeated a finished point: its result, no job`)) : null,
       study.end_note ? el("tr", null, el("th", { scope: "row" }, "ended early"), el("td", { id: "study-end-note" }, study.end_note)) : null,
+      study.waiting_reason && LIVE.has(study.state)
+        ? el("tr", null, el("th", { scope: "row" }, "waiting"),
+          el("td", { id: "study-waiting" }, `${study.waiting_reason} (since ${new Date(study.waiting_since).toLocaleTimeString()})`)) : null,
       study.failure_reason ? el("tr", null, el("th", { scope: "row" }, "failure"), el("td", { class: "error" }, study.failure_reason)) : null,
       ...reportRows(study),
     ]));
@@ -521,7 +524,17 @@ async function studyView(main, studyId) {
   const source = new EventSource(`${API}${path}/events`);
   const data = (event) => JSON.parse(event.data);
   const reload = async () => { ({ study, trials } = await getJson(path)); render(); };
-  source.addEventListener("trial_started", (event) => { upsert(data(event).trial_started.trial); render(); });
+  source.addEventListener("trial_started", (event) => {
+    upsert(data(event).trial_started.trial);
+    study.waiting_reason = "";
+    render();
+  });
+  source.addEventListener("study_waiting", (event) => {
+    const w = data(event).study_waiting;
+    study.waiting_reason = w.reason;
+    study.waiting_since = w.since;
+    render();
+  });
   source.addEventListener("trial_progress", (event) => {
     const p = data(event).trial_progress;
     running.set(p.number, { ...(running.get(p.number) || {}), epoch: p.epoch, loss: p.loss });

@@ -24,6 +24,7 @@ from services.common.names import excerpt
 from services.optimizer.core.events import (
     StudyEvent,
     StudyFinished,
+    StudyWaiting,
     TrialEvaluated,
     TrialFinished,
     TrialProgress,
@@ -282,6 +283,10 @@ def study_to_proto(view: StudyView) -> optimizer_pb2.Study:
     _stamp(record.end_time, message.end_time)
     if view.best_trial is not None:
         message.best_trial.CopyFrom(trial_to_proto(view.best_trial))
+    if view.waiting_reason:
+        message.waiting_reason = view.waiting_reason
+        if view.waiting_since is not None:
+            message.waiting_since.FromSeconds(int(view.waiting_since))
     if record.report:
         json_format.ParseDict(
             {
@@ -335,6 +340,9 @@ def event_to_proto(event: StudyEvent) -> optimizer_pb2.StudyEvent:
         message.trial_finished.trial.CopyFrom(trial_to_proto(body.trial))
     elif isinstance(body, StudyFinished):
         message.study_finished.study.CopyFrom(study_to_proto(body.study))
+    elif isinstance(body, StudyWaiting):
+        message.study_waiting.reason = body.reason
+        message.study_waiting.since.FromSeconds(int(body.since))
     return message
 
 

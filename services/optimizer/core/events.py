@@ -56,7 +56,17 @@ class StudyFinished:
     study: StudyView
 
 
-StudyEventBody = TrialStarted | TrialProgress | TrialEvaluated | TrialFinished | StudyFinished
+@dataclass(frozen=True)
+class StudyWaiting:
+    """The study waits for a trainer: none of its trials runs and none can start."""
+
+    reason: str
+    since: float  # epoch seconds
+
+
+StudyEventBody = (
+    TrialStarted | TrialProgress | TrialEvaluated | TrialFinished | StudyFinished | StudyWaiting
+)
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from services.common.names import ensure_under, validate_name
 from services.optimizer import metrics
 from services.optimizer.core import results
 from services.optimizer.core.creation import StudyCreation, fingerprint, pruner, sampler
-from services.optimizer.core.events import EventBus, StudyEvent, StudyFinished
+from services.optimizer.core.events import EventBus, StudyEvent, StudyFinished, StudyWaiting
 from services.optimizer.core.lifecycle import LifecycleOptions, Outcome, TrialLifecycle
 from services.optimizer.core.pool import TrainerPool
 from services.optimizer.core.ports import (
@@ -68,6 +69,9 @@ class OptimizerOptions:
     max_trial_interruptions: int = 10
     evaluation_retry_seconds: float = 300.0
     poll_seconds: float = 1.0
+    # Trainers may all be away for a while (discovered, or scaled from zero): a study with
+    # none ready is accepted and waits, saying so (Study.waiting_reason).
+    wait_for_trainers: bool = False
 
 
 def budget_ran(finished: list[optuna.trial.FrozenTrial]) -> int:
@@ -150,6 +154,8 @@ class Optimizer:
         # Per running study: its trials on a trainer, and those it would start but cannot.
         self._running_trials: dict[str, int] = {}
         self._waiting_trials: dict[str, int] = {}
+        # Studies none of whose trials runs for want of a trainer: (since, reason).
+        self._waiting: dict[str, tuple[float, str]] = {}
 
     # ---- creating ----------------------------------------------------------------------
 
@@ -170,10 +176,14 @@ class Optimizer:
                     f"study '{study_id}' exists with different parameters", field="study_name"
                 )
             return await self.get_study(study_id)
-        if await self.pool.reachable() == 0:
-            # Documented: creation needs at least one reachable trainer, so a
-            # misconfigured cluster fails loudly instead of queueing forever.
-            raise Unavailable("no trainer is reachable (LORATUNE_TRAINERS or Kubernetes discovery)")
+        if not self._options.wait_for_trainers and await self.pool.reachable() == 0:
+            # Documented: with a fixed list of trainers, creation needs one that answers, so
+            # a misconfigured machine fails loudly instead of queueing forever. Where
+            # trainers come and go (discovery, scale from zero) the study waits, saying so.
+            raise Unavailable(
+                "no trainer is reachable (LORATUNE_TRAINERS or Kubernetes discovery; "
+                "LORATUNE_TRAINERS_SCALE_FROM_ZERO=true lets studies wait for one)"
+            )
         record = StudyRecord(spec=spec, fingerprint=print_, create_time=_now())
         study = await self.store.create(study_id, record)
         first = default_trial(spec.space, self._defaults, spec.dataset.classification)
@@ -211,7 +221,8 @@ class Optimizer:
         """One study."""
         record = await self.store.record(study_id)
         # Views read evaluation files from disk: in the worker thread too.
-        return await self.store.run(study_view, study_id, record, await self.store.trials(study_id))
+        view = await self.store.run(study_view, study_id, record, await self.store.trials(study_id))
+        return self._with_waiting(view)
 
     async def list_studies(self, project_id: int) -> list[StudyView]:
         """Studies, newest first, optionally of one project."""
@@ -220,7 +231,9 @@ class Optimizer:
             if project_id and record.spec.project_id != project_id:
                 continue
             trials = await self.store.trials(study_id)
-            out.append(await self.store.run(study_view, study_id, record, trials))
+            out.append(
+                self._with_waiting(await self.store.run(study_view, study_id, record, trials))
+            )
         return sorted(out, key=lambda s: s.record.create_time, reverse=True)
 
     async def list_trials(self, study_id: str) -> list[TrialView]:
@@ -395,9 +408,12 @@ class Optimizer:
                     if address is None and not running and not waiting_said:
                         logger.info("study %s waits for an idle trainer", study_id)
                         waiting_said = True
+                    if address is None and not running:
+                        self._wait(study_id, self.pool.waiting_reason())
                 self._count_trials(study_id, len(running) + (address is not None), starved)
                 if address is not None:
                     waiting_said = False
+                    self._waiting.pop(study_id, None)
                     if record.state == "QUEUED":
                         await self.store.update(study_id, state="RUNNING", start_time=_now())
                         metrics.study_running(study_id)
@@ -435,7 +451,24 @@ class Optimizer:
                 self.pool.release(address)
             self._running_trials.pop(study_id, None)
             self._waiting_trials.pop(study_id, None)
+            self._waiting.pop(study_id, None)
             self._set_trial_gauges()
+
+    def _wait(self, study_id: str, reason: str) -> None:
+        """Records that the study waits for a trainer; a new wait, or a new reason, is an
+        event of its stream."""
+        held = self._waiting.get(study_id)
+        if held is not None and held[1] == reason:
+            return
+        since = held[0] if held is not None else time.time()
+        self._waiting[study_id] = (since, reason)
+        self.bus.publish(study_id, StudyWaiting(reason=reason, since=since))
+
+    def _with_waiting(self, view: StudyView) -> StudyView:
+        held = self._waiting.get(view.study_id)
+        if held is None:
+            return view
+        return replace(view, waiting_since=held[0], waiting_reason=held[1])
 
     def _count_trials(self, study_id: str, running: int, waiting: int) -> None:
         self._running_trials[study_id] = running

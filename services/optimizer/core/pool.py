@@ -59,6 +59,16 @@ class TrainerPool:
                 self._counts["idle"] += 1
                 self._publish()
 
+    def waiting_reason(self) -> str:
+        """Why no trainer could be had at the last look at the pool, in words."""
+        ready = self._counts["idle"] + self._counts["busy"]
+        reason = f"waiting for a trainer: {ready} ready"
+        if ready:
+            reason += ", all busy"
+        if self._counts["unreachable"]:
+            reason += f", {self._counts['unreachable']} not answering"
+        return reason
+
     def _publish(self) -> None:
         for state, count in self._counts.items():
             metrics.TRAINERS.labels(state=state).set(count)

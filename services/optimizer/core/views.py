@@ -81,6 +81,9 @@ class StudyView:
     best_trial: TrialView | None
     excluded_note: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # While the study waits for a trainer: why, and since when (epoch seconds).
+    waiting_reason: str = ""
+    waiting_since: float | None = None
 
 
 def trial_view(trial: optuna.trial.FrozenTrial) -> TrialView:

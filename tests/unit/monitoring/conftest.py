@@ -22,6 +22,7 @@ METRICS_DOC = ROOT / "docs" / "metrics.md"
 ALERTS = (
     "LoratuneServiceDown",
     "LoratuneNoIdleTrainer",
+    "LoratuneNoTrainerAppeared",
     "LoratuneStudyStalled",
     "LoratuneTrialFailuresHigh",
     "LoratuneJudgeErrorsHigh",

@@ -24,6 +24,7 @@ from services.common.errors import (
 )
 from services.optimizer.api.convert import (
     evaluation_from_proto,
+    event_to_proto,
     hyperparameters_to_proto,
     study_request_from_proto,
     study_to_proto,
@@ -975,3 +976,81 @@ async def test_an_internal_failure_that_passes_on_the_retry_is_forgotten(
     retry = next(t for t in trials if t.attempt == 2)
     assert retry.state == optimizer_pb2.TRIAL_STATE_COMPLETE
     assert retry.hyperparameters == trials[0].hyperparameters
+
+
+class ComingTrainers:
+    """Discovery of trainers scaled to zero: none until `appear()`, then one."""
+
+    def __init__(self) -> None:
+        self.present: list[str] = []
+
+    def appear(self) -> None:
+        self.present = ["127.0.0.1:1"]
+
+    async def addresses(self) -> list[str]:
+        return list(self.present)
+
+
+async def test_with_no_trainer_a_study_is_refused_unless_trainers_may_scale_from_zero(
+    tmp_path: Path, data: Path
+) -> None:
+    def optimizer(wait: bool) -> Optimizer:
+        return Optimizer(
+            storage=optuna.storages.InMemoryStorage(),
+            trainers=FakeTrainers(epochs=1),
+            discovery=ComingTrainers(),
+            evaluator=FakeEvaluator(),
+            judges=FakeJudges(),
+            defaults=TrainingDefaults(),
+            options=OptimizerOptions(
+                artifact_root=tmp_path, poll_seconds=0.01, wait_for_trainers=wait
+            ),
+        )
+
+    with pytest.raises(Unavailable) as caught:
+        await create_with(optimizer(False), create(data, name="refused"))
+    assert "LORATUNE_TRAINERS_SCALE_FROM_ZERO" in caught.value.message
+    assert (await create_with(optimizer(True), create(data, name="accepted"))).study_id
+
+
+async def test_a_study_waits_for_a_trainer_saying_why_and_completes_when_one_appears(
+    tmp_path: Path, data: Path
+) -> None:
+    discovery = ComingTrainers()
+    optimizer = Optimizer(
+        storage=optuna.storages.InMemoryStorage(),
+        trainers=FakeTrainers(epochs=1),
+        discovery=discovery,
+        evaluator=FakeEvaluator(),
+        judges=FakeJudges(),
+        defaults=TrainingDefaults(),
+        options=OptimizerOptions(artifact_root=tmp_path, poll_seconds=0.01, wait_for_trainers=True),
+    )
+    study = await create_with(optimizer, create(data, n=5, pruner="none", name="waits"))
+    events: list[optimizer_pb2.StudyEvent] = []
+
+    async def follow() -> None:
+        async for event in optimizer.watch(study.study_id):
+            events.append(event_to_proto(event))
+
+    follower = asyncio.create_task(follow())
+    for _ in range(500):
+        waiting = study_to_proto(await optimizer.get_study(study.study_id))
+        if waiting.waiting_reason:
+            break
+        await asyncio.sleep(0.01)
+    assert waiting.waiting_reason == "waiting for a trainer: 0 ready"
+    assert waiting.HasField("waiting_since") and waiting.trials_running == 0
+    # Listed studies say it too, and the wait is an event of the study's stream.
+    listed = [study_to_proto(v) for v in await optimizer.list_studies(0)]
+    assert listed[0].waiting_reason == waiting.waiting_reason
+    discovery.appear()
+    await asyncio.wait_for(follower, 30)
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[0] == "study_waiting" and kinds.count("study_waiting") == 1
+    assert events[0].study_waiting.reason == "waiting for a trainer: 0 ready"
+    assert kinds.index("trial_started") > 0
+    final = study_to_proto(await optimizer.get_study(study.study_id))
+    assert final.state == optimizer_pb2.STUDY_STATE_COMPLETED
+    assert final.trials_complete + final.trials_reused >= 5
+    assert not final.waiting_reason and not final.HasField("waiting_since")

@@ -656,6 +656,8 @@ class Study(_message.Message):
     END_NOTE_FIELD_NUMBER: _builtins.int
     TRIALS_REUSED_FIELD_NUMBER: _builtins.int
     REPORT_FIELD_NUMBER: _builtins.int
+    WAITING_REASON_FIELD_NUMBER: _builtins.int
+    WAITING_SINCE_FIELD_NUMBER: _builtins.int
     study_id: _builtins.str
     """Its id (the Optuna study name)."""
     project_id: _builtins.int
@@ -689,6 +691,13 @@ class Study(_message.Message):
     """Trials that ran no job: they repeated a COMPLETE trial's result-deciding parameters and
     took its result (Trial.same_as). Not in trials_complete; not counted against n_trials
     (up to n_trials of them).
+    """
+    waiting_reason: _builtins.str
+    """Why none of the study's trials runs now, while it waits for a trainer ("waiting for a
+    trainer: 0 ready"); empty while a trial runs, or the study is not waiting. Set only
+    where trainers may come and go: Kubernetes discovery, or
+    LORATUNE_TRAINERS_SCALE_FROM_ZERO (otherwise CreateStudy refuses a study no trainer can
+    run, UNAVAILABLE).
     """
     @_builtins.property
     def fine_tuning_params(self) -> Global___FineTuningParams:
@@ -726,6 +735,10 @@ class Study(_message.Message):
         best on validation, the noise behind that choice and the trial published.
         """
 
+    @_builtins.property
+    def waiting_since(self) -> _timestamp_pb2.Timestamp:
+        """Since when it has waited (unset when it does not)."""
+
     def __init__(
         self,
         *,
@@ -751,10 +764,12 @@ class Study(_message.Message):
         end_note: _builtins.str = ...,
         trials_reused: _builtins.int = ...,
         report: Global___StudyReport | None = ...,
+        waiting_reason: _builtins.str = ...,
+        waiting_since: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["best_trial", b"best_trial", "create_time", b"create_time", "dataset", b"dataset", "end_time", b"end_time", "fine_tuning_params", b"fine_tuning_params", "report", b"report", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["best_trial", b"best_trial", "create_time", b"create_time", "dataset", b"dataset", "end_time", b"end_time", "fine_tuning_params", b"fine_tuning_params", "report", b"report", "start_time", b"start_time", "waiting_since", b"waiting_since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_model_dir", b"best_model_dir", "best_trial", b"best_trial", "create_time", b"create_time", "dataset", b"dataset", "end_note", b"end_note", "end_time", b"end_time", "excluded_classes", b"excluded_classes", "excluded_note", b"excluded_note", "failure_reason", b"failure_reason", "fine_tuning_params", b"fine_tuning_params", "objective_name", b"objective_name", "project_id", b"project_id", "report", b"report", "start_time", b"start_time", "state", b"state", "study_id", b"study_id", "trials_complete", b"trials_complete", "trials_failed", b"trials_failed", "trials_pruned", b"trials_pruned", "trials_reused", b"trials_reused", "trials_running", b"trials_running", "trials_waiting", b"trials_waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_model_dir", b"best_model_dir", "best_trial", b"best_trial", "create_time", b"create_time", "dataset", b"dataset", "end_note", b"end_note", "end_time", b"end_time", "excluded_classes", b"excluded_classes", "excluded_note", b"excluded_note", "failure_reason", b"failure_reason", "fine_tuning_params", b"fine_tuning_params", "objective_name", b"objective_name", "project_id", b"project_id", "report", b"report", "start_time", b"start_time", "state", b"state", "study_id", b"study_id", "trials_complete", b"trials_complete", "trials_failed", b"trials_failed", "trials_pruned", b"trials_pruned", "trials_reused", b"trials_reused", "trials_running", b"trials_running", "trials_waiting", b"trials_waiting", "waiting_reason", b"waiting_reason", "waiting_since", b"waiting_since"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1230,6 +1245,34 @@ class StudyFinished(_message.Message):
 Global___StudyFinished: _TypeAlias = StudyFinished  # noqa: Y015
 
 @_typing.final
+class StudyWaiting(_message.Message):
+    """The study waits for a trainer: none of its trials runs and none can start."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """In words, as Study.waiting_reason."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Since when."""
+
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StudyWaiting: _TypeAlias = StudyWaiting  # noqa: Y015
+
+@_typing.final
 class StudyEvent(_message.Message):
     """One event of a study."""
 
@@ -1242,6 +1285,7 @@ class StudyEvent(_message.Message):
     TRIAL_EVALUATED_FIELD_NUMBER: _builtins.int
     TRIAL_FINISHED_FIELD_NUMBER: _builtins.int
     STUDY_FINISHED_FIELD_NUMBER: _builtins.int
+    STUDY_WAITING_FIELD_NUMBER: _builtins.int
     study_id: _builtins.str
     """The study."""
     @_builtins.property
@@ -1268,6 +1312,12 @@ class StudyEvent(_message.Message):
     def study_finished(self) -> Global___StudyFinished:
         """Study finished."""
 
+    @_builtins.property
+    def study_waiting(self) -> Global___StudyWaiting:
+        """The study waits for a trainer (again, or for another reason); the next
+        trial_started ends the wait.
+        """
+
     def __init__(
         self,
         *,
@@ -1278,12 +1328,13 @@ class StudyEvent(_message.Message):
         trial_evaluated: Global___TrialEvaluated | None = ...,
         trial_finished: Global___TrialFinished | None = ...,
         study_finished: Global___StudyFinished | None = ...,
+        study_waiting: Global___StudyWaiting | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "study_finished", b"study_finished", "time", b"time", "trial_evaluated", b"trial_evaluated", "trial_finished", b"trial_finished", "trial_progress", b"trial_progress", "trial_started", b"trial_started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "study_finished", b"study_finished", "study_waiting", b"study_waiting", "time", b"time", "trial_evaluated", b"trial_evaluated", "trial_finished", b"trial_finished", "trial_progress", b"trial_progress", "trial_started", b"trial_started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "study_finished", b"study_finished", "study_id", b"study_id", "time", b"time", "trial_evaluated", b"trial_evaluated", "trial_finished", b"trial_finished", "trial_progress", b"trial_progress", "trial_started", b"trial_started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "study_finished", b"study_finished", "study_id", b"study_id", "study_waiting", b"study_waiting", "time", b"time", "trial_evaluated", b"trial_evaluated", "trial_finished", b"trial_finished", "trial_progress", b"trial_progress", "trial_started", b"trial_started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["trial_started", "trial_progress", "trial_evaluated", "trial_finished", "study_finished"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["trial_started", "trial_progress", "trial_evaluated", "trial_finished", "study_finished", "study_waiting"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
