@@ -160,3 +160,6 @@ class StaticTrainers:
     async def addresses(self) -> list[str]:
         """The configured addresses."""
         return list(self._addresses)
+
+    async def mark(self, address: str, busy: bool) -> None:
+        """Nothing to tell a fixed list."""

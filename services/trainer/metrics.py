@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import threading
+import time
+from collections.abc import Iterator
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 JOBS = Counter("loratune_trainer_jobs_total", "Training jobs finished, by outcome.", ["outcome"])
 BUSY = Gauge("loratune_trainer_busy", "1 while a job is running.")
@@ -42,3 +48,56 @@ GENERATION_TOKENS_PER_SECOND = Gauge(
     "loratune_trainer_generation_tokens_per_second",
     "Generation speed of the last validation pass (generated tokens / its seconds).",
 )
+
+
+class TrainerClock:
+    """Seconds this trainer has been busy (a job running) and idle since it started: a GPU
+    held by an idle trainer is paid for all the same (loratune_trainer_seconds_total)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._busy = False
+        self._since = time.monotonic()
+        self._totals = {"busy": 0.0, "idle": 0.0}
+
+    def set_busy(self, busy: bool) -> None:
+        """The trainer starts or stops running a job."""
+        with self._lock:
+            self._close(time.monotonic())
+            self._busy = busy
+
+    def totals(self) -> dict[str, float]:
+        """Seconds by state, up to now."""
+        with self._lock:
+            self._close(time.monotonic())
+            return dict(self._totals)
+
+    def _close(self, now: float) -> None:
+        self._totals["busy" if self._busy else "idle"] += now - self._since
+        self._since = now
+
+
+class _ClockCollector(Collector):
+    def __init__(self, clock: TrainerClock) -> None:
+        self._clock = clock
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield self._family()
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = self._family()
+        for state, seconds in self._clock.totals().items():
+            family.add_metric([state], seconds)
+        yield family
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "loratune_trainer_seconds",
+            "Seconds this trainer was busy (running a job) or idle, by state.",
+            labels=["state"],
+        )
+
+
+CLOCK = TrainerClock()
+REGISTRY.register(_ClockCollector(CLOCK))

@@ -18,6 +18,7 @@ class TrainerPool:
         self._lock = asyncio.Lock()
         # What the last look at the pool found (the loratune_optimizer_trainers gauge).
         self._counts = {"idle": 0, "busy": 0, "unreachable": 0}
+        self._marking: set[asyncio.Future[None]] = set()
 
     async def acquire(self) -> str | None:
         """An idle trainer's address, now marked in use; None when there is none."""
@@ -25,25 +26,33 @@ class TrainerPool:
             addresses = await self._discovery.addresses()
             idle = busy = unreachable = 0
             chosen = None
+            marks: dict[str, bool] = {}
             for address in addresses:
                 if address in self._in_use:
                     busy += 1
+                    marks[address] = True
                     continue
                 state = await self._trainers.status(address)
                 if state is None or state.shutting_down:
                     unreachable += 1
                 elif state.busy:
                     busy += 1
+                    marks[address] = True
                 else:
                     idle += 1
+                    marks[address] = False
                     if chosen is None:
                         chosen = address
             if chosen is not None:
                 self._in_use.add(chosen)
+                marks[chosen] = True
                 idle -= 1
                 busy += 1
             self._counts = {"idle": idle, "busy": busy, "unreachable": unreachable}
             self._publish()
+            # Before the job starts: a scale-in from now on spares the chosen trainer.
+            for address, is_busy in marks.items():
+                await self._discovery.mark(address, is_busy)
             return chosen
 
     def claim(self, address: str) -> None:
@@ -51,8 +60,12 @@ class TrainerPool:
         self._in_use.add(address)
 
     def release(self, address: str) -> None:
-        """The trainer is free again (the gauges say so until the next look at the pool)."""
+        """The trainer is free again (the gauges say so until the next look at the pool, its
+        pod's deletion cost at once)."""
         if address in self._in_use:
+            task = asyncio.ensure_future(self._discovery.mark(address, False))
+            self._marking.add(task)
+            task.add_done_callback(self._marking.discard)
             self._in_use.discard(address)
             if self._counts["busy"] > 0:
                 self._counts["busy"] -= 1

@@ -183,3 +183,8 @@ class TrainerDiscovery(Protocol):
     async def addresses(self) -> list[str]:
         """Addresses of the trainers that exist now (ready pods, or the static list)."""
         ...
+
+    async def mark(self, address: str, busy: bool) -> None:
+        """Says whether the trainer at `address` runs a job (Kubernetes: its pod's deletion
+        cost, so that scaling in removes idle trainers first); may do nothing."""
+        ...

@@ -203,6 +203,7 @@ class JobManager:
         )
         job.state = JobState.RUNNING
         metrics.BUSY.set(1)
+        metrics.CLOCK.set_busy(True)
         outcome = "failed"
         try:
             completed = await asyncio.to_thread(self._runner.run, job.spec, prepared, ctx)
@@ -252,6 +253,7 @@ class JobManager:
             job._finish(JobState.COMPLETED, completed)
         finally:
             metrics.BUSY.set(0)
+            metrics.CLOCK.set_busy(False)
             metrics.SAMPLES_PER_SECOND.set(0)
             metrics.JOBS.labels(outcome=outcome).inc()
             self._current = None

@@ -142,7 +142,7 @@ def test_addresses_and_discovery_point_at_the_services(gpu: Docs) -> None:
     assert {d["metadata"].get("namespace", namespace) for d in gpu} == {namespace}
 
 
-def test_the_optimizer_may_only_get_list_and_watch_pods(gpu: Docs) -> None:
+def test_the_optimizer_may_only_read_pods_and_patch_their_deletion_cost(gpu: Docs) -> None:
     optimizer = find(gpu, "Deployment", "loratune-optimizer")
     account = pod_spec(optimizer)["serviceAccountName"]
     find(gpu, "ServiceAccount", account)
@@ -152,7 +152,7 @@ def test_the_optimizer_may_only_get_list_and_watch_pods(gpu: Docs) -> None:
     ]
     role = find(gpu, "Role", binding["roleRef"]["name"])
     assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]}
     ]
     assert not [d for d in gpu if d["kind"] in {"ClusterRole", "ClusterRoleBinding"}]
     assert optimizer["spec"]["replicas"] == 1

@@ -55,3 +55,22 @@ def test_training_counts_rows_and_generation_counts_tokens_and_speed(tiny_qwen: 
     generated = value("loratune_trainer_generated_tokens_total") - tokens
     assert 4 <= generated <= 4 * 3  # 4 prompts, at most 3 new tokens each, at least one
     assert value("loratune_trainer_generation_tokens_per_second") > 0
+
+
+def test_the_trainer_counts_its_busy_and_idle_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.trainer import metrics
+
+    now = [1000.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: now[0])
+    clock = metrics.TrainerClock()
+    now[0] += 30  # idle
+    clock.set_busy(True)
+    now[0] += 120  # a job
+    clock.set_busy(False)
+    now[0] += 10
+    assert clock.totals() == {"busy": 120.0, "idle": 40.0}
+    now[0] += 5
+    assert clock.totals() == {"busy": 120.0, "idle": 45.0}  # counts up to the scrape
+    # The process's own clock is exported as a counter by state.
+    for state in ("busy", "idle"):
+        assert REGISTRY.get_sample_value("loratune_trainer_seconds_total", {"state": state}) >= 0

@@ -319,6 +319,13 @@ def _exported_sample_names() -> dict[str, str]:
     collectors = list(REGISTRY._collector_to_names)
     for collector in collectors:
         if not isinstance(collector, Counter | Gauge | Histogram):
+            # A collector of its own (the trainer's busy/idle clock) describes its families.
+            describe = getattr(collector, "describe", None)
+            for family in describe() if callable(describe) else ():
+                if family.name.startswith("loratune_") and family.type == "counter":
+                    names[f"{family.name}_total"] = "counter"
+                elif family.name.startswith("loratune_") and family.type == "gauge":
+                    names[family.name] = "gauge"
             continue
         name = collector._name
         if not name.startswith(("loratune_", "grpc_server_")):

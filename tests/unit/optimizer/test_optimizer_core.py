@@ -990,6 +990,9 @@ class ComingTrainers:
     async def addresses(self) -> list[str]:
         return list(self.present)
 
+    async def mark(self, address: str, busy: bool) -> None:
+        pass
+
 
 async def test_with_no_trainer_a_study_is_refused_unless_trainers_may_scale_from_zero(
     tmp_path: Path, data: Path
