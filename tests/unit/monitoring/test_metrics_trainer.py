@@ -60,17 +60,24 @@ def test_training_counts_rows_and_generation_counts_tokens_and_speed(tiny_qwen: 
 def test_the_trainer_counts_its_busy_and_idle_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
     from services.trainer import metrics
 
+    # The process's own clock is exported as a counter by state, growing between scrapes.
+    before = REGISTRY.get_sample_value("loratune_trainer_seconds_total", {"state": "idle"})
+    assert before is not None and before >= 0
+    assert (
+        REGISTRY.get_sample_value("loratune_trainer_seconds_total", {"state": "idle"}) or 0
+    ) >= (before)
+    assert (
+        REGISTRY.get_sample_value("loratune_trainer_seconds_total", {"state": "busy"}) is not None
+    )
     now = [1000.0]
-    monkeypatch.setattr(metrics.time, "monotonic", lambda: now[0])
-    clock = metrics.TrainerClock()
-    now[0] += 30  # idle
-    clock.set_busy(True)
-    now[0] += 120  # a job
-    clock.set_busy(False)
-    now[0] += 10
-    assert clock.totals() == {"busy": 120.0, "idle": 40.0}
-    now[0] += 5
-    assert clock.totals() == {"busy": 120.0, "idle": 45.0}  # counts up to the scrape
-    # The process's own clock is exported as a counter by state.
-    for state in ("busy", "idle"):
-        assert REGISTRY.get_sample_value("loratune_trainer_seconds_total", {"state": state}) >= 0
+    with monkeypatch.context() as patched:
+        patched.setattr(metrics.time, "monotonic", lambda: now[0])
+        clock = metrics.TrainerClock()
+        now[0] += 30  # idle
+        clock.set_busy(True)
+        now[0] += 120  # a job
+        clock.set_busy(False)
+        now[0] += 10
+        assert clock.totals() == {"busy": 120.0, "idle": 40.0}
+        now[0] += 5
+        assert clock.totals() == {"busy": 120.0, "idle": 45.0}  # counts up to the scrape
