@@ -20,7 +20,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[3]
 K8S = ROOT / "deploy" / "k8s"
-OVERLAYS = ("gpu", "cpu-dev")
+OVERLAYS = ("gpu", "cpu-dev", "gpu-keda")
 SUBMIT_JOB = K8S / "jobs" / "submit-study.yaml"
 IMAGE = "ghcr.io/loratune/loratune"
 # Workload kinds whose pod templates the checks walk.

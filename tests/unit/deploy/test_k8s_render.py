@@ -28,7 +28,7 @@ from tests.unit.deploy.conftest import (
 # kubernetes-validate 1.37.0 ships schemas from 1.30 on).
 KUBERNETES_VERSION = "1.33.0"
 # API groups of custom resources, checked elsewhere.
-CUSTOM_GROUPS = ("monitoring.coreos.com/",)
+CUSTOM_GROUPS = ("monitoring.coreos.com/", "keda.sh/")
 
 Docs = list[dict[str, Any]]
 
