@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -104,8 +105,12 @@ class TrialLifecycle:
         bus: EventBus,
         defaults: Any,
         options: LifecycleOptions,
+        job_ended: Callable[[str], None] = lambda address: None,
     ) -> None:
         self._store = store
+        # Told the trainer's address as soon as its job ends (before the trial's own
+        # bookkeeping): the pool marks its pod idle at once (pod-deletion-cost).
+        self._job_ended = job_ended
         self._trainers = trainers
         self._scoring = Scoring(evaluator, options.evaluation_retry_seconds)
         self._bus = bus
@@ -431,6 +436,7 @@ class TrialLifecycle:
                         await self._finished(study, number, started, "pruned")
                         return Outcome(number)
                 elif isinstance(event, JobCompleted):
+                    self._job_ended(run.address)
                     if not epochs:
                         await self.tell_fail(
                             study,
@@ -457,6 +463,7 @@ class TrialLifecycle:
                     await self._completed(run, best.evaluation.objective)
                     return Outcome(number)
                 elif isinstance(event, JobFailed):
+                    self._job_ended(run.address)
                     if event.reason == "SHUTDOWN":
                         return await self.interrupted(
                             study,

@@ -147,6 +147,7 @@ class Optimizer:
                 max_trial_interruptions=options.max_trial_interruptions,
                 evaluation_retry_seconds=options.evaluation_retry_seconds,
             ),
+            job_ended=self.pool.job_ended,
         )
         self._creation = StudyCreation(judges, defaults, self.projects)
         self._runners: dict[str, asyncio.Task[None]] = {}

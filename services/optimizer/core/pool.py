@@ -28,9 +28,8 @@ class TrainerPool:
             chosen = None
             marks: dict[str, bool] = {}
             for address in addresses:
-                if address in self._in_use:
+                if address in self._in_use:  # marked when handed out, idle when its job ends
                     busy += 1
-                    marks[address] = True
                     continue
                 state = await self._trainers.status(address)
                 if state is None or state.shutting_down:
@@ -59,13 +58,18 @@ class TrainerPool:
         """Marks a trainer in use (a reattached trial after a restart)."""
         self._in_use.add(address)
 
+    def job_ended(self, address: str) -> None:
+        """The trainer's job ended: its pod is marked idle now, while the optimizer still
+        records the trial (the trainer is released after)."""
+        task = asyncio.ensure_future(self._discovery.mark(address, False))
+        self._marking.add(task)
+        task.add_done_callback(self._marking.discard)
+
     def release(self, address: str) -> None:
         """The trainer is free again (the gauges say so until the next look at the pool, its
         pod's deletion cost at once)."""
         if address in self._in_use:
-            task = asyncio.ensure_future(self._discovery.mark(address, False))
-            self._marking.add(task)
-            task.add_done_callback(self._marking.discard)
+            self.job_ended(address)
             self._in_use.discard(address)
             if self._counts["busy"] > 0:
                 self._counts["busy"] -= 1
