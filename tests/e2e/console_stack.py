@@ -31,7 +31,7 @@ from services.judge_gateway.main import service_definition as judge_definition
 from services.optimizer.api.convert import evaluation_from_proto, search_space_from_json
 from services.optimizer.clients import Channels, GrpcJudgeCatalog, StaticTrainers
 from services.optimizer.core.optimizer import Optimizer, OptimizerOptions
-from services.optimizer.core.ports import Evaluation, EvaluationRequest, JobEvent
+from services.optimizer.core.ports import Evaluation, EvaluationRequest, JobEvent, TrainerDiscovery
 from services.optimizer.core.projects import ProjectCatalog
 from services.optimizer.main import service_definition as optimizer_definition
 from tests.unit.optimizer.test_optimizer_core import FakeTrainers
@@ -103,10 +103,14 @@ class ConsoleStack:
 
 @asynccontextmanager
 async def console_stack(
-    folder: Path, *, auth_token: str | None = None
+    folder: Path,
+    *,
+    auth_token: str | None = None,
+    discovery: TrainerDiscovery | None = None,
 ) -> AsyncIterator[ConsoleStack]:
     """The judge gateway, the optimizer and the console, stopped on exit; with
-    ``auth_token``, every server requires it (LORATUNE_AUTH_TOKEN)."""
+    ``auth_token``, every server requires it (LORATUNE_AUTH_TOKEN). With ``discovery``
+    the optimizer finds its trainers there and studies wait for one (scale from zero)."""
     data = folder / "data"
     data.mkdir(parents=True)
     (data / "sentiment.jsonl").write_text(
@@ -127,11 +131,13 @@ async def console_stack(
     optimizer = Optimizer(
         storage=optuna.storages.InMemoryStorage(),
         trainers=PacedTrainers(epochs=2),
-        discovery=StaticTrainers(["127.0.0.1:1"]),
+        discovery=discovery or StaticTrainers(["127.0.0.1:1"]),
         evaluator=ClassifyingEvaluator(),
         judges=GrpcJudgeCatalog(channels, judge.address),
         defaults=TrainingDefaults(),
-        options=OptimizerOptions(artifact_root=folder / "runs", poll_seconds=0.01),
+        options=OptimizerOptions(
+            artifact_root=folder / "runs", poll_seconds=0.01, wait_for_trainers=bool(discovery)
+        ),
         projects=ProjectCatalog(folder / "projects.yaml", search_space_from_json),
     )
     server = await start_server(

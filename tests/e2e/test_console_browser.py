@@ -289,3 +289,26 @@ async def test_signing_in_launching_from_the_dialog_and_cancelling(
     await page.goto(f"{stack.base}/projects")
     await page.wait_for_url(re.compile(r"/sign-in\?next="))
     assert not errors, errors
+
+
+async def test_a_study_waiting_for_a_trainer_says_so_until_one_appears(
+    tmp_path: Path, page: Any
+) -> None:
+    from tests.unit.optimizer.test_optimizer_core import ComingTrainers
+
+    expect = playwright_api.expect
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    trainers = ComingTrainers()  # scaled to zero: none until it appears
+    async with console_stack(tmp_path / "stack", discovery=trainers) as stack:
+        await page.goto(f"{stack.base}/projects/7")
+        await page.get_by_role("button", name="Quick launch").click()
+        await page.wait_for_url("**/studies/*/live")
+        waiting = page.locator("#study-waiting")
+        await expect(waiting).to_contain_text("waiting for a trainer: 0 ready", timeout=15_000)
+        await expect(page.locator("#running-trials")).to_be_hidden()
+        trainers.appear()
+        await expect(page.locator("#running-trials")).to_be_visible(timeout=15_000)
+        await expect(waiting).to_be_hidden()
+        await expect(page.locator("#study-state")).to_have_text("COMPLETED", timeout=120_000)
+    assert not errors, errors
