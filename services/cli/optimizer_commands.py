@@ -338,6 +338,28 @@ class StudyProgress:
         return None
 
 
+# Trials asked per ListTrials page.
+TRIAL_PAGE = 500
+
+
+async def list_trials(
+    stub: optimizer_pb2_grpc.OptimizerServiceAsyncStub, study_id: str
+) -> list[optimizer_pb2.Trial]:
+    """Every trial of the study, a page of TRIAL_PAGE at a time."""
+    trials: list[optimizer_pb2.Trial] = []
+    token = ""
+    while True:
+        reply = await stub.ListTrials(
+            optimizer_pb2.ListTrialsRequest(
+                study_id=study_id, page_size=TRIAL_PAGE, page_token=token
+            )
+        )
+        trials.extend(reply.trials)
+        token = reply.next_page_token
+        if not token:
+            return trials
+
+
 _FINAL_STATES = frozenset(
     {
         optimizer_pb2.STUDY_STATE_COMPLETED,
@@ -385,7 +407,7 @@ async def _follow_once(
     study = (await stub.GetStudy(optimizer_pb2.GetStudyRequest(study_id=study_id))).study
     if study.state in _FINAL_STATES:
         return study
-    trials = (await stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_id=study_id))).trials
+    trials = await list_trials(stub, study_id)
     state = StudyProgress(study, trials)
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -423,7 +445,7 @@ async def _finish(
 ) -> optimizer_pb2.Study:
     """Follows the study to its end, then prints its trials table and outcome."""
     final = await follow_study(stub, study_id, reconnect=reconnect)
-    trials = (await stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_id=study_id))).trials
+    trials = await list_trials(stub, study_id)
     render_result(final, trials)
     return final
 
@@ -804,8 +826,7 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
         async def go() -> tuple[optimizer_pb2.Study, list[optimizer_pb2.Trial]]:
             async with _connect(address) as stub:
                 found = (await stub.GetStudy(optimizer_pb2.GetStudyRequest(study_id=study))).study
-                listed = await stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_id=study))
-                return found, list(listed.trials)
+                return found, await list_trials(stub, study)
 
         found, listed = run_rpc(go())
         render_result(found, listed)

@@ -216,8 +216,10 @@ async def list_studies(request: web.Request) -> web.Response:
 
 
 async def get_study(request: web.Request) -> web.Response:
-    """``GET /api/v1/studies/{study_id}``: GetStudy with the study's trials (ListTrials)."""
+    """``GET /api/v1/studies/{study_id}[?page_size=N&page_token=T]``: GetStudy with the
+    study's trials (ListTrials: all of them, or a page and the next page's token)."""
     study_id = request.match_info["study_id"]
+    page_size = _int_parameter(request.query.get("page_size", "") or "0", "page_size")
     optimizer = request.app[BACKENDS].optimizer
     study = await rpc(
         request, "optimizer", optimizer.GetStudy, optimizer_pb2.GetStudyRequest(study_id=study_id)
@@ -226,7 +228,11 @@ async def get_study(request: web.Request) -> web.Response:
         request,
         "optimizer",
         optimizer.ListTrials,
-        optimizer_pb2.ListTrialsRequest(study_id=study_id),
+        optimizer_pb2.ListTrialsRequest(
+            study_id=study_id,
+            page_size=page_size,
+            page_token=request.query.get("page_token", ""),
+        ),
     )
     return _json({**message_json(study), **message_json(trials)})
 

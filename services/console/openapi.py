@@ -198,6 +198,11 @@ def _document() -> dict[str, Any]:
         "properties": {
             "study": out(optimizer_pb2.Study.DESCRIPTOR),
             "trials": {"type": "array", "items": out(optimizer_pb2.Trial.DESCRIPTOR)},
+            "next_page_token": {
+                "type": "string",
+                "description": "With page_size: the next page's page_token; absent after "
+                "the last page.",
+            },
         },
     }
     paths: dict[str, Any] = {
@@ -267,7 +272,23 @@ def _document() -> dict[str, Any]:
             "get": {
                 "operationId": "getStudy",
                 "summary": "One study and its trials (GetStudy and ListTrials).",
-                "parameters": [_STUDY_ID],
+                "parameters": [
+                    _STUDY_ID,
+                    {
+                        "name": "page_size",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 1000},
+                        "description": "Trials per page; 0 or none = every trial.",
+                    },
+                    {
+                        "name": "page_token",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "The `next_page_token` of the previous page.",
+                    },
+                ],
                 "responses": _responses("200", study_with_trials, "404"),
             }
         },

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 REFRESH_SECONDS = 5
 STATIC = Path(__file__).parent / "static"
+# Trials asked per ListTrials page.
+TRIAL_PAGE = 500
 API_V1 = "/api/v1/"
 _LIVE = {optimizer_pb2.STUDY_STATE_QUEUED, optimizer_pb2.STUDY_STATE_RUNNING}
 
@@ -125,10 +127,19 @@ async def _get_study(
     study = (
         await stub.GetStudy(optimizer_pb2.GetStudyRequest(study_id=study_id), metadata=metadata)
     ).study
-    trials = (
-        await stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_id=study_id), metadata=metadata)
-    ).trials
-    return study, list(trials)
+    trials: list[optimizer_pb2.Trial] = []
+    token = ""
+    while True:  # a page of TRIAL_PAGE trials at a time
+        reply = await stub.ListTrials(
+            optimizer_pb2.ListTrialsRequest(
+                study_id=study_id, page_size=TRIAL_PAGE, page_token=token
+            ),
+            metadata=metadata,
+        )
+        trials.extend(reply.trials)
+        token = reply.next_page_token
+        if not token:
+            return study, trials
 
 
 async def _studies_json(request: web.Request) -> web.Response:

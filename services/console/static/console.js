@@ -49,6 +49,22 @@ async function getJson(path, options) {
   return body;
 }
 
+// A study and all its trials, a page of TRIAL_PAGE trials at a time (ListTrials' paging).
+const TRIAL_PAGE = 500;
+async function getStudy(path) {
+  let token = "";
+  let study = null;
+  const trials = [];
+  do {
+    const query = `?page_size=${TRIAL_PAGE}` + (token ? `&page_token=${encodeURIComponent(token)}` : "");
+    const body = await getJson(path + query);
+    study = body.study;
+    trials.push(...(body.trials || []));
+    token = body.next_page_token || "";
+  } while (token);
+  return { study, trials };
+}
+
 function showError(where, error) {
   where.replaceChildren(el("p", { class: "error", role: "alert" }, error.message || String(error)));
 }
@@ -208,7 +224,7 @@ function followRow(study, tbody) {
   if (!LIVE.has(study.state)) return;
   const source = new EventSource(`${API}/studies/${encodeURIComponent(study.study_id)}/events`);
   const refresh = async () => {
-    const { study: now } = await getJson(`/studies/${encodeURIComponent(study.study_id)}`);
+    const { study: now } = await getJson(`/studies/${encodeURIComponent(study.study_id)}?page_size=1`);
     const row = tbody.querySelector(`tr[data-study="${CSS.escape(study.study_id)}"]`);
     if (row) row.replaceWith(studyRow(now));
     if (!LIVE.has(now.state)) source.close();
@@ -432,7 +448,7 @@ function heatmap(matrix) {
 
 async function studyView(main, studyId) {
   const path = `/studies/${encodeURIComponent(studyId)}`;
-  let { study, trials } = await getJson(path);
+  let { study, trials } = await getStudy(path);
   let shown = null; // the trial whose evaluation is shown; the best one by default
   const running = new Map(); // trial number -> {epoch, loss, objective}
   const summary = el("section", { id: "summary", "aria-live": "polite" });
@@ -523,7 +539,7 @@ async function studyView(main, studyId) {
   if (!LIVE.has(study.state)) return;
   const source = new EventSource(`${API}${path}/events`);
   const data = (event) => JSON.parse(event.data);
-  const reload = async () => { ({ study, trials } = await getJson(path)); render(); };
+  const reload = async () => { ({ study, trials } = await getStudy(path)); render(); };
   source.addEventListener("trial_started", (event) => {
     upsert(data(event).trial_started.trial);
     study.waiting_reason = "";

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from loratune.optimizer.v1 import optimizer_pb2, optimizer_pb2_grpc
+from services.common.errors import InvalidArgument
 from services.optimizer.api.convert import (
     event_to_proto,
     project_to_proto,
@@ -13,6 +14,7 @@ from services.optimizer.api.convert import (
     study_to_proto,
     trial_to_proto,
 )
+from services.optimizer.api.paging import MAX_TRIAL_PAGE, page_token, read_page_token
 from services.optimizer.core.optimizer import Optimizer
 
 
@@ -46,9 +48,20 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
     async def ListTrials(
         self, request: optimizer_pb2.ListTrialsRequest, context: Any
     ) -> optimizer_pb2.ListTrialsResponse:
-        """A study's trials."""
-        trials = await self._optimizer.list_trials(request.study_id)
-        return optimizer_pb2.ListTrialsResponse(trials=[trial_to_proto(t) for t in trials])
+        """A study's trials, a page at a time when asked (page_size, page_token)."""
+        if not 0 <= request.page_size <= MAX_TRIAL_PAGE:
+            raise InvalidArgument(
+                f"must be between 0 and {MAX_TRIAL_PAGE} (got {request.page_size})",
+                field="page_size",
+            )
+        after = read_page_token(request.page_token, request.study_id)
+        trials, last = await self._optimizer.list_trial_page(
+            request.study_id, request.page_size, after
+        )
+        return optimizer_pb2.ListTrialsResponse(
+            trials=[trial_to_proto(t) for t in trials],
+            next_page_token="" if last is None else page_token(request.study_id, last),
+        )
 
     async def CancelStudy(
         self, request: optimizer_pb2.CancelStudyRequest, context: Any

@@ -239,9 +239,20 @@ class Optimizer:
 
     async def list_trials(self, study_id: str) -> list[TrialView]:
         """The study's trials by number."""
+        return (await self.list_trial_page(study_id))[0]
+
+    async def list_trial_page(
+        self, study_id: str, page_size: int = 0, after: int = -1
+    ) -> tuple[list[TrialView], int | None]:
+        """The study's trials numbered above `after`, by number, at most `page_size` of them
+        (0: all); and the last number of the page when more follow (None: none)."""
         await self.store.record(study_id)
-        trials = await self.store.trials(study_id)
-        return await self.store.run(lambda: [trial_view(t) for t in trials])
+        trials = [t for t in await self.store.trials(study_id) if t.number > after]
+        last = None
+        if page_size and len(trials) > page_size:
+            trials = trials[:page_size]
+            last = trials[-1].number
+        return await self.store.run(lambda: [trial_view(t) for t in trials]), last
 
     async def watch(self, study_id: str) -> AsyncIterator[StudyEvent]:
         """The study's recent events, then live, until it finishes."""

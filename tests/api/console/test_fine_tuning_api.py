@@ -124,6 +124,23 @@ async def test_a_studys_events_stream_to_its_end(stack: Stack) -> None:
     finished = received[-1].json()["study_finished"]["study"]
     assert finished["state"] == "STUDY_STATE_COMPLETED"
     assert finished["trials_complete"] + finished["trials_pruned"] == 5
+    # Its trials, a page at a time, as the study page fetches them; a bad page is a 400.
+    async with stack.client() as http:
+        numbers, query = [], "?page_size=2"
+        while True:
+            page = spec.check(
+                "/api/v1/studies/{study_id}",
+                "get",
+                await http.get(f"/api/v1/studies/events{query}"),
+            )
+            numbers.append([t["number"] for t in page["trials"]])
+            if not page.get("next_page_token"):
+                break
+            query = f"?page_size=2&page_token={page['next_page_token']}"
+        assert numbers == [[0, 1], [2, 3], [4]]
+        for bad, field in (("?page_size=x", "page_size"), ("?page_token=nope", "page_token")):
+            refused = await http.get(f"/api/v1/studies/events{bad}")
+            assert refused.status_code == 400 and field in refused.text, refused.text
 
 
 def _watch_calls(code: str) -> float:

@@ -138,6 +138,34 @@ async def test_a_study_runs_and_its_events_and_trials_come_back(stub: Any, data:
     assert study.state == optimizer_pb2.STUDY_STATE_COMPLETED and study.trials_complete == 5
     trials = (await stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_id="s"))).trials
     assert [t.number for t in trials] == list(range(5))
+    # A page at a time: each page's token asks for the next, the last page has none.
+    pages, token = [], ""
+    while True:
+        reply = await stub.ListTrials(
+            optimizer_pb2.ListTrialsRequest(study_id="s", page_size=2, page_token=token)
+        )
+        pages.append([t.number for t in reply.trials])
+        token = reply.next_page_token
+        if not token:
+            break
+    assert pages == [[0, 1], [2, 3], [4]]
+    whole = await stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_id="s", page_size=5))
+    assert len(whole.trials) == 5 and not whole.next_page_token
+    first = await stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_id="s", page_size=1))
+    for bad, field in (
+        (optimizer_pb2.ListTrialsRequest(study_id="s", page_size=-1), "page_size"),
+        (optimizer_pb2.ListTrialsRequest(study_id="s", page_size=1001), "page_size"),
+        (optimizer_pb2.ListTrialsRequest(study_id="s", page_token="not a token"), "page_token"),
+        (optimizer_pb2.ListTrialsRequest(study_id="s", page_token="x" * 600), "page_token"),
+        (
+            optimizer_pb2.ListTrialsRequest(study_id="t", page_token=first.next_page_token),
+            "page_token",
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.ListTrials(bad)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in (caught.value.details() or "")
     assert all(len(t.epoch_objectives) == 2 and t.best_epoch for t in trials)
     listed = (await stub.ListStudies(optimizer_pb2.ListStudiesRequest(project_id=5))).studies
     assert [s.study_id for s in listed] == ["s"]
