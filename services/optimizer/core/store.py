@@ -111,9 +111,16 @@ class StudyStore:
         return await self.run(study.get_trials, deepcopy=False, states=states)
 
     async def trial(self, study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
-        """One trial of a loaded study."""
-        trials = await self.run(study.get_trials, deepcopy=False)
-        return trials[number]
+        """One trial of a loaded study: two indexed lookups, not a load of every trial (a
+        trial's handling reads it several times; loading the whole study each time made
+        the optimizer's storage work grow with the square of the trials)."""
+
+        def one() -> optuna.trial.FrozenTrial:
+            storage = study._storage
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+            return storage.get_trial(trial_id)
+
+        return await self.run(one)
 
     async def set_trial_attrs(self, study: optuna.Study, trial_id: int, **attrs: Any) -> None:
         """Sets user attributes of a trial."""
