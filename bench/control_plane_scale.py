@@ -50,7 +50,6 @@ from simulated_trainer import Pace, SimulatedRunner, start_simulated_trainer  # 
 from loratune.common.v1 import common_pb2  # noqa: E402
 from loratune.optimizer.v1 import optimizer_pb2, optimizer_pb2_grpc  # noqa: E402
 
-
 SERVE = (sys.executable, "-m", "services.cli.main", "serve")
 
 
