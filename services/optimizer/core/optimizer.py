@@ -352,19 +352,29 @@ class Optimizer:
                 self.pool.claim(held)
                 running[asyncio.create_task(self._trials.reattach(study, spec, trial))] = held
             waiting_said = False
+            # The trials are read again only when one may have ended (a task finished, or a
+            # trial was started: it may have taken a twin's result); a wake-up with nothing
+            # new reads the record alone. At 1,000 trials a read of them all is the cost.
+            changed = True
+            finished_trials: list[optuna.trial.FrozenTrial] = []
+            finished = 0
             while True:
                 record = await self.store.record(study_id)
                 if study_id in self._cancelled or record.state == "CANCELLED":
                     return
-                finished_trials = await self.store.trials(
-                    study_id, (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-                )
-                # Failed trials use the budget too (as in Optuna's own n_trials): a study never
-                # starts more than n_trials trials, re-runs of interrupted or retried ones aside.
-                failed = await self.store.trials(study_id, (optuna.trial.TrialState.FAIL,))
-                finished = budget_used(finished_trials, n_trials) + sum(
-                    1 for t in failed if int(t.user_attrs.get("attempt", 1)) == 1
-                )
+                if changed:
+                    finished_trials = await self.store.trials(
+                        study_id,
+                        (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED),
+                    )
+                    # Failed trials use the budget too (as in Optuna's own n_trials): a study
+                    # never starts more than n_trials trials, re-runs of interrupted or
+                    # retried ones aside.
+                    failed = await self.store.trials(study_id, (optuna.trial.TrialState.FAIL,))
+                    finished = budget_used(finished_trials, n_trials) + sum(
+                        1 for t in failed if int(t.user_attrs.get("attempt", 1)) == 1
+                    )
+                    changed = False
                 if finished >= n_trials and not running and not pending:
                     if not any(
                         t.state == optuna.trial.TrialState.COMPLETE for t in finished_trials
@@ -435,6 +445,7 @@ class Optimizer:
                     else:
                         work = self._trials.new_trial(study, spec, spec.space, address)
                     running[asyncio.create_task(work)] = address
+                    changed = True
                     continue
                 waiting: list[asyncio.Task[Any]] = list(running) or [
                     asyncio.create_task(asyncio.sleep(self._options.poll_seconds))
@@ -445,6 +456,7 @@ class Optimizer:
                 for finished_task in done:
                     if finished_task not in running:
                         continue
+                    changed = True
                     task = finished_task
                     self.pool.release(running.pop(task))
                     if task.cancelled():
