@@ -327,6 +327,8 @@ class Cluster:
         self.history: list[tuple[float, int, float | None]] = []  # (time, replicas, value)
         self.start_seconds: list[float] = []  # each trainer's spawn to SERVING
         self._serial = 0
+        # Pod IPs 127.<subnet>.x.y: another run's on this machine use another subnet.
+        self._subnet = 10 + os.getpid() % 240
         self._failures = 0
         self._last_active: float | None = None
         self._recommendations: list[tuple[float, int]] = []
@@ -335,25 +337,19 @@ class Cluster:
     # -- pods --
 
     def _spawn(self) -> None:
-        self._serial += 1
+        while True:  # a pod IP nothing answers on (a process of another run may linger)
+            self._serial += 1
+            ip = f"127.{self._subnet}.{self._serial // 250}.{self._serial % 250 + 1}"
+            if not _serving(f"{ip}:{TRAINER_PORT}"):
+                break
         name = f"loratune-trainer-{self._serial}"
-        ip = f"127.0.0.{self._serial + 1}"
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "services.cli.main",
-                "serve",
-                "trainer",
-                "--port",
-                str(TRAINER_PORT),
-                "--metrics-port",
-                "-1",
-            ],
+            [*TRAINER_COMMAND, "--port", str(TRAINER_PORT), "--metrics-port", "-1"],
             env={**self.env, "LORATUNE_HOST": ip},
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
         )
         log.close()
         with self.lock:
@@ -487,6 +483,17 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 pod.process.kill()
         self.api.close()
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the harness's process dies (a test killed on timeout
+    leaves no trainer behind). Linux only; elsewhere nothing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _serving(address: str) -> bool:
