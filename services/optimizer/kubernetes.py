@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,9 @@ class KubernetesTrainers:
             try:
                 config.load_incluster_config()
             except config.ConfigException:
-                config.load_kube_config()
+                # KUBECONFIG as it is now: the client reads the variable once, when it is
+                # first imported, and would miss one set later (a test, a wrapper script).
+                config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
             self._api = client.CoreV1Api()
         return self._api
 
