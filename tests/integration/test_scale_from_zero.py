@@ -35,8 +35,9 @@ from tests.unit.deploy.conftest import K8S, find, render
 # Manifest seconds x this: the 900 s cooldown lasts 18 s, a 15 s poll 0.3 s.
 TIME_SCALE = 0.02
 N_TRIALS = 20
-# Scale-ins from outside the autoscaler (`kubectl scale`, one pod less) while the study runs.
-FORCED_SCALE_INS = (6.0, 14.0, 22.0)
+# Scale-ins from outside the autoscaler (`kubectl scale`, one pod less) while the study runs:
+# after these numbers of trials have finished.
+FORCED_SCALE_INS = (3, 8, 13)
 
 
 def _request(dataset: Path, model: Path) -> optimizer_pb2.CreateStudyRequest:
@@ -116,6 +117,7 @@ async def test_trainers_scale_from_zero_for_a_study_and_back_sparing_busy_ones(
             waited: list[str] = []
             first_started: float | None = None
             forced = list(FORCED_SCALE_INS)
+            ended = 0
             final = None
             async for event in stub.WatchStudy(
                 optimizer_pb2.WatchStudyRequest(study_id="from-zero")
@@ -125,10 +127,11 @@ async def test_trainers_scale_from_zero_for_a_study_and_back_sparing_busy_ones(
                     waited.append(event.study_waiting.reason)
                 if event.HasField("trial_started") and first_started is None:
                     first_started = now
-                while forced and first_started is not None and now - first_started >= forced[0]:
+                if event.HasField("trial_finished"):
+                    ended += 1
+                if forced and ended >= forced[0] and len(cluster.live_pods()) >= 2:
                     forced.pop(0)
-                    if len(cluster.live_pods()) >= 2:
-                        await asyncio.to_thread(cluster.scale_in_now)
+                    await asyncio.to_thread(cluster.scale_in_now)
                 if event.HasField("study_finished"):
                     final = event.study_finished.study
                     break

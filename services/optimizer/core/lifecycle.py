@@ -10,11 +10,12 @@ an evaluator that cannot score).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -38,6 +39,7 @@ from services.optimizer.core.ports import (
     JobCompleted,
     JobDataPrepared,
     JobEvaluation,
+    JobEvent,
     JobFailed,
     JobProgress,
     TrainerPort,
@@ -329,6 +331,39 @@ class TrialLifecycle:
 
     # ---- following ---------------------------------------------------------------------
 
+    async def _ended_early(
+        self, events: AsyncIterator[JobEvent], address: str
+    ) -> AsyncIterator[JobEvent]:
+        """`events`, read ahead of the trial's handling: the job's end is told to the pool
+        (`job_ended`) when the trainer sends it, not after the last epoch's evaluation,
+        which may take a second while the trainer already sits idle."""
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for event in events:
+                    if isinstance(event, JobCompleted | JobFailed):
+                        self._job_ended(address)
+                    await queue.put(("event", event))
+                await queue.put(("end", None))
+            except Exception as err:
+                await queue.put(("error", err))
+
+        reader = asyncio.create_task(pump())
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "event":
+                    yield value
+                elif kind == "end":
+                    return
+                else:
+                    raise value
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
     async def _follow(self, run: TrialRun) -> Outcome:
         """Follows the job's events to the trial's end: evaluate, report, prune, tell.
 
@@ -344,7 +379,7 @@ class TrialLifecycle:
         excluded: list[dict[str, Any]] = list(frozen.user_attrs.get("excluded_classes", []))
         # After a restart the replayed evaluations were reported before: not again.
         reported = set(frozen.intermediate_values)
-        events = self._trainers.watch(run.address, run.job_id)
+        events = self._ended_early(self._trainers.watch(run.address, run.job_id), run.address)
         try:
             while True:
                 try:
@@ -436,7 +471,6 @@ class TrialLifecycle:
                         await self._finished(study, number, started, "pruned")
                         return Outcome(number)
                 elif isinstance(event, JobCompleted):
-                    self._job_ended(run.address)
                     if not epochs:
                         await self.tell_fail(
                             study,
@@ -463,7 +497,6 @@ class TrialLifecycle:
                     await self._completed(run, best.evaluation.objective)
                     return Outcome(number)
                 elif isinstance(event, JobFailed):
-                    self._job_ended(run.address)
                     if event.reason == "SHUTDOWN":
                         return await self.interrupted(
                             study,
