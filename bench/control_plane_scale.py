@@ -28,14 +28,12 @@ import contextlib
 import itertools
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +47,7 @@ from simulated_trainer import Pace, SimulatedRunner, start_simulated_trainer  # 
 
 from loratune.common.v1 import common_pb2  # noqa: E402
 from loratune.optimizer.v1 import optimizer_pb2, optimizer_pb2_grpc  # noqa: E402
+from tests.integration import postgres as postgres_helper  # noqa: E402
 
 SERVE = (sys.executable, "-m", "services.cli.main", "serve")
 
@@ -66,40 +65,6 @@ def quantiles(values: list[float]) -> str:
     ordered = sorted(values)
     p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
     return f"{statistics.median(ordered) * 1000:.1f} / {p95 * 1000:.1f} ms"
-
-
-@contextlib.contextmanager
-def postgres() -> Iterator[str]:
-    """A PostgreSQL server in a temporary folder; yields its SQLAlchemy URL."""
-    if shutil.which("initdb") is None or shutil.which("pg_ctl") is None:
-        raise SystemExit("PostgreSQL binaries (initdb, pg_ctl) are not installed; or --sqlite")
-    base = Path(tempfile.mkdtemp(prefix="loratune-bench-pg-"))
-    base.chmod(0o755)
-    data = base / "data"
-    data.mkdir()
-    port = free_port()
-    prefix: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        shutil.chown(data, "postgres")
-        prefix = ["runuser", "-u", "postgres", "--"]
-    subprocess.run(
-        [*prefix, "initdb", "-D", str(data), "-U", "loratune", "--auth=trust", "-E", "UTF8"],
-        check=True,
-        capture_output=True,
-    )
-    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c max_connections=200"
-    subprocess.run(
-        [*prefix, "pg_ctl", "-D", str(data), "-w", "-l", str(data / "log"), "-o", options, "start"],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield f"postgresql+psycopg://loratune@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(
-            [*prefix, "pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True
-        )
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def serve(service: str, port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -236,19 +201,12 @@ def dispatch_latencies(log: list[tuple[str, float, float]]) -> list[float]:
 
 
 async def run(args: argparse.Namespace, storage: str, work: Path) -> None:
-    import simulated_trainer
-
     pace = Pace(args.step_seconds, args.steps)
     log: list[tuple[str, float, float]] = []
     trainers = []
     for i in range(args.trainers):
-        # Each trainer its own recording runner (start_simulated_trainer's, swapped here).
-        original = simulated_trainer.SimulatedRunner
-        simulated_trainer.SimulatedRunner = lambda p, i=i: Recorder(p, log, f"t{i}")  # type: ignore[assignment,misc]
-        try:
-            trainers.append(await start_simulated_trainer(work / "runs", pace))
-        finally:
-            simulated_trainer.SimulatedRunner = original  # type: ignore[misc]
+        runner = Recorder(pace, log, f"t{i}")
+        trainers.append(await start_simulated_trainer(work / "runs", runner=runner))
     train, validation = write_dataset(
         work / "data", args.classes, max(args.classes * 3, 300), args.validation_rows
     )
@@ -380,7 +338,9 @@ def main() -> None:
     if args.sqlite:
         asyncio.run(run(args, f"sqlite:///{work / 'optuna.db'}", work))
         return
-    with postgres() as url:
+    if not postgres_helper.available():
+        raise SystemExit("PostgreSQL binaries (initdb, pg_ctl) are not installed; or --sqlite")
+    with postgres_helper.postgres_server(max_connections=200) as url:
         asyncio.run(run(args, url, work))
 
 

@@ -162,12 +162,15 @@ def _log_probs(predictions: list[str], index: dict[str, int]) -> Any:
 
 
 async def start_simulated_trainer(
-    root: Path, pace: Pace | None = None, host: str = "127.0.0.1"
+    root: Path,
+    pace: Pace | None = None,
+    host: str = "127.0.0.1",
+    runner: SimulatedRunner | None = None,
 ) -> RunningServer:
-    """A TrainerService on a free port whose jobs are simulated at `pace`."""
+    """A TrainerService on a free port whose jobs are simulated at `pace` (or by `runner`)."""
     settings = TrainerSettings(artifact_root=root, trainer_progress_every_steps=5)
     manager = JobManager(
-        SimulatedRunner(pace or Pace()),
+        runner or SimulatedRunner(pace or Pace()),
         jobs_kept=settings.trainer_jobs_kept,
         progress_every_steps=settings.trainer_progress_every_steps,
     )

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +31,7 @@ from services.optimizer.main import service_definition as optimizer_definition
 from services.trainer.config import TrainerSettings
 from services.trainer.main import build_manager
 from services.trainer.main import service_definition as trainer_definition
+from tests.integration import postgres as postgres_helper
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 FINISHED = (optimizer_pb2.TRIAL_STATE_COMPLETE, optimizer_pb2.TRIAL_STATE_PRUNED)
@@ -232,47 +231,12 @@ async def test_optimizer_sigkill_mid_study_resumes_from_storage(
 
 
 @pytest.fixture
-def postgres(tmp_path: Path) -> Iterator[str]:
+def postgres() -> Iterator[str]:
     """A real PostgreSQL server in a temporary folder; yields its SQLAlchemy URL."""
-    if shutil.which("initdb") is None or shutil.which("pg_ctl") is None:
+    if not postgres_helper.available():
         pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are not installed")
-    # pytest's tmp_path is private to root; the server's own user must reach its folder.
-    base = Path(tempfile.mkdtemp(prefix="loratune-pg-"))
-    base.chmod(0o755)
-    data = base / "data"
-    data.mkdir()
-    port = free_port()
-    prefix: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        shutil.chown(data, "postgres")
-        prefix = ["runuser", "-u", "postgres", "--"]
-    subprocess.run(
-        [*prefix, "initdb", "-D", str(data), "-U", "loratune", "--auth=trust", "-E", "UTF8"],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [
-            *prefix,
-            "pg_ctl",
-            "-D",
-            str(data),
-            "-w",
-            "-l",
-            str(data / "log"),
-            "-o",
-            f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
-            "start",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield f"postgresql+psycopg://loratune@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(
-            [*prefix, "pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True
-        )
+    with postgres_helper.postgres_server() as url:
+        yield url
 
 
 async def test_study_on_postgresql(
