@@ -13,8 +13,9 @@ published one is one of them), the optimism (selected validation minus its test)
 study's seconds. Then scikit-learn's balanced logistic regression on the same frozen
 features with its C by 5-fold cross-validation on the training rows, once.
 
-test.csv is read 2 times per seed (floor, selected), a third when the study published the
-ensemble of its bases' best trials, and once per base for the baseline.
+test.csv is read 2 times per seed (floor, selected), a third when the study published an
+ensemble (each base's best trial and the floors), and once per base for the baseline.
+`study_rereport.py` scores what the current rule publishes for a study that already ran.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/study_report.py --seeds 11 --split-seed 7
         [--trials 20] [--threads 1] [--max-seq-length 64] [--no-baseline]
@@ -90,7 +91,7 @@ def main() -> None:
             else selected_test
         )
         if r.ensemble_published:
-            # The published folder: the ensemble of each base's best trial.
+            # The published folder: each base's best trial and the floors together.
             published_test = protocol.score_adapter(study.best_model_dir, data, length)
         elif r.published_trial == r.floor_trial:
             published_test = floor_test
@@ -117,7 +118,9 @@ def main() -> None:
         if r.ensemble_trials:
             print(
                 f"  ensemble of {', '.join(f'#{n}' for n in r.ensemble_trials)}: validation "
-                f"macro-F1 {r.ensemble_objective:.4f} (selected {r.selected_macro_f1:.4f}), "
+                f"macro-F1 {r.ensemble_objective:.4f} (selected {r.selected_macro_f1:.4f}); "
+                f"cross-validated {r.ensemble_cross_validated:.4f} against the single "
+                f"model's {r.single_cross_validated:.4f}: "
                 f"{'published' if r.ensemble_published else 'not published'}"
             )
         if r.warning:

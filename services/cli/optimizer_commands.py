@@ -234,9 +234,14 @@ def report_lines(study: optimizer_pb2.Study) -> list[str]:
             else ""
         )
         lines.append(
-            f"  ensemble of each base's best (trials {trials}): macro-F1 "
+            f"  ensemble of each base's best and the floors (trials {trials}): macro-F1 "
             f"{r.ensemble_objective:.4f}{compared}"
         )
+        if r.HasField("ensemble_cross_validated") and r.HasField("single_cross_validated"):
+            lines.append(
+                f"  cross-validated on validation halves: ensemble "
+                f"{r.ensemble_cross_validated:.4f}, single model {r.single_cross_validated:.4f}"
+            )
     is_floor = r.HasField("floor_trial") and r.published_trial == r.floor_trial
     if r.ensemble_published:
         lines.append(f"published: the ensemble of trials {', '.join(map(str, r.ensemble_trials))}")

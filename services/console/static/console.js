@@ -353,7 +353,10 @@ function reportRows(study) {
   const members = r.ensemble_trials || [];
   if (members.length) {
     const compared = typeof r.selected_macro_f1 === "number" ? ` against the selected trial's ${num(r.selected_macro_f1)}` : "";
-    rows.push(row("ensemble", `each base's best (${members.map((n) => `#${n}`).join(", ")}): macro-F1 ${num(r.ensemble_objective)}${compared}`));
+    rows.push(row("ensemble", `each base's best and the floors (${members.map((n) => `#${n}`).join(", ")}): macro-F1 ${num(r.ensemble_objective)}${compared}`));
+    if (typeof r.ensemble_cross_validated === "number" && typeof r.single_cross_validated === "number") {
+      rows.push(row("cross-validated", `on validation halves: ensemble ${num(r.ensemble_cross_validated)}, single model ${num(r.single_cross_validated)}`));
+    }
   }
   const floor = typeof r.floor_trial === "number" && (r.published_trial || 0) === r.floor_trial;
   const published = r.ensemble_published

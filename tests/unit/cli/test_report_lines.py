@@ -76,9 +76,12 @@ def test_a_published_ensemble_names_its_members_and_what_it_was_compared_with() 
             ensemble_objective=0.8721,
             selected_macro_f1=0.8664,
             ensemble_published=True,
+            ensemble_cross_validated=0.8736,
+            single_cross_validated=0.8653,
         )
     )
     text = "\n".join(lines)
-    assert "ensemble of each base's best (trials 1, 0): macro-F1 0.8721" in text
+    assert "ensemble of each base's best and the floors (trials 1, 0): macro-F1 0.8721" in text
+    assert "cross-validated on validation halves: ensemble 0.8736, single model 0.8653" in text
     assert "against the selected trial's 0.8664" in text
     assert "published: the ensemble of trials 1, 0" in text

@@ -732,13 +732,18 @@ async def test_a_time_budget_beyond_30_days_is_refused(tmp_path: Path, data: Pat
 class ClassifyingTrainers(FakeTrainers):
     """Predicts a 10-class validation split (10 rows each): the probe-only job right on
     `floor_accuracy` of each class's rows (the same rows every time), every other job right
-    on each row with probability `accuracy` (its own random rows)."""
+    on each row with probability `accuracy` (its own random rows). Its saved log-probabilities
+    are hesitant where wrong (the right class a close second), or with `sure_when_wrong`
+    confident, so that averaging them with another trial's does not correct the error."""
 
     LABELS: ClassVar[list[str]] = [f"c{i}" for i in range(10)]
 
-    def __init__(self, floor_accuracy: float, accuracy: float) -> None:
+    def __init__(
+        self, floor_accuracy: float, accuracy: float, *, sure_when_wrong: bool = False
+    ) -> None:
         super().__init__(epochs=1)
         self.floor_accuracy, self.accuracy = floor_accuracy, accuracy
+        self.sure_when_wrong = sure_when_wrong
         self.references = [label for label in self.LABELS for _ in range(10)]
 
     async def watch(self, address: str, job_id: str) -> AsyncIterator[JobEvent]:
@@ -784,7 +789,7 @@ class ClassifyingTrainers(FakeTrainers):
         for row, (p, r) in enumerate(zip(predictions, self.references, strict=True)):
             logits[row, self.LABELS.index(r)] = 4.0 if p == r else 1.0
             if p != r:
-                logits[row, self.LABELS.index(p)] = 1.5
+                logits[row, self.LABELS.index(p)] = 12.0 if self.sure_when_wrong else 1.5
         log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
         save_file({SCORES_KEY: log_probs.astype(np.float16)}, str(folder / VALIDATION_SCORES_FILE))
 
@@ -809,8 +814,10 @@ class MacroF1Evaluator(FakeEvaluator):
 async def test_a_best_trial_within_the_noise_of_its_floor_is_not_published(
     tmp_path: Path, data: Path
 ) -> None:
-    # Every trial as good as the floor: the best of them is ahead by chance alone.
-    optimizer = make(tmp_path, ClassifyingTrainers(0.8, 0.8), MacroF1Evaluator())
+    # Every trial as good as the floor: the best of them is ahead by chance alone. (Errors
+    # made with confidence: no ensemble of them beats the floor either.)
+    trainers = ClassifyingTrainers(0.8, 0.8, sure_when_wrong=True)
+    optimizer = make(tmp_path, trainers, MacroF1Evaluator())
     study = await run(optimizer, create(data, n=12, pruner="none", name="noise"))
     assert study.state == optimizer_pb2.STUDY_STATE_COMPLETED, study.failure_reason
     report = study.report
@@ -831,7 +838,8 @@ async def test_a_best_trial_within_the_noise_of_its_floor_is_not_published(
 async def test_a_clearly_better_trial_is_published_over_its_floor(
     tmp_path: Path, data: Path
 ) -> None:
-    optimizer = make(tmp_path, ClassifyingTrainers(0.5, 0.95), MacroF1Evaluator())
+    trainers = ClassifyingTrainers(0.5, 0.95, sure_when_wrong=True)  # no ensemble helps
+    optimizer = make(tmp_path, trainers, MacroF1Evaluator())
     study = await run(optimizer, create(data, n=6, pruner="none", name="clear"))
     report = study.report
     assert report.floor_trial == 0 and report.published_trial == report.selected_trial != 0
@@ -874,12 +882,15 @@ async def test_a_study_of_several_bases_runs_each_floor_first_and_searches_the_b
     for t in trials:
         if t.HasField("same_as"):
             assert trials[t.same_as].base_model == t.base_model
-    # The bases err on different rows: their best trials together predict validation
-    # better than either, and the ensemble is what was published.
+    # The bases err on different rows: their best trials and the floors together predict
+    # validation better than any alone, on held-out halves too, and the ensemble is what
+    # was published.
     report = study.report
-    assert len(report.ensemble_trials) == 2
     assert {trials[n].base_model for n in report.ensemble_trials} == {"org/small", "org/large"}
+    assert {f.trial for f in report.floors} <= set(report.ensemble_trials)
+    assert report.ensemble_trials[0] == report.selected_trial
     assert report.ensemble_objective > report.selected_macro_f1
+    assert report.ensemble_cross_validated > report.single_cross_validated
     assert report.ensemble_published and report.published_trial == report.ensemble_trials[0]
     published = Path(study.best_model_dir)
     manifest = json.loads((published / ENSEMBLE_FILE).read_text())

@@ -820,6 +820,8 @@ class StudyReport(_message.Message):
     ENSEMBLE_OBJECTIVE_FIELD_NUMBER: _builtins.int
     SELECTED_MACRO_F1_FIELD_NUMBER: _builtins.int
     ENSEMBLE_PUBLISHED_FIELD_NUMBER: _builtins.int
+    ENSEMBLE_CROSS_VALIDATED_FIELD_NUMBER: _builtins.int
+    SINGLE_CROSS_VALIDATED_FIELD_NUMBER: _builtins.int
     floor_trial: _builtins.int
     """The floor: the probe-only trial (a class-balanced logistic regression on the frozen
     features, its C by cross-validation); absent when the space has no 0-epoch point.
@@ -856,13 +858,24 @@ class StudyReport(_message.Message):
     candidate that lost).
     """
     ensemble_objective: _builtins.float
-    """The ensemble's validation macro-F1, computed by the optimizer from the saved scores."""
+    """The ensemble's validation macro-F1, computed by the optimizer from the saved scores
+    (in-sample: on the rows its members were chosen on).
+    """
     selected_macro_f1: _builtins.float
     """The selected trial's validation macro-F1 by the same computation, to compare with."""
     ensemble_published: _builtins.bool
     """True when the ensemble was published (best_model_dir then holds ensemble.json and a
-    folder per member; published_trial is its best member): it predicted validation
-    better than the selected trial and beat the floor by more than the expected optimism.
+    folder per member; published_trial is its best member): its rule's cross-validated
+    macro-F1 beat the single-model rule's.
+    """
+    ensemble_cross_validated: _builtins.float
+    """What decides: the macro-F1 of the ensemble rule cross-validated on the validation rows
+    (20 class-stratified halvings, each way: members chosen on one half, scored on the
+    other).
+    """
+    single_cross_validated: _builtins.float
+    """The same for the single-model rule (the best trial, or the floor when its gain is
+    within the expected optimism), chosen and scored on the same halves.
     """
     @_builtins.property
     def floors(self) -> _containers.RepeatedCompositeFieldContainer[Global___BaseFloor]:
@@ -872,9 +885,9 @@ class StudyReport(_message.Message):
 
     @_builtins.property
     def ensemble_trials(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """A study of several base models: the ensemble of each base's best trial (predicting by
-        the mean of their log-probabilities), best member first; empty for one base, or when
-        a member saved no validation scores.
+        """A classification study's ensemble: each base's best trial and each base's floor
+        (predicting by the mean of their log-probabilities), best member first; empty when
+        that is one trial, or when a member saved no validation scores.
         """
 
     def __init__(
@@ -897,15 +910,19 @@ class StudyReport(_message.Message):
         ensemble_objective: _builtins.float | None = ...,
         selected_macro_f1: _builtins.float | None = ...,
         ensemble_published: _builtins.bool = ...,
+        ensemble_cross_validated: _builtins.float | None = ...,
+        single_cross_validated: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_default_objective", b"_default_objective", "_default_trial", b"_default_trial", "_ensemble_objective", b"_ensemble_objective", "_expected_optimism", b"_expected_optimism", "_floor_objective", b"_floor_objective", "_floor_trial", b"_floor_trial", "_noise", b"_noise", "_selected_macro_f1", b"_selected_macro_f1", "default_objective", b"default_objective", "default_trial", b"default_trial", "ensemble_objective", b"ensemble_objective", "expected_optimism", b"expected_optimism", "floor_objective", b"floor_objective", "floor_trial", b"floor_trial", "noise", b"noise", "selected_macro_f1", b"selected_macro_f1"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_default_objective", b"_default_objective", "_default_trial", b"_default_trial", "_ensemble_cross_validated", b"_ensemble_cross_validated", "_ensemble_objective", b"_ensemble_objective", "_expected_optimism", b"_expected_optimism", "_floor_objective", b"_floor_objective", "_floor_trial", b"_floor_trial", "_noise", b"_noise", "_selected_macro_f1", b"_selected_macro_f1", "_single_cross_validated", b"_single_cross_validated", "default_objective", b"default_objective", "default_trial", b"default_trial", "ensemble_cross_validated", b"ensemble_cross_validated", "ensemble_objective", b"ensemble_objective", "expected_optimism", b"expected_optimism", "floor_objective", b"floor_objective", "floor_trial", b"floor_trial", "noise", b"noise", "selected_macro_f1", b"selected_macro_f1", "single_cross_validated", b"single_cross_validated"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_objective", b"_default_objective", "_default_trial", b"_default_trial", "_ensemble_objective", b"_ensemble_objective", "_expected_optimism", b"_expected_optimism", "_floor_objective", b"_floor_objective", "_floor_trial", b"_floor_trial", "_noise", b"_noise", "_selected_macro_f1", b"_selected_macro_f1", "candidates", b"candidates", "default_objective", b"default_objective", "default_trial", b"default_trial", "ensemble_objective", b"ensemble_objective", "ensemble_published", b"ensemble_published", "ensemble_trials", b"ensemble_trials", "expected_optimism", b"expected_optimism", "floor_objective", b"floor_objective", "floor_trial", b"floor_trial", "floors", b"floors", "noise", b"noise", "published_trial", b"published_trial", "selected_macro_f1", b"selected_macro_f1", "selected_objective", b"selected_objective", "selected_trial", b"selected_trial", "trials_compared", b"trials_compared", "warning", b"warning"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_objective", b"_default_objective", "_default_trial", b"_default_trial", "_ensemble_cross_validated", b"_ensemble_cross_validated", "_ensemble_objective", b"_ensemble_objective", "_expected_optimism", b"_expected_optimism", "_floor_objective", b"_floor_objective", "_floor_trial", b"_floor_trial", "_noise", b"_noise", "_selected_macro_f1", b"_selected_macro_f1", "_single_cross_validated", b"_single_cross_validated", "candidates", b"candidates", "default_objective", b"default_objective", "default_trial", b"default_trial", "ensemble_cross_validated", b"ensemble_cross_validated", "ensemble_objective", b"ensemble_objective", "ensemble_published", b"ensemble_published", "ensemble_trials", b"ensemble_trials", "expected_optimism", b"expected_optimism", "floor_objective", b"floor_objective", "floor_trial", b"floor_trial", "floors", b"floors", "noise", b"noise", "published_trial", b"published_trial", "selected_macro_f1", b"selected_macro_f1", "selected_objective", b"selected_objective", "selected_trial", b"selected_trial", "single_cross_validated", b"single_cross_validated", "trials_compared", b"trials_compared", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__default_objective: _TypeAlias = _typing.Literal["default_objective"]  # noqa: Y015
     _WhichOneofArgType__default_objective: _TypeAlias = _typing.Literal["_default_objective", b"_default_objective"]  # noqa: Y015
     _WhichOneofReturnType__default_trial: _TypeAlias = _typing.Literal["default_trial"]  # noqa: Y015
     _WhichOneofArgType__default_trial: _TypeAlias = _typing.Literal["_default_trial", b"_default_trial"]  # noqa: Y015
+    _WhichOneofReturnType__ensemble_cross_validated: _TypeAlias = _typing.Literal["ensemble_cross_validated"]  # noqa: Y015
+    _WhichOneofArgType__ensemble_cross_validated: _TypeAlias = _typing.Literal["_ensemble_cross_validated", b"_ensemble_cross_validated"]  # noqa: Y015
     _WhichOneofReturnType__ensemble_objective: _TypeAlias = _typing.Literal["ensemble_objective"]  # noqa: Y015
     _WhichOneofArgType__ensemble_objective: _TypeAlias = _typing.Literal["_ensemble_objective", b"_ensemble_objective"]  # noqa: Y015
     _WhichOneofReturnType__expected_optimism: _TypeAlias = _typing.Literal["expected_optimism"]  # noqa: Y015
@@ -918,10 +935,14 @@ class StudyReport(_message.Message):
     _WhichOneofArgType__noise: _TypeAlias = _typing.Literal["_noise", b"_noise"]  # noqa: Y015
     _WhichOneofReturnType__selected_macro_f1: _TypeAlias = _typing.Literal["selected_macro_f1"]  # noqa: Y015
     _WhichOneofArgType__selected_macro_f1: _TypeAlias = _typing.Literal["_selected_macro_f1", b"_selected_macro_f1"]  # noqa: Y015
+    _WhichOneofReturnType__single_cross_validated: _TypeAlias = _typing.Literal["single_cross_validated"]  # noqa: Y015
+    _WhichOneofArgType__single_cross_validated: _TypeAlias = _typing.Literal["_single_cross_validated", b"_single_cross_validated"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__default_objective) -> _WhichOneofReturnType__default_objective | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__default_trial) -> _WhichOneofReturnType__default_trial | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ensemble_cross_validated) -> _WhichOneofReturnType__ensemble_cross_validated | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ensemble_objective) -> _WhichOneofReturnType__ensemble_objective | None: ...
     @_typing.overload
@@ -934,6 +955,8 @@ class StudyReport(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__noise) -> _WhichOneofReturnType__noise | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__selected_macro_f1) -> _WhichOneofReturnType__selected_macro_f1 | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__single_cross_validated) -> _WhichOneofReturnType__single_cross_validated | None: ...
 
 Global___StudyReport: _TypeAlias = StudyReport  # noqa: Y015
 
