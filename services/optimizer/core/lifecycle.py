@@ -71,6 +71,10 @@ class LifecycleOptions:
     evaluation_retry_seconds: float = 300.0
 
 
+# How often a trial waiting for a running twin's result looks at it.
+TWIN_POLL_SECONDS = 0.2
+
+
 @dataclass(frozen=True)
 class Outcome:
     """How a trial's task ended: done (told, or failed), or interrupted and to run again."""
@@ -181,7 +185,42 @@ class TrialLifecycle:
             base_model=params.base_model or spec.fine_tuning.base_model_name,
         )
         logger.info("Trial %d: params=%s", trial.number, params.as_log_dict())
+        running = await self._store.run(_running_twin, study, deciding, trial.number)
+        if running is not None:
+            return await self._after_twin(
+                study, trial, running, hyper, deciding, address, params.base_model
+            )
         return await self._dispatch(study, spec, trial.number, address)
+
+    async def _after_twin(
+        self,
+        study: optuna.Study,
+        trial: optuna.Trial,
+        twin: optuna.trial.FrozenTrial,
+        hyper: Hyperparameters,
+        deciding: str,
+        address: str,
+        base_model: str,
+    ) -> Outcome:
+        """The same result-deciding parameters as a trial still running (proposed while its
+        result was being recorded, or by trials in parallel): the trainer is freed for other
+        work, and the trial takes the twin's result when it completes; when it does not, the
+        trial runs its own job on the next free trainer (an uncounted interruption)."""
+        logger.info(
+            "Trial %d: the same result-deciding parameters as trial %d, still running; "
+            "waiting for its result",
+            trial.number,
+            twin.number,
+        )
+        await self._store.set_trial_attrs(study, trial._trial_id, waits_for=twin.number)
+        self._job_ended(address)
+        # The store is the truth: every path that ends a trial records it there.
+        while not (twin := await self._store.trial(study, twin.number)).state.is_finished():  # noqa: ASYNC110
+            await asyncio.sleep(TWIN_POLL_SECONDS)
+        await self._store.set_trial_attrs(study, trial._trial_id, waits_for=None)
+        if twin.state == optuna.trial.TrialState.COMPLETE:
+            return await self._take_twins_result(study, trial, twin, hyper, deciding, base_model)
+        return Outcome(trial.number, interrupted=True)
 
     async def _guarded(self, study: optuna.Study, number: int, work: Any) -> Outcome:
         """Runs a trial's handling so that it always ends in a recorded state: whatever the
@@ -666,6 +705,23 @@ def _epoch_choices(study: optuna.Study, space: SearchSpace) -> tuple[int, ...]:
                 return tuple(space.num_epochs)
             break
     return sampled_epochs(space)
+
+
+def _running_twin(
+    study: optuna.Study, deciding: str, number: int
+) -> optuna.trial.FrozenTrial | None:
+    """The first RUNNING trial other than `number` computing this `result_key` itself (not
+    waiting for a twin of its own, not a taken result)."""
+    for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        attrs = frozen.user_attrs
+        if (
+            frozen.number != number
+            and attrs.get("result_key") == deciding
+            and "same_as" not in attrs
+            and attrs.get("waits_for") is None
+        ):
+            return frozen
+    return None
 
 
 def _finished_twin(study: optuna.Study, deciding: str) -> optuna.trial.FrozenTrial | None:

@@ -106,7 +106,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
-async def _cancel_all(tasks: dict[asyncio.Task[Outcome], str]) -> None:
+async def _cancel_all(tasks: dict[asyncio.Task[Outcome], tuple[str, int]]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -339,7 +339,8 @@ class Optimizer:
             complete = await self.store.trials(study_id, (optuna.trial.TrialState.COMPLETE,))
             values = [t.value for t in complete if t.value is not None]
             metrics.study_running(study_id, max(values, default=None), spec.objective_name)
-        running: dict[asyncio.Task[Outcome], str] = {}
+        # Each running trial's task, with the trainer and the lease it holds it under.
+        running: dict[asyncio.Task[Outcome], tuple[str, int]] = {}
         # Trials interrupted through no fault of their own, waiting for a trainer to run on.
         pending: list[int] = []
         try:
@@ -350,7 +351,8 @@ class Optimizer:
                     pending.append(trial.number)
                     continue
                 self.pool.claim(held)
-                running[asyncio.create_task(self._trials.reattach(study, spec, trial))] = held
+                task = asyncio.create_task(self._trials.reattach(study, spec, trial))
+                running[task] = (held, self.pool.lease(held))
             waiting_said = False
             # The trials are read again only when one may have ended (a task finished, or a
             # trial was started: it may have taken a twin's result); a wake-up with nothing
@@ -444,21 +446,36 @@ class Optimizer:
                         work = self._trials.dispatch(study, spec, pending.pop(0), address)
                     else:
                         work = self._trials.new_trial(study, spec, spec.space, address)
-                    running[asyncio.create_task(work)] = address
+                    running[asyncio.create_task(work)] = (address, self.pool.lease(address))
                     changed = True
                     continue
-                waiting: list[asyncio.Task[Any]] = list(running) or [
-                    asyncio.create_task(asyncio.sleep(self._options.poll_seconds))
-                ]
-                done, _ = await asyncio.wait(
-                    waiting, timeout=self._options.poll_seconds, return_when=asyncio.FIRST_COMPLETED
+                # Wait for a trial to end, or, while a trial waits for a trainer, for one to be
+                # freed (by any study's job ending), or for the poll (new trainers appear).
+                waiting: list[asyncio.Task[Any]] = list(running)
+                freed = (
+                    asyncio.create_task(self.pool.changed())
+                    if wanted and len(running) < limit
+                    else None
                 )
+                if freed is not None:
+                    waiting.append(freed)
+                if not waiting:
+                    waiting.append(asyncio.create_task(asyncio.sleep(self._options.poll_seconds)))
+                try:
+                    done, _ = await asyncio.wait(
+                        waiting,
+                        timeout=self._options.poll_seconds,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    if freed is not None:
+                        freed.cancel()
                 for finished_task in done:
                     if finished_task not in running:
                         continue
                     changed = True
                     task = finished_task
-                    self.pool.release(running.pop(task))
+                    self.pool.release(*running.pop(task))
                     if task.cancelled():
                         continue
                     if task.exception() is not None:
@@ -471,8 +488,8 @@ class Optimizer:
             await _cancel_all(running)
             raise
         finally:
-            for address in running.values():
-                self.pool.release(address)
+            for address, lease in running.values():
+                self.pool.release(address, lease)
             self._running_trials.pop(study_id, None)
             self._waiting_trials.pop(study_id, None)
             self._waiting.pop(study_id, None)

@@ -648,8 +648,9 @@ async def test_a_probe_only_point_runs_once_and_its_repeats_cost_no_job(
     assert {t.objective for t in trials} == {trials[0].objective}
     assert all(t.artifact_dir == trials[0].artifact_dir for t in repeats)
     # Repeats are free, but n_trials of them in a row mean the sampler has nothing new to
-    # propose: the study ends.
-    assert len(trials) == 1 + 5
+    # propose: the study ends. (Repeats proposed while trial 0 was still being recorded
+    # waited for its result without holding the trainer; at most n_trials at once.)
+    assert 1 + 5 <= len(trials) <= 1 + 2 * 5
 
 
 async def test_the_floor_runs_once_outside_the_sampler(tmp_path: Path, data: Path) -> None:
@@ -970,8 +971,9 @@ async def test_an_internal_failure_that_repeats_on_the_retry_fails_the_study_at_
     assert "failed the same way on a retry" in study.failure_reason
     assert "size mismatch for classifier" in study.failure_reason
     # The queued first trials and one retry (the retry queues behind the default trial),
-    # not the failure budget of 10.
-    assert trainers.started == 3
+    # not the failure budget of 10. (The trainer is free when a job's end arrives, so one
+    # more trial may start before the failure is recorded.)
+    assert 3 <= trainers.started <= 4
 
 
 async def test_an_internal_failure_that_passes_on_the_retry_is_forgotten(
