@@ -574,7 +574,10 @@ class Optimizer:
         await self._finish(study_id)
 
     async def _finish(self, study_id: str) -> None:
+        # Nothing of a finished study stays in this process but what clients read from storage.
         metrics.forget_study(study_id)
+        self._cancelled.discard(study_id)
+        self.store.forget(study_id)
         self.bus.publish(study_id, StudyFinished(await self.get_study(study_id)))
         await self._update_study_gauge()
 

@@ -95,6 +95,13 @@ class StudyStore:
             await self.run(study.set_user_attr, META, record.to_storage())
             return record
 
+    def forget(self, study_id: str) -> None:
+        """Drops the study's locks (it finished; a later update makes a new one)."""
+        for key in (study_id, f"ask:{study_id}"):
+            lock = self._locks.get(key)
+            if lock is not None and not lock.locked():
+                del self._locks[key]
+
     async def ask(self, study: optuna.Study) -> optuna.trial.Trial:
         """`study.ask()`, one at a time per study: two concurrent asks in worker threads could
         both take the same enqueued trial (Optuna pops a waiting trial without a lock that

@@ -1070,3 +1070,44 @@ async def test_a_study_waits_for_a_trainer_saying_why_and_completes_when_one_app
     assert final.state == optimizer_pb2.STUDY_STATE_COMPLETED
     assert final.trials_complete + final.trials_reused >= 5
     assert not final.waiting_reason and not final.HasField("waiting_since")
+
+
+class StallingTrainers(FakeTrainers):
+    """Once `stall` is set, jobs run until they are cancelled."""
+
+    stall = False
+
+    async def watch(self, address: str, job_id: str) -> AsyncIterator[JobEvent]:
+        if not self.stall:
+            async for event in super().watch(address, job_id):
+                yield event
+            return
+        while job_id not in self.cancelled:  # noqa: ASYNC110 (the fake's cancel is a list)
+            await asyncio.sleep(0.01)
+        yield JobFailed("CANCELLED", "cancelled by a client")
+
+
+async def test_nothing_of_a_finished_study_stays_in_the_optimizers_memory(
+    tmp_path: Path, data: Path
+) -> None:
+    trainers = StallingTrainers(epochs=1)
+    optimizer = make(tmp_path, trainers, FakeEvaluator())
+    done = await run(optimizer, create(data, n=5, name="done"))
+    assert done.state == optimizer_pb2.STUDY_STATE_COMPLETED
+    trainers.stall = True  # the next study's jobs run until its cancel
+    cancelled = await create_with(optimizer, create(data, n=5, name="gone"))
+    for _ in range(500):
+        if await optimizer.store.trials("gone", (optuna.trial.TrialState.RUNNING,)):
+            break
+        await asyncio.sleep(0.01)
+    await optimizer.cancel_study(cancelled.study_id)
+    for _ in range(100):
+        if not optimizer._runners:
+            break
+        await asyncio.sleep(0.01)
+    # Per-study state: runners, cancel marks, waits, trial gauges, storage locks, leases.
+    assert not optimizer._runners and not optimizer._cancelled
+    assert not optimizer._waiting and not any(optimizer._running_trials.values())
+    assert not optimizer._waiting_trials
+    assert not optimizer.store._locks
+    assert not optimizer.pool._in_use
