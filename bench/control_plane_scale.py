@@ -58,6 +58,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-quantile (nearest rank) of `values` in seconds; None when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def storage_size(storage: str, work: Path) -> int:
+    """Bytes of the study storage: the SQLite file, or the PostgreSQL database."""
+    if storage.startswith("sqlite"):
+        path = work / "optuna.db"
+        return path.stat().st_size if path.is_file() else 0
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(storage)
+        with engine.connect() as connection:
+            size = connection.execute(
+                sqlalchemy.text("SELECT pg_database_size(current_database())")
+            ).scalar()
+        engine.dispose()
+        return int(size or 0)
+    except Exception:  # the size is a report, never a reason to fail the run
+        return 0
+
+
 def quantiles(values: list[float]) -> str:
     """'p50 / p95' in milliseconds."""
     if not values:
@@ -179,9 +206,15 @@ class Recorder(SimulatedRunner):
     def __init__(self, pace: Pace, log: list[tuple[str, float, float]], name: str) -> None:
         super().__init__(pace)
         self._log, self._name = log, name
+        self._accepted = 0.0
+
+    def validate(self, spec):  # type: ignore[no-untyped-def]
+        # StartTraining reached the trainer: the job started (its data is read from here on).
+        self._accepted = time.monotonic()
+        return super().validate(spec)
 
     def run(self, spec, prepared, ctx):  # type: ignore[no-untyped-def]
-        started = time.monotonic()
+        started = self._accepted or time.monotonic()
         try:
             return super().run(spec, prepared, ctx)
         finally:
@@ -294,6 +327,34 @@ async def run(args: argparse.Namespace, storage: str, work: Path) -> None:
     busy = sum(end - start for _, start, end in log)
     cpu = timings.cpu[-1][1] - timings.cpu[0][1] if len(timings.cpu) > 1 else float("nan")
     gaps = dispatch_latencies(log)
+    peak = max((r for _, r in timings.rss), default=rss_end)
+    storage_bytes = storage_size(storage, work)
+    result = {
+        "trainers": args.trainers,
+        "studies": args.studies,
+        "trials_per_study": args.trials,
+        "classes": args.classes,
+        "validation_rows": args.validation_rows,
+        "storage": storage.split(":")[0],
+        "trials": trials,
+        "failed": failed,
+        "wall_seconds": wall,
+        "dispatch_p50": percentile(gaps, 0.5),
+        "dispatch_p95": percentile(gaps, 0.95),
+        "optimizer_cpu_seconds": cpu,
+        "cpu_per_trial": cpu / max(trials, 1),
+        "cpu_share_of_trainer_time": cpu / max(busy, 1e-9),
+        "rss_start_mib": rss_start / 2**20,
+        "rss_peak_mib": peak / 2**20,
+        "rss_end_mib": rss_end / 2**20,
+        "storage_bytes_per_trial": storage_bytes / max(trials, 1) if storage_bytes else None,
+        "get_study_p95": percentile([v for _, v in timings.get_study], 0.95),
+        "list_page_p95": percentile([v for _, v in timings.list_page], 0.95),
+        "list_studies_p95": percentile([v for _, v in timings.list_studies], 0.95),
+        "fan_out_p95": percentile(timings.fan_out, 0.95),
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
     print(
         f"\n{args.trainers} trainers, {args.studies} studies x {args.trials} trials "
         f"(parallel {args.parallel}), {args.epochs} epochs, {args.classes} classes, "
@@ -305,7 +366,6 @@ async def run(args: argparse.Namespace, storage: str, work: Path) -> None:
         f"optimizer CPU: {cpu:.1f} s, {cpu / max(trials, 1) * 1000:.0f} ms per trial, "
         f"{cpu / max(busy, 1e-9) * 100:.2f}% of the trainers' busy time ({busy:.0f} s)"
     )
-    peak = max((r for _, r in timings.rss), default=rss_end)
     print(
         f"optimizer memory: {rss_start / 2**20:.0f} MiB at start, {peak / 2**20:.0f} MiB peak, "
         f"{rss_end / 2**20:.0f} MiB at the end"
@@ -318,6 +378,8 @@ async def run(args: argparse.Namespace, storage: str, work: Path) -> None:
         last = [v for n, v in values if n >= trials * 0.8]
         print(f"{label}: all {quantiles([v for _, v in values])}; last fifth {quantiles(last)}")
     print(f"event fan-out to {args.watchers} watchers: {quantiles(timings.fan_out)}")
+    if storage_bytes:
+        print(f"storage: {storage_bytes / 2**20:.1f} MiB, {storage_bytes / max(trials, 1):.0f} B/trial")
 
 
 def main() -> None:
@@ -333,6 +395,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--watchers", type=int, default=50)
     parser.add_argument("--sqlite", action="store_true", help="SQLite instead of PostgreSQL")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="control-plane-"))
     if args.sqlite:

@@ -350,13 +350,17 @@ TRIAL_PAGE = 500
 async def list_trials(
     stub: optimizer_pb2_grpc.OptimizerServiceAsyncStub, study_id: str
 ) -> list[optimizer_pb2.Trial]:
-    """Every trial of the study, a page of TRIAL_PAGE at a time."""
+    """Every trial of the study, a page of TRIAL_PAGE at a time, in the basic view (the
+    tables show no per-class metrics or confusion matrices)."""
     trials: list[optimizer_pb2.Trial] = []
     token = ""
     while True:
         reply = await stub.ListTrials(
             optimizer_pb2.ListTrialsRequest(
-                study_id=study_id, page_size=TRIAL_PAGE, page_token=token
+                study_id=study_id,
+                page_size=TRIAL_PAGE,
+                page_token=token,
+                view=optimizer_pb2.TRIAL_VIEW_BASIC,
             )
         )
         trials.extend(reply.trials)

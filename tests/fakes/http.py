@@ -160,6 +160,7 @@ class FakeServer:
         self._requests: list[RecordedRequest] = []
         self._in_flight = 0
         self._peak = 0
+        self._opened = 0
         self._stopping = threading.Event()
         self._connections: set[socket.socket] = set()
         self._outage: _Outage | None = None
@@ -236,6 +237,12 @@ class FakeServer:
         """The most requests that were in flight at the same time."""
         with self._lock:
             return self._peak
+
+    @property
+    def connections_opened(self) -> int:
+        """TCP connections accepted since the start (a pooled one counts once)."""
+        with self._lock:
+            return self._opened
 
     def reset(self) -> None:
         """Forgets requests and the script; restores the default responder and latency."""
@@ -377,6 +384,7 @@ class _Handler(BaseHTTPRequestHandler):
         fake = self.server.fake
         with fake._lock:
             fake._connections.add(self.connection)
+            fake._opened += 1
 
     def finish(self) -> None:
         fake = self.server.fake

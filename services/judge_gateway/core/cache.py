@@ -8,7 +8,7 @@ import logging
 import sqlite3
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -29,11 +29,17 @@ class CacheKey:
     reference: str
     temperature: float
     max_output_tokens: int
+    # Hashed once: a missed key is looked up, then written.
+    _digest: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_digest"}
+        payload = json.dumps(values, sort_keys=True, ensure_ascii=False)
+        object.__setattr__(self, "_digest", hashlib.sha256(payload.encode("utf-8")).hexdigest())
 
     def digest(self) -> str:
         """A stable hash of every field."""
-        payload = json.dumps(self.__dict__, sort_keys=True, ensure_ascii=False)
-        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+        return self._digest
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,21 @@ class GatewayOptions:
     deadline_margin: float = 0.2
 
 
+class _Series:
+    """One judge model's metric series, looked up once: `labels()` costs a locked lookup,
+    and an item would pay for several of them."""
+
+    def __init__(self, model_id: str) -> None:
+        self.request_duration = metrics.REQUEST_DURATION.labels(judge_model_id=model_id)
+        self.provider_latency = metrics.PROVIDER_LATENCY.labels(judge_model_id=model_id)
+        self.input_tokens = metrics.TOKENS.labels(judge_model_id=model_id, type="input")
+        self.output_tokens = metrics.TOKENS.labels(judge_model_id=model_id, type="output")
+        self.requests = {
+            outcome: metrics.REQUESTS.labels(judge_model_id=model_id, outcome=outcome.value)
+            for outcome in Outcome
+        }
+
+
 class _Slot:
     """One provider client with its breaker and concurrency cap, shared by its models."""
 
@@ -182,6 +197,7 @@ class JudgeGateway:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._slots: dict[tuple[str, ...], _Slot] = {}
+        self._series: dict[str, _Series] = {}
         self._overall: asyncio.Semaphore | None = None
         # Every registered model's series exist from the start (at 0): rates, ratios and
         # the circuit alert work before the first item is judged.
@@ -252,13 +268,19 @@ class JudgeGateway:
         if self._overall is None:
             self._overall = asyncio.Semaphore(self._options.max_concurrency)
         slot = self._slot(model)
-        results = await asyncio.gather(
-            *(self._judge_item(model, slot, item, rubric, deadline) for item in items)
-        )
+        series = self._series.get(model.spec.id)
+        if series is None:
+            series = self._series[model.spec.id] = _Series(model.spec.id)
+        version = rubric_version(rubric)
+        jobs = [
+            self._judge_item(model, slot, series, item, rubric, version, deadline) for item in items
+        ]
+        # One item (an evaluator's single call) needs no task of its own.
+        results = [await jobs[0]] if len(jobs) == 1 else await asyncio.gather(*jobs)
         provider_model = next(
             (r.provider_model for r in results if r.provider_model), model.spec.model_name
         )
-        batch = ScoreBatch(tuple(results), provider_model, rubric_version(rubric))
+        batch = ScoreBatch(tuple(results), provider_model, version)
         logger.info(
             "judged %d/%d items with %s (%s): mean %.2f, %d cached",
             batch.judged,
@@ -288,12 +310,12 @@ class JudgeGateway:
                 )
         return errors.Unavailable(f"judge model '{model.spec.id}' could not judge any item")
 
-    def _cache_key(self, model: ResolvedModel, slot: _Slot, item: Item, rubric: str) -> CacheKey:
+    def _cache_key(self, model: ResolvedModel, slot: _Slot, item: Item, version: str) -> CacheKey:
         return CacheKey(
             provider_type=model.spec.provider_type,
             model_name=model.spec.model_name,
             api_version=slot.provider.api_version,
-            rubric_version=rubric_version(rubric),
+            rubric_version=version,
             prompt_version=PROMPT_VERSION,
             schema_version=SCHEMA_VERSION,
             prompt=item.prompt,
@@ -304,26 +326,39 @@ class JudgeGateway:
         )
 
     async def _judge_item(
-        self, model: ResolvedModel, slot: _Slot, item: Item, rubric: str, deadline: float | None
+        self,
+        model: ResolvedModel,
+        slot: _Slot,
+        series: _Series,
+        item: Item,
+        rubric: str,
+        version: str,
+        deadline: float | None,
     ) -> ItemResult:
         started = self._clock()
-        model_id = model.spec.id
         try:
-            result = await self._judge_uncounted(model, slot, item, rubric, deadline)
-        finally:
-            metrics.REQUEST_DURATION.labels(judge_model_id=model_id).observe(
-                self._clock() - started
+            result = await self._judge_uncounted(
+                model, slot, series, item, rubric, version, deadline
             )
-        metrics.REQUESTS.labels(judge_model_id=model_id, outcome=result.outcome.value).inc()
+        finally:
+            series.request_duration.observe(self._clock() - started)
+        series.requests[result.outcome].inc()
         return result
 
     async def _judge_uncounted(
-        self, model: ResolvedModel, slot: _Slot, item: Item, rubric: str, deadline: float | None
+        self,
+        model: ResolvedModel,
+        slot: _Slot,
+        series: _Series,
+        item: Item,
+        rubric: str,
+        version: str,
+        deadline: float | None,
     ) -> ItemResult:
         if not item.candidate.strip():
             # Nothing for a judge to read: no provider call, and nothing worth caching.
             return ItemResult(Outcome.OK, 0.0, EMPTY_CANDIDATE_REASONING)
-        key = self._cache_key(model, slot, item, rubric)
+        key = self._cache_key(model, slot, item, version)
         hit = self._cache.get(key)
         if hit is not None:
             metrics.CACHE_HITS.inc()
@@ -348,7 +383,7 @@ class JudgeGateway:
             for ask in range(2):  # a reply that cannot be read is asked again once
                 if ask:
                     request = replace(request, user_prompt=request.user_prompt + REASK_SUFFIX)
-                reply = await self._call(model.spec.id, slot, request, deadline)
+                reply = await self._call(model.spec.id, slot, series, request, deadline)
                 judgment = parse_judgment(reply.text)
                 if judgment is not None:
                     break
@@ -389,7 +424,12 @@ class JudgeGateway:
         )
 
     async def _call(
-        self, model_id: str, slot: _Slot, request: ProviderRequest, deadline: float | None
+        self,
+        model_id: str,
+        slot: _Slot,
+        series: _Series,
+        request: ProviderRequest,
+        deadline: float | None,
     ) -> ProviderReply:
         """One logical call: attempts with backoff until success, a final error or the budget."""
         policy = self._options.retry
@@ -412,11 +452,11 @@ class JudgeGateway:
                 metrics.INFLIGHT.inc()
                 started = self._clock()
                 try:
-                    reply = await asyncio.wait_for(
-                        slot.provider.generate(replace(request, timeout=timeout)),
-                        # The provider enforces `timeout` itself; this only backs it up.
-                        timeout=timeout + 1.0,
-                    )
+                    # The provider enforces `timeout` itself; this only backs it up. (A
+                    # timeout scope, unlike wait_for, runs the call in this task: no task
+                    # to create and schedule per call.)
+                    async with asyncio.timeout(timeout + 1.0):
+                        reply = await slot.provider.generate(replace(request, timeout=timeout))
                 except TimeoutError:
                     error: ProviderError | None = ProviderError(
                         ProviderErrorKind.TIMEOUT, f"no reply within {timeout:.1f} s"
@@ -427,15 +467,11 @@ class JudgeGateway:
                     error = None
                 finally:
                     metrics.INFLIGHT.dec()
-                    metrics.PROVIDER_LATENCY.labels(judge_model_id=model_id).observe(
-                        self._clock() - started
-                    )
+                    series.provider_latency.observe(self._clock() - started)
             if error is None:
                 slot.breaker.record_success()
-                metrics.TOKENS.labels(judge_model_id=model_id, type="input").inc(reply.input_tokens)
-                metrics.TOKENS.labels(judge_model_id=model_id, type="output").inc(
-                    reply.output_tokens
-                )
+                series.input_tokens.inc(reply.input_tokens)
+                series.output_tokens.inc(reply.output_tokens)
                 return reply
             if error.kind in _BREAKER_FAILURES:
                 slot.breaker.record_failure()

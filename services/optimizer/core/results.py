@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,16 +44,34 @@ def write_evaluation(trial_dir: Path, evaluation: Evaluation, step: int) -> None
     _write_json(trial_dir / EVALUATION_FILE, dict(evaluation.document))
     scalars = {"eval/objective": evaluation.objective}
     scalars |= {f"eval/{name}": value for name, value in evaluation.figures.items()}
+    write_scalars(trial_dir / "logs" / "evaluation", scalars, step)
+
+
+# The optimizer's TensorBoard event file in a trial's logs/evaluation/ (appended to at each
+# epoch; TensorBoard reads every file whose name holds "tfevents").
+EVENTS_FILE = "events.out.tfevents.0.loratune-optimizer"
+
+
+def write_scalars(folder: Path, scalars: Mapping[str, float], step: int) -> None:
+    """Appends `scalars` at `step` to the folder's TensorBoard event file, written with
+    TensorBoard's own record format and protos: no torch and no writer thread in the
+    optimizer (torch's SummaryWriter cost 0.7 s and 200 MB of memory per evaluation)."""
     try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # the optimizer image may ship without torch
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.summary.writer.record_writer import RecordWriter
+    except ImportError:  # the optimizer image may ship without tensorboard
         return
-    writer = SummaryWriter(str(trial_dir / "logs" / "evaluation"))
-    try:
-        for tag, value in scalars.items():
-            writer.add_scalar(tag, value, step)
-    finally:
-        writer.close()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / EVENTS_FILE
+    now = time.time()
+    events = [] if path.exists() else [Event(wall_time=now, file_version="brain.Event:2")]
+    values = [Summary.Value(tag=tag, simple_value=float(value)) for tag, value in scalars.items()]
+    events.append(Event(wall_time=now, step=step, summary=Summary(value=values)))
+    with path.open("ab") as out:
+        writer = RecordWriter(out)
+        for event in events:
+            writer.write(event.SerializeToString())
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,8 @@ class StudyStore:
     async def record(self, study_id: str) -> StudyRecord:
         """The study's record (NotFound when there is none)."""
         study = await self.study(study_id)
-        stored = study.user_attrs.get(META)
+        # A storage read: in the worker thread, never on the event loop.
+        stored = (await self.run(lambda: study.user_attrs)).get(META)
         if stored is None:
             raise NotFound(f"'{excerpt(study_id)}' is not a loratune study")
         return StudyRecord.from_storage(stored)

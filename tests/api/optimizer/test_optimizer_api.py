@@ -138,6 +138,20 @@ async def test_a_study_runs_and_its_events_and_trials_come_back(stub: Any, data:
     assert study.state == optimizer_pb2.STUDY_STATE_COMPLETED and study.trials_complete == 5
     trials = (await stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_id="s"))).trials
     assert [t.number for t in trials] == list(range(5))
+    # The full view (the default) sends each evaluation whole; the basic view leaves out
+    # what grows with the classes, and keeps the figures.
+    full = trials[0].evaluation.classification
+    assert list(full.confusion_matrix.counts) == [1] and full.per_class[0].label == "x"
+    basic = (
+        await stub.ListTrials(
+            optimizer_pb2.ListTrialsRequest(study_id="s", view=optimizer_pb2.TRIAL_VIEW_BASIC)
+        )
+    ).trials
+    assert [t.number for t in basic] == list(range(5))
+    lean = basic[0].evaluation.classification
+    assert not lean.HasField("confusion_matrix") and not lean.per_class
+    assert lean.f1_macro == full.f1_macro and list(lean.worst_classes) == ["x"]
+    assert basic[0].objective == trials[0].objective
     # A page at a time: each page's token asks for the next, the last page has none.
     pages, token = [], ""
     while True:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from services.common import errors
-from services.judge_gateway.core.cache import JudgmentCache
+from services.judge_gateway.core.cache import CacheKey, JudgmentCache
 from services.judge_gateway.core.gateway import GatewayOptions, Item, JudgeGateway, Outcome
 from services.judge_gateway.core.providers.base import (
     FinishReason,
@@ -323,3 +325,37 @@ async def test_a_batch_of_only_empty_candidates_is_judged_without_any_call() -> 
     gateway, provider = make()
     batch = await gateway.score("gemini", [Item("p", "", "r")])
     assert batch.judged == 1 and batch.mean_score == 0.0 and provider.requests == []
+
+
+async def test_a_provider_overrunning_its_timeout_is_cut_by_the_backup_timeout() -> None:
+    provider = FakeProvider(latency=30.0)  # ignores the attempt's timeout it is given
+    gateway = JudgeGateway(
+        JudgeRegistry.from_environment(ENV),
+        lambda kind, opts: provider,
+        JudgmentCache(),
+        GatewayOptions(retry=RetryPolicy(max_attempts=1), attempt_timeout=0.05),
+    )
+    started = time.monotonic()
+    with pytest.raises(errors.DeadlineExceeded):
+        await gateway.score("gemini", [ITEM])
+    assert time.monotonic() - started < 5.0  # 0.05 s + the 1 s backup, not 30 s
+    assert provider.inflight == 0  # cancelled, not left running
+
+
+def test_cache_key_digest_is_stable() -> None:
+    # Persisted caches are keyed by it: the same fields must keep the same digest.
+    key = CacheKey(
+        provider_type="gemini",
+        model_name="gemini-2.5-flash",
+        api_version="v1beta",
+        rubric_version="rubric-v1",
+        prompt_version="prompt-v1",
+        schema_version="schema-v1",
+        prompt=ITEM.prompt,
+        candidate=ITEM.candidate,
+        reference=ITEM.reference,
+        temperature=0.0,
+        max_output_tokens=1024,
+    )
+    assert key.digest() == "031bef338668e4cc0febd5d2ae5e2ee4a758f3f9df780fe1e1618e7d85ed4d2a"
+    assert key == replace(key) and "digest" not in repr(key)

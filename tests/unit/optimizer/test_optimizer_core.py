@@ -126,7 +126,12 @@ class FakeEvaluator:
                 task_type=common_pb2.TASK_TYPE_CLASSIFICATION,
                 objective=value,
                 objective_name="f1_macro",
-                classification=common_pb2.ClassificationMetrics(f1_macro=value),
+                classification=common_pb2.ClassificationMetrics(
+                    f1_macro=value,
+                    per_class=[common_pb2.ClassMetrics(label="x", f1=value, support=1)],
+                    confusion_matrix=common_pb2.ConfusionMatrix(labels=["x"], counts=[1]),
+                    worst_classes=["x"],
+                ),
             )
         )
 

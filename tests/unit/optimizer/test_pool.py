@@ -75,7 +75,7 @@ async def test_a_freed_trainer_wakes_every_waiting_study_at_once() -> None:
     freed_at = time.monotonic()
     pool.job_ended(held)
     await asyncio.wait_for(asyncio.gather(*waiters), 1.0)
-    assert len(woken) == 3 and max(woken) - freed_at < 0.05
+    assert len(woken) == 3 and max(woken) - freed_at < 0.5  # at once, not at a poll
     # The next wait waits for the next trainer freed, not the last one.
     late = asyncio.create_task(pool.changed())
     await asyncio.sleep(0.02)
@@ -89,7 +89,7 @@ async def test_the_trainers_are_asked_their_status_at_once() -> None:
     pool = _pool(trainers, Discovery(addresses))
     started = time.monotonic()
     assert await pool.acquire() == "t0:1"
-    assert time.monotonic() - started < 0.1 * 4  # not 16 calls one after another
+    assert time.monotonic() - started < 0.1 * 8  # not 16 calls one after another (1.6 s)
     assert trainers.calls == 16
     # The trainers it holds are not asked again.
     await pool.acquire()

@@ -93,6 +93,36 @@ TRIAL_STATE_WAITING: TrialState.ValueType  # 5
 """Enqueued, waiting for a trainer."""
 Global___TrialState: _TypeAlias = TrialState  # noqa: Y015
 
+class _TrialView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TrialViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TrialView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TRIAL_VIEW_UNSPECIFIED: _TrialView.ValueType  # 0
+    """The default: TRIAL_VIEW_FULL."""
+    TRIAL_VIEW_BASIC: _TrialView.ValueType  # 1
+    """Everything but a classification evaluation's per-class metrics and confusion matrix
+    (the matrix grows with the square of the classes: 90,000 counts at 300 classes); the
+    figures, the objective and the worst classes stay.
+    """
+    TRIAL_VIEW_FULL: _TrialView.ValueType  # 2
+    """Every field."""
+
+class TrialView(_TrialView, metaclass=_TrialViewEnumTypeWrapper):
+    """How much of a trial a list sends."""
+
+TRIAL_VIEW_UNSPECIFIED: TrialView.ValueType  # 0
+"""The default: TRIAL_VIEW_FULL."""
+TRIAL_VIEW_BASIC: TrialView.ValueType  # 1
+"""Everything but a classification evaluation's per-class metrics and confusion matrix
+(the matrix grows with the square of the classes: 90,000 counts at 300 classes); the
+figures, the objective and the worst classes stay.
+"""
+TRIAL_VIEW_FULL: TrialView.ValueType  # 2
+"""Every field."""
+Global___TrialView: _TypeAlias = TrialView  # noqa: Y015
+
 @_typing.final
 class FineTuningParams(_message.Message):
     """The seed request's parameters."""
@@ -523,22 +553,26 @@ class ListTrialsRequest(_message.Message):
     STUDY_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     study_id: _builtins.str
     """The study."""
     page_size: _builtins.int
     """Trials per page, at most 1000; 0 = every trial in one answer (as before paging)."""
     page_token: _builtins.str
     """The next_page_token of the previous page of the same study; empty = the first page."""
+    view: Global___TrialView.ValueType
+    """How much of each trial's evaluation to send; unspecified = TRIAL_VIEW_FULL (as before)."""
     def __init__(
         self,
         *,
         study_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        view: Global___TrialView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "study_id", b"study_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "study_id", b"study_id", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

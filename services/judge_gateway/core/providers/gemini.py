@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import math
 from typing import Any
 
@@ -57,6 +59,14 @@ class GeminiProvider:
     The SDK sends through an httpx client owned here: left to itself, google-genai
     sends async requests through aiohttp whenever aiohttp is installed (httpx2 when it is
     not), so errors and retries would depend on what else the image happens to hold.
+
+    A call goes out through the SDK's API client (its URL, key and version headers, its
+    APIError for an error status, its one-attempt retry options), but the body is the
+    wire JSON written by `request_body` and the reply is read from its JSON. Building
+    and validating the SDK's pydantic request and response models cost 1.5-2 ms of
+    event-loop CPU per call, more than the HTTP exchange itself; a gateway with 16
+    calls in flight spends that CPU one call after another, so every round of calls
+    waited for it.
     """
 
     provider_type = "gemini"
@@ -82,48 +92,43 @@ class GeminiProvider:
                 httpx_async_client=self._http,
             ),
         )
+        # What `generate_content` sends through, without its request and reply models.
+        self._api = self._client.aio._api_client
 
     def __repr__(self) -> str:
         return f"GeminiProvider(base_url={self._base_url!r}, api_version={self.api_version!r})"
 
     async def generate(self, request: ProviderRequest) -> ProviderReply:
         """Asks the model once; every failure becomes a ProviderError."""
-        config = types.GenerateContentConfig(
-            system_instruction=request.system_instruction,
-            temperature=request.temperature,
-            max_output_tokens=request.max_output_tokens,
-            candidate_count=1,
-            response_mime_type="application/json",
-            # Sent as generationConfig.responseJsonSchema: full JSON Schema, unlike
-            # response_schema (responseSchema), which takes the OpenAPI subset.
-            response_json_schema=request.response_schema,
-            # Both would make the SDK send follow-up requests on its own.
-            automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
-            automatic_continuation=False,
-            http_options=types.HttpOptions(
-                timeout=max(1, math.ceil(request.timeout * 1000)),
-                retry_options=_ONE_ATTEMPT,
-            ),
-        )
-        contents = [types.Content(role="user", parts=[types.Part(text=request.user_prompt)])]
+        try:
+            path = f"{_model_path(request.model)}:generateContent"
+        except ValueError as exc:
+            raise ProviderError(ProviderErrorKind.BAD_REQUEST, f"gemini: {exc}") from None
         try:
             # httpx's timeout bounds each read; this bounds the whole attempt.
             async with asyncio.timeout(request.timeout):
-                response = await self._client.aio.models.generate_content(
-                    model=request.model, contents=contents, config=config
+                response = await self._api.async_request(
+                    "post",
+                    path,
+                    request_body(request),
+                    _call_options(max(1, math.ceil(request.timeout * 1000))),
                 )
         except errors.APIError as exc:
             raise self._api_error(exc) from None
         except TRANSPORT_ERRORS as exc:
             raise transport_error("gemini", exc, self._secrets) from None
-        except ValueError as exc:
+        try:
+            payload = json.loads(response.body) if response.body else {}
+            if not isinstance(payload, dict):
+                raise _Unreadable("not an object")
+            return _reply(payload, request.model)
+        except (ValueError, _Unreadable) as exc:
             # A 200 whose body is not the JSON it claims to be: the server's fault.
             raise ProviderError(
                 ProviderErrorKind.SERVER,
                 f"gemini: unreadable response body ({type(exc).__name__})",
                 status=200,
             ) from None
-        return _reply(response, request.model)
 
     async def aclose(self) -> None:
         """Closes the SDK client and the connections under it."""
@@ -149,38 +154,90 @@ class GeminiProvider:
         return ProviderError(kind, message, status=status, retry_after=retry_after)
 
 
-def _reply(response: types.GenerateContentResponse, requested_model: str) -> ProviderReply:
+@functools.lru_cache(maxsize=256)
+def _call_options(timeout_ms: int) -> types.HttpOptions:
+    """Per-call HTTP options: the attempt's timeout, one attempt. Only read by the SDK."""
+    return types.HttpOptions(timeout=timeout_ms, retry_options=_ONE_ATTEMPT)
+
+
+def _model_path(model: str) -> str:
+    """The model's resource name, as the SDK writes it for the Gemini API (`models/...`)."""
+    if not model:
+        raise ValueError("model is required")
+    if ".." in model or "?" in model or "&" in model:
+        raise ValueError("invalid model name")
+    if model.startswith(("models/", "tunedModels/")):
+        return model
+    return f"models/{model}"
+
+
+def request_body(request: ProviderRequest) -> dict[str, Any]:
+    """The generateContent body, exactly as google-genai writes it for these settings."""
+    return {
+        "contents": [{"parts": [{"text": request.user_prompt}], "role": "user"}],
+        "systemInstruction": {"parts": [{"text": request.system_instruction}], "role": "user"},
+        "generationConfig": {
+            "temperature": request.temperature,
+            "candidateCount": 1,
+            "maxOutputTokens": request.max_output_tokens,
+            "responseMimeType": "application/json",
+            # responseJsonSchema: full JSON Schema, unlike responseSchema, which takes the
+            # OpenAPI subset.
+            "responseJsonSchema": request.response_schema,
+        },
+    }
+
+
+class _Unreadable(Exception):
+    """A reply whose JSON does not have the shape of a GenerateContentResponse."""
+
+
+def _get(container: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    """`container[key]`, None when absent or null; raises _Unreadable for another type."""
+    value = container.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise _Unreadable(f"{key} is a {type(value).__name__}")
+    return value
+
+
+def _reply(payload: dict[str, Any], requested_model: str) -> ProviderReply:
     text = ""
-    if response.candidates:
-        candidate = response.candidates[0]
-        parts = candidate.content.parts if candidate.content and candidate.content.parts else []
-        # Thought summaries are parts too; the judgment is the rest.
-        text = "".join(part.text for part in parts if part.text and not part.thought)
-        finish = _finish_reason(candidate.finish_reason)
-    elif response.prompt_feedback is not None and response.prompt_feedback.block_reason:
+    candidates = _get(payload, "candidates", list)
+    feedback = _get(payload, "promptFeedback", dict)
+    if candidates:
+        candidate = candidates[0]
+        if not isinstance(candidate, dict):
+            raise _Unreadable("candidate is not an object")
+        content = _get(candidate, "content", dict) or {}
+        texts = []
+        for part in _get(content, "parts", list) or []:
+            if not isinstance(part, dict):
+                raise _Unreadable("part is not an object")
+            part_text = _get(part, "text", str)
+            # Thought summaries are parts too; the judgment is the rest.
+            if part_text and not _get(part, "thought", bool):
+                texts.append(part_text)
+        text = "".join(texts)
+        finish = _FINISH_REASONS.get(_get(candidate, "finishReason", str), FinishReason.OTHER)
+    elif feedback is not None and _get(feedback, "blockReason", str):
         finish = FinishReason.SAFETY
     else:
         finish = FinishReason.OTHER
-    usage = response.usage_metadata
-    input_tokens = output_tokens = 0
-    if usage is not None:
-        input_tokens = usage.prompt_token_count or 0
-        # Thinking tokens are billed as output, and are all a MAX_TOKENS reply may have.
-        output_tokens = (usage.candidates_token_count or 0) + (usage.thoughts_token_count or 0)
+    usage = _get(payload, "usageMetadata", dict) or {}
+    input_tokens = _get(usage, "promptTokenCount", int) or 0
+    # Thinking tokens are billed as output, and are all a MAX_TOKENS reply may have.
+    output_tokens = (_get(usage, "candidatesTokenCount", int) or 0) + (
+        _get(usage, "thoughtsTokenCount", int) or 0
+    )
     return ProviderReply(
         text=text,
         finish_reason=finish,
-        model_version=response.model_version or requested_model,
+        model_version=_get(payload, "modelVersion", str) or requested_model,
         input_tokens=input_tokens,
         output_tokens=output_tokens,
     )
-
-
-def _finish_reason(reason: object) -> FinishReason:
-    if reason is None:
-        return FinishReason.OTHER
-    name = str(getattr(reason, "value", reason))
-    return _FINISH_REASONS.get(name, FinishReason.OTHER)
 
 
 def _error_body(details: Any) -> dict[str, Any]:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
 
 import pytest
+from google import genai
+from google.genai import models as genai_models
+from google.genai import types
 
 from services.judge_gateway.core.providers.base import (
     FinishReason,
@@ -337,3 +341,150 @@ async def test_the_key_leaks_nowhere(
         texts=[repr(provider), str(provider)],
         records=caplog.records,
     )
+
+
+async def test_request_is_what_the_sdk_sends(fake_gemini: FakeGemini) -> None:
+    # The body is written by hand (the SDK's request models cost more CPU than the HTTP
+    # exchange): it must stay what the SDK's own generate_content puts on the wire.
+    sdk = genai.Client(
+        vertexai=False,
+        api_key=fake_gemini.api_key,
+        http_options=types.HttpOptions(
+            base_url=fake_gemini.url,
+            api_version="v1beta",
+            retry_options=types.HttpRetryOptions(attempts=1),
+        ),
+    )
+    request = judge_request(MODEL, max_output_tokens=300, temperature=0.2)
+    try:
+        await sdk.aio.models.generate_content(
+            model=MODEL,
+            contents=[types.Content(role="user", parts=[types.Part(text=request.user_prompt)])],
+            config=types.GenerateContentConfig(
+                system_instruction=request.system_instruction,
+                temperature=request.temperature,
+                max_output_tokens=request.max_output_tokens,
+                candidate_count=1,
+                response_mime_type="application/json",
+                response_json_schema=request.response_schema,
+                automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
+                automatic_continuation=False,
+                http_options=types.HttpOptions(timeout=5000),
+            ),
+        )
+    finally:
+        await sdk.aio.aclose()
+        sdk.close()
+    provider = GeminiProvider(fake_gemini.api_key, base_url=fake_gemini.url)
+    try:
+        await provider.generate(request)
+    finally:
+        await provider.aclose()
+
+    by_sdk, ours = fake_gemini.requests
+    assert ours.path == by_sdk.path
+    assert ours.body == by_sdk.body
+    for header in ("x-goog-api-key", "x-goog-api-client", "user-agent", "content-type"):
+        assert ours.header(header) == by_sdk.header(header), header
+
+
+async def test_a_call_builds_none_of_the_sdk_models(
+    fake_gemini: FakeGemini, provider: GeminiProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # generate_content validates pydantic request and reply models: 1.5-2 ms of the event
+    # loop per call, which 16 calls in flight pay one after another.
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the SDK's request / reply models were built")
+
+    monkeypatch.setattr(genai_models, "_GenerateContentParameters_to_mldev", refuse)
+    monkeypatch.setattr(types.GenerateContentResponse, "_from_response", refuse)
+
+    reply = await provider.generate(judge_request(MODEL))
+
+    assert json.loads(reply.text) == DEFAULT_JUDGMENT
+
+
+async def test_thought_parts_are_not_the_judgment(
+    fake_gemini: FakeGemini, provider: GeminiProvider
+) -> None:
+    fake_gemini.script(
+        Reply(
+            body={
+                "candidates": [
+                    {
+                        "content": {
+                            "parts": [
+                                {"text": "Let me weigh the facts.", "thought": True},
+                                {"text": '{"reasoning": "ok", '},
+                                {"text": '"score": 70}'},
+                            ],
+                            "role": "model",
+                        },
+                        "finishReason": "STOP",
+                    }
+                ],
+                "usageMetadata": {
+                    "promptTokenCount": 12,
+                    "candidatesTokenCount": 8,
+                    "thoughtsTokenCount": 30,
+                },
+                "modelVersion": MODEL,
+            }
+        )
+    )
+
+    reply = await provider.generate(judge_request(MODEL))
+
+    assert json.loads(reply.text) == {"reasoning": "ok", "score": 70}
+    assert (reply.input_tokens, reply.output_tokens) == (12, 38)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [1, 2],
+        {"candidates": "none"},
+        {"candidates": ["not an object"]},
+        {"candidates": [{"content": {"parts": [{"text": 7}]}}]},
+        {"candidates": [{"content": {"parts": "text"}}]},
+        {"usageMetadata": {"promptTokenCount": "many"}},
+        {"modelVersion": 2},
+    ],
+)
+async def test_reply_of_another_shape_is_a_server_error(
+    fake_gemini: FakeGemini, provider: GeminiProvider, body: object
+) -> None:
+    fake_gemini.script(Reply(body=body))
+
+    error = await _error(provider)
+
+    assert error.kind is ProviderErrorKind.SERVER
+    assert error.status == 200
+
+
+@pytest.mark.parametrize(
+    ("model", "path"),
+    [
+        (MODEL, f"/v1beta/models/{MODEL}:generateContent"),
+        (f"models/{MODEL}", f"/v1beta/models/{MODEL}:generateContent"),
+        ("tunedModels/my-judge", "/v1beta/tunedModels/my-judge:generateContent"),
+    ],
+)
+async def test_model_names_become_resource_paths(
+    fake_gemini: FakeGemini, provider: GeminiProvider, model: str, path: str
+) -> None:
+    with contextlib.suppress(ProviderError):  # the fake serves no tuned models
+        await provider.generate(judge_request(model))
+
+    assert fake_gemini.requests[0].path == path
+
+
+async def test_an_unsafe_model_name_is_a_bad_request_never_sent(
+    fake_gemini: FakeGemini, provider: GeminiProvider
+) -> None:
+    with pytest.raises(ProviderError) as caught:
+        await provider.generate(judge_request("../files?x=1"))
+    error = caught.value
+
+    assert error.kind is ProviderErrorKind.BAD_REQUEST
+    assert fake_gemini.requests == []
