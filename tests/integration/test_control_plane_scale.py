@@ -43,7 +43,7 @@ def test_studies_sharing_trainers_run_every_trial_and_dispatch_at_once(tmp_path:
     # A freed trainer is handed its next job when its job's end arrives. The bound is loose
     # (a loaded 2-core runner shares its cores with 3 trainers, 2 services and the clients);
     # the benchmark's own figures are in the README.
-    assert figures["dispatch_p50"] is not None and figures["dispatch_p50"] < 1.0
+    assert figures["dispatch_p50"] is not None and figures["dispatch_p50"] < 3.0
     assert figures["rss_end_mib"] < 1024
     assert figures["get_study_p95"] is not None and figures["list_page_p95"] is not None
     assert figures["storage_bytes_per_trial"] > 0

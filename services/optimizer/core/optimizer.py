@@ -329,6 +329,7 @@ class Optimizer:
         await asyncio.gather(*self._runners.values(), return_exceptions=True)
 
     async def _run_study(self, study_id: str) -> None:
+        self.store.activate(study_id)  # its trials cached until it ends (_finish)
         record = await self.store.record(study_id)
         spec = record.spec
         study = await self.store.study(

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import optuna
+from optuna.storages._cached_storage import _CachedStorage
 
 from services.common.errors import InvalidArgument, NotFound
 from services.common.names import excerpt
@@ -28,6 +29,20 @@ class StudyStore:
     def __init__(self, storage: optuna.storages.BaseStorage) -> None:
         self.storage = storage
         self._locks: dict[str, asyncio.Lock] = {}
+        # The running studies' trials, cached in this process (Optuna's own cache of an RDB
+        # storage, kept for the study's life): a read of a study fetches only its unfinished
+        # and new trials, not all of them (optuna#3048: RDB reads grow with the trials). A
+        # finished trial never changes, and this process is the studies' only writer. Each
+        # load_study of a bare RDBStorage makes a fresh, empty cache, so without this every
+        # read fetched every trial.
+        self._cached = (
+            _CachedStorage(storage) if isinstance(storage, optuna.storages.RDBStorage) else None
+        )
+        self._active: dict[str, int] = {}  # running study -> its id in the cache (-1: unread)
+
+    def activate(self, study_id: str) -> None:
+        """The study runs in this process: its reads go through the cache until `forget`."""
+        self._active.setdefault(study_id, -1)
 
     @staticmethod
     async def run(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -43,16 +58,20 @@ class StudyStore:
         """The Optuna study, or NotFound."""
         if not study_id:
             raise InvalidArgument("must not be empty", field="study_id")
+        cached = self._cached is not None and study_id in self._active
         try:
-            return await self.run(
+            study = await self.run(
                 optuna.load_study,
                 study_name=study_id,
-                storage=self.storage,
+                storage=self._cached if cached else self.storage,
                 sampler=sampler,
                 pruner=pruner,
             )
         except KeyError:
             raise NotFound(f"no study '{excerpt(study_id)}'") from None
+        if cached and study_id in self._active:
+            self._active[study_id] = study._study_id
+        return study
 
     async def exists(self, study_id: str) -> bool:
         """Whether a study of that name is stored."""
@@ -97,11 +116,23 @@ class StudyStore:
             return record
 
     def forget(self, study_id: str) -> None:
-        """Drops the study's locks (it finished; a later update makes a new one)."""
+        """Drops the study's locks and cached trials (it finished: a later update makes a new
+        lock, a later read goes to the database)."""
         for key in (study_id, f"ask:{study_id}"):
             lock = self._locks.get(key)
             if lock is not None and not lock.locked():
                 del self._locks[key]
+        cached_id = self._active.pop(study_id, None)
+        if self._cached is not None and cached_id is not None and cached_id >= 0:
+            with self._cached._lock:
+                self._cached._studies.pop(cached_id, None)
+
+    def cached_trials(self) -> int:
+        """Trials held in the cache now (the memory the running studies use)."""
+        if self._cached is None:
+            return 0
+        with self._cached._lock:
+            return sum(len(info.trials) for info in self._cached._studies.values())
 
     async def ask(self, study: optuna.Study) -> optuna.trial.Trial:
         """`study.ask()`, one at a time per study: two concurrent asks in worker threads could
