@@ -233,6 +233,46 @@ def dispatch_latencies(log: list[tuple[str, float, float]]) -> list[float]:
     return gaps
 
 
+async def measure_evaluator(
+    address: str, pid: int, classes: int, rows: int, rounds: int = 5
+) -> dict[str, float]:
+    """One trial's evaluation at this size through the real evaluator: its seconds (p50 of
+    `rounds`), the evaluator's resident memory after, the response's bytes, and the bytes of
+    the evaluation document a trial keeps per epoch (evaluation_results.json)."""
+    import random
+
+    from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
+    from services.optimizer.api.convert import evaluation_document
+
+    labels = [f"code-{i:03d}" for i in range(classes)]
+    rng = random.Random(1)
+    references = [labels[i % classes] for i in range(rows)]
+    predictions = [r if rng.random() < 0.85 else rng.choice(labels) for r in references]
+    request = evaluator_pb2.EvaluateRequest(
+        task_type=common_pb2.TASK_TYPE_CLASSIFICATION,
+        predictions=predictions,
+        references=references,
+        labels=labels,
+    )
+    seconds = []
+    async with grpc.aio.insecure_channel(
+        address, options=[("grpc.max_receive_message_length", 64 * 2**20)]
+    ) as channel:
+        stub = evaluator_pb2_grpc.EvaluatorServiceStub(channel)
+        for _ in range(rounds):
+            started = time.perf_counter()
+            reply = await stub.Evaluate(request)
+            seconds.append(time.perf_counter() - started)
+    document = json.dumps(evaluation_document(reply.result), indent=2)
+    return {
+        "evaluate_seconds_p50": statistics.median(seconds),
+        "evaluator_rss_mib": psutil.Process(pid).memory_info().rss / 2**20,
+        "request_bytes": request.ByteSize(),
+        "response_bytes": reply.ByteSize(),
+        "document_bytes": len(document.encode()),
+    }
+
+
 async def run(args: argparse.Namespace, storage: str, work: Path) -> None:
     pace = Pace(args.step_seconds, args.steps)
     log: list[tuple[str, float, float]] = []
@@ -261,6 +301,9 @@ async def run(args: argparse.Namespace, storage: str, work: Path) -> None:
     try:
         await wait_serving(f"127.0.0.1:{evaluator_port}")
         await wait_serving(f"127.0.0.1:{optimizer_port}")
+        evaluation = await measure_evaluator(
+            f"127.0.0.1:{evaluator_port}", evaluator.pid, args.classes, args.validation_rows
+        )
         process = psutil.Process(optimizer.pid)
         rss_start = process.memory_info().rss
         names = [f"scale-{i}" for i in range(args.studies)]
@@ -352,6 +395,7 @@ async def run(args: argparse.Namespace, storage: str, work: Path) -> None:
         "list_page_p95": percentile([v for _, v in timings.list_page], 0.95),
         "list_studies_p95": percentile([v for _, v in timings.list_studies], 0.95),
         "fan_out_p95": percentile(timings.fan_out, 0.95),
+        **evaluation,
     }
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -378,8 +422,17 @@ async def run(args: argparse.Namespace, storage: str, work: Path) -> None:
         last = [v for n, v in values if n >= trials * 0.8]
         print(f"{label}: all {quantiles([v for _, v in values])}; last fifth {quantiles(last)}")
     print(f"event fan-out to {args.watchers} watchers: {quantiles(timings.fan_out)}")
+    print(
+        f"one evaluation of {args.validation_rows} rows, {args.classes} classes: "
+        f"{evaluation['evaluate_seconds_p50'] * 1000:.0f} ms (p50), evaluator "
+        f"{evaluation['evaluator_rss_mib']:.0f} MiB; request "
+        f"{evaluation['request_bytes'] / 1024:.0f} KiB, response "
+        f"{evaluation['response_bytes'] / 1024:.0f} KiB, kept per epoch "
+        f"{evaluation['document_bytes'] / 1024:.0f} KiB"
+    )
     if storage_bytes:
-        print(f"storage: {storage_bytes / 2**20:.1f} MiB, {storage_bytes / max(trials, 1):.0f} B/trial")
+        per_trial = storage_bytes / max(trials, 1)
+        print(f"storage: {storage_bytes / 2**20:.1f} MiB, {per_trial:.0f} B/trial")
 
 
 def main() -> None:

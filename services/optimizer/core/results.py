@@ -35,8 +35,49 @@ PUBLISHED_FILES = (
 def _write_json(path: Path, content: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(_dumps(content) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+def _dumps(content: Any) -> str:
+    """Indented JSON, with a classification's confusion counts on one line (one number a
+    line made a 300-class evaluation 1 MB, 90,000 lines)."""
+    matrix = _matrix(content)
+    if matrix is None or not isinstance(matrix.get("counts"), list):
+        return json.dumps(content, indent=2, ensure_ascii=False)
+    counts = matrix["counts"]
+    marker = "@@confusion-counts@@"
+    matrix["counts"] = marker
+    try:
+        text = json.dumps(content, indent=2, ensure_ascii=False)
+    finally:
+        matrix["counts"] = counts
+    return text.replace(json.dumps(marker), json.dumps(counts, separators=(",", ":")), 1)
+
+
+def _matrix(document: Any) -> dict[str, Any] | None:
+    """The confusion matrix of an evaluation document, or None."""
+    if not isinstance(document, dict):
+        return None
+    classification = document.get("classification")
+    if not isinstance(classification, dict):
+        return None
+    matrix = classification.get("confusionMatrix", classification.get("confusion_matrix"))
+    return matrix if isinstance(matrix, dict) else None
+
+
+def _without_matrix(document: Mapping[str, Any]) -> dict[str, Any]:
+    """The evaluation document without its confusion matrix (the curve's copy of each epoch:
+    the kept epoch's matrix is in evaluation_results.json)."""
+    content = dict(document)
+    classification = content.get("classification")
+    if isinstance(classification, Mapping):
+        content["classification"] = {
+            k: v
+            for k, v in classification.items()
+            if k not in ("confusionMatrix", "confusion_matrix")
+        }
+    return content
 
 
 def write_evaluation(trial_dir: Path, evaluation: Evaluation, step: int) -> None:
@@ -126,7 +167,11 @@ def record_epoch(trial_dir: Path, epochs: Sequence[EpochResult]) -> None:
     write_evaluation(trial_dir, epochs[-1].evaluation, epochs[-1].index)
     _write_json(
         trial_dir / CURVE_FILE,
-        {"epochs": [{**e.record(), "evaluation": dict(e.evaluation.document)} for e in epochs]},
+        {
+            "epochs": [
+                {**e.record(), "evaluation": _without_matrix(e.evaluation.document)} for e in epochs
+            ]
+        },
     )
 
 

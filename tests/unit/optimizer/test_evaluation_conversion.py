@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from google.protobuf import json_format
 
@@ -52,3 +54,23 @@ def test_a_300_class_matrix_converts_in_milliseconds() -> None:
     seconds = time.perf_counter() - started
     assert message == result
     assert seconds < 0.5  # json_format alone took over 2 s here (two passes of 90,000 values)
+
+
+def test_a_trial_keeps_its_matrix_once_and_compactly(tmp_path: Path) -> None:
+    from services.optimizer.api.convert import evaluation_from_proto
+    from services.optimizer.core.results import CURVE_FILE, EpochResult, record_epoch
+    from services.optimizer.core.views import EVALUATION_FILE
+
+    evaluation = evaluation_from_proto(_result(300))
+    epochs = [EpochResult(i, float(i), 1.0, "", evaluation) for i in (1, 2, 3)]
+    for n in range(1, 4):
+        record_epoch(tmp_path, epochs[:n])
+    kept = (tmp_path / EVALUATION_FILE).read_text()
+    assert json.loads(kept) == evaluation.document  # what is read back is the whole result
+    assert len(kept) < 400_000  # 1 MB with one count a line
+    curve = json.loads((tmp_path / CURVE_FILE).read_text())
+    assert len(curve["epochs"]) == 3
+    for epoch in curve["epochs"]:
+        assert "confusionMatrix" not in epoch["evaluation"]["classification"]
+        assert len(epoch["evaluation"]["classification"]["perClass"]) == 300
+    assert (tmp_path / CURVE_FILE).stat().st_size < 300_000

@@ -86,6 +86,12 @@ def api_version_from_url(url: str, default: str) -> str:
     return match.group(1) if match else default
 
 
+# The pool of a provider's httpx client. The gateway's caps bound the calls in flight,
+# and the pool keeps a connection for each: httpx's default keeps 20 alive and, while
+# more than 20 are open, closes every connection a call frees, so under a cap above 20
+# nearly every call opened a new connection (a TLS handshake, on a real provider).
+POOL_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+
 # What a failed exchange raises below the HTTP layer: httpx's errors (timeouts included),
 # and OSError, whose subclass TimeoutError is what an asyncio deadline raises.
 TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (httpx.TransportError, OSError)

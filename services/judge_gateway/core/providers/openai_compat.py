@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 
 from services.judge_gateway.core.providers._common import (
+    POOL_LIMITS,
     TRANSPORT_ERRORS,
     api_version_from_url,
     kind_for_status,
@@ -53,6 +54,7 @@ class OpenAICompatibleProvider:
             base_url=self._base_url + "/",
             headers=headers,
             timeout=httpx.Timeout(_CLIENT_TIMEOUT_S),
+            limits=POOL_LIMITS,
         )
 
     def __repr__(self) -> str:

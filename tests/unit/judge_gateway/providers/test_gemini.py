@@ -488,3 +488,16 @@ async def test_an_unsafe_model_name_is_a_bad_request_never_sent(
 
     assert error.kind is ProviderErrorKind.BAD_REQUEST
     assert fake_gemini.requests == []
+
+
+async def test_more_than_twenty_calls_at_once_keep_their_connections(
+    fake_gemini: FakeGemini, provider: GeminiProvider
+) -> None:
+    # httpx's default pool keeps 20 connections alive and, past 20 open, closes each one
+    # a call frees: under a cap of 30 nearly every call would open a new connection.
+    fake_gemini.latency = 0.2
+    for _ in range(3):
+        await asyncio.gather(*(provider.generate(judge_request(MODEL)) for _ in range(30)))
+
+    assert fake_gemini.peak_concurrency == 30
+    assert fake_gemini.connections_opened == 30

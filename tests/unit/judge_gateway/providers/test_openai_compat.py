@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import logging
@@ -271,3 +272,16 @@ async def test_api_key_leaks_nowhere(refused_url: str, caplog: pytest.LogCapture
     assert_secrets_absent(
         [KEY], errors=errors, texts=[repr(provider), str(provider)], records=caplog.records
     )
+
+
+async def test_more_than_twenty_calls_at_once_keep_their_connections(
+    fake_openai: FakeOpenAI, provider: OpenAICompatibleProvider
+) -> None:
+    # httpx's default pool keeps 20 connections alive and, past 20 open, closes each one
+    # a call frees: under a cap of 30 nearly every call would open a new connection.
+    fake_openai.latency = 0.2
+    for _ in range(3):
+        await asyncio.gather(*(provider.generate(judge_request(MODEL)) for _ in range(30)))
+
+    assert fake_openai.peak_concurrency == 30
+    assert fake_openai.connections_opened == 30
