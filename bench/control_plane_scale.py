@@ -177,7 +177,11 @@ async def reader(
         await stub.GetStudy(optimizer_pb2.GetStudyRequest(study_id=name))
         t.get_study.append((finished[0], time.perf_counter() - started))
         started = time.perf_counter()
-        await stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_id=name, page_size=100))
+        await stub.ListTrials(
+            optimizer_pb2.ListTrialsRequest(
+                study_id=name, page_size=100, view=optimizer_pb2.TRIAL_VIEW_BASIC
+            )
+        )
         t.list_page.append((finished[0], time.perf_counter() - started))
         await asyncio.sleep(0.5)
 

@@ -210,24 +210,45 @@ def evaluation_to_proto(
     content = dict(document)
     classification = content.get("classification")
     matrix: Mapping[str, Any] | None = None
+    per_class: list[Any] = []
     if isinstance(classification, Mapping):
         classification = dict(classification)
         for key in ("confusionMatrix", "confusion_matrix"):  # the JSON's name, or the field's
             found = classification.pop(key, None)
             matrix = found if isinstance(found, Mapping) else matrix
+        for key in ("perClass", "per_class"):
+            found = classification.pop(key, None)
+            per_class = found if isinstance(found, list) else per_class
         if not detail:
-            classification.pop("perClass", None)
-            classification.pop("per_class", None)
-            matrix = None
+            per_class, matrix = [], None
         content["classification"] = classification
     message = json_format.ParseDict(
         content, common_pb2.EvaluationResult(), ignore_unknown_fields=True
     )
+    if per_class:
+        message.classification.per_class.extend(_class_metrics(c) for c in per_class)
     if matrix is not None:
         target = message.classification.confusion_matrix
         target.labels.extend(str(label) for label in matrix.get("labels", ()))
-        target.counts.extend(int(count) for count in matrix.get("counts", ()))
+        counts = matrix.get("counts", ())
+        try:
+            target.counts.extend(counts)  # a list of ints, as JSON reads it: one C call
+        except (TypeError, ValueError):
+            target.counts.extend(int(count) for count in counts)
     return message
+
+
+def _class_metrics(entry: Any) -> common_pb2.ClassMetrics:
+    """One per-class entry of an evaluation document (either field naming)."""
+    if not isinstance(entry, Mapping):
+        return common_pb2.ClassMetrics()
+    return common_pb2.ClassMetrics(
+        label=str(entry.get("label", "")),
+        precision=float(entry.get("precision", 0.0)),
+        recall=float(entry.get("recall", 0.0)),
+        f1=float(entry.get("f1", 0.0)),
+        support=int(entry.get("support", 0)),
+    )
 
 
 def _stamp(value: str | datetime | None, message: Any) -> None:

@@ -81,9 +81,7 @@ class GeminiProvider:
         self.api_version = api_version
         self._base_url = base_url or DEFAULT_BASE_URL
         self._secrets = (api_key, api_key.strip())
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(_CLIENT_TIMEOUT_S), limits=POOL_LIMITS
-        )
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(_CLIENT_TIMEOUT_S), limits=POOL_LIMITS)
         self._client = genai.Client(
             # Explicit, so GOOGLE_GENAI_USE_VERTEXAI in the environment cannot reroute calls.
             vertexai=False,
