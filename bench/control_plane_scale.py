@@ -18,6 +18,8 @@ grows; event fan-out latency (an event's time to a watcher's receipt) p50 / p95.
     HF_HUB_OFFLINE=1 .venv/bin/python bench/control_plane_scale.py \\
         [--trainers 16] [--studies 10] [--trials 100] [--epochs 3] [--classes 300] \\
         [--validation-rows 20000] [--step-seconds 0.01] [--steps 20] [--watchers 50] [--sqlite]
+        [--json FIGURES.json]
+    .venv/bin/python bench/control_plane_scale.py --plot A.json B.json C.json [--out PNG]
 """
 
 from __future__ import annotations
@@ -439,6 +441,51 @@ async def run(args: argparse.Namespace, storage: str, work: Path) -> None:
         print(f"storage: {storage_bytes / 2**20:.1f} MiB, {per_trial:.0f} B/trial")
 
 
+def plot(figures: list[Path], out: Path) -> None:
+    """The runs' figures against their number of trials, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = sorted((json.loads(path.read_text()) for path in figures), key=lambda r: r["trials"])
+    trials = [r["trials"] for r in runs]
+    panels = [
+        ("dispatch latency (ms)", [("p50", "dispatch_p50"), ("p95", "dispatch_p95")], 1000),
+        ("optimizer CPU per trial (ms)", [("CPU", "cpu_per_trial")], 1000),
+        ("optimizer memory (MiB)", [("start", "rss_start_mib"), ("end", "rss_end_mib")], 1),
+        (
+            "reads, p95 (ms)",
+            [
+                ("GetStudy", "get_study_p95"),
+                ("ListTrials page", "list_page_p95"),
+                ("ListStudies", "list_studies_p95"),
+                ("event fan-out", "fan_out_p95"),
+            ],
+            1000,
+        ),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for axis, (title, series, scale) in zip(axes, panels, strict=True):
+        for label, key in series:
+            values = [(r[key] or 0) * scale for r in runs]
+            axis.plot(trials, values, marker="o", label=label)
+        axis.set_xscale("log")
+        axis.set_xlabel("trials in the run")
+        axis.set_title(title, fontsize=10)
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+    first = runs[-1]
+    fig.suptitle(
+        f"control plane: {first['trainers']} simulated trainers, {first['classes']} classes, "
+        f"{first['validation_rows']} validation rows, {first['storage']}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--trainers", type=int, default=16)
@@ -453,7 +500,14 @@ def main() -> None:
     parser.add_argument("--watchers", type=int, default=50)
     parser.add_argument("--sqlite", action="store_true", help="SQLite instead of PostgreSQL")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--plot", nargs="+", type=Path, help="only plot these runs' JSON files against trials"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "control_plane_scale.png")
     args = parser.parse_args()
+    if args.plot:
+        plot(args.plot, args.out)
+        return
     work = Path(tempfile.mkdtemp(prefix="control-plane-"))
     if args.sqlite:
         asyncio.run(run(args, f"sqlite:///{work / 'optuna.db'}", work))
