@@ -168,7 +168,9 @@ class TrialLifecycle:
         hyper = hyperparameters(spec, params, self._defaults)
         # Every resolved parameter (fixed dimensions too: Optuna records only those it drew).
         deciding = result_key(dataclasses.asdict(params))
-        twin = await self._store.run(_finished_twin, study, deciding)
+        # One read for both kinds of twin: checked apart, a twin that completed between the
+        # two reads would be missed by both.
+        twin, running = await self._store.run(_twins, study, deciding, trial.number)
         if twin is not None:
             return await self._take_twins_result(
                 study, trial, twin, hyper, deciding, params.base_model
@@ -185,7 +187,6 @@ class TrialLifecycle:
             base_model=params.base_model or spec.fine_tuning.base_model_name,
         )
         logger.info("Trial %d: params=%s", trial.number, params.as_log_dict())
-        running = await self._store.run(_running_twin, study, deciding, trial.number)
         if running is not None:
             return await self._after_twin(
                 study, trial, running, hyper, deciding, address, params.base_model
@@ -707,30 +708,23 @@ def _epoch_choices(study: optuna.Study, space: SearchSpace) -> tuple[int, ...]:
     return sampled_epochs(space)
 
 
-def _running_twin(
+def _twins(
     study: optuna.Study, deciding: str, number: int
-) -> optuna.trial.FrozenTrial | None:
-    """The first RUNNING trial other than `number` computing this `result_key` itself (not
-    waiting for a twin of its own, not a taken result)."""
-    for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+) -> tuple[optuna.trial.FrozenTrial | None, optuna.trial.FrozenTrial | None]:
+    """The first COMPLETE trial that ran its own job with this `result_key`, and (when there
+    is none) the first RUNNING trial other than `number` computing it itself (not waiting
+    for a twin of its own, not a taken result): from one read of the trials."""
+    running = None
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    for frozen in study.get_trials(deepcopy=False, states=states):
         attrs = frozen.user_attrs
-        if (
-            frozen.number != number
-            and attrs.get("result_key") == deciding
-            and "same_as" not in attrs
-            and attrs.get("waits_for") is None
-        ):
-            return frozen
-    return None
-
-
-def _finished_twin(study: optuna.Study, deciding: str) -> optuna.trial.FrozenTrial | None:
-    """The first COMPLETE trial that ran its own job with this `result_key`."""
-    for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        attrs = frozen.user_attrs
-        if "same_as" not in attrs and attrs.get("result_key") == deciding:
-            return frozen
-    return None
+        if "same_as" in attrs or attrs.get("result_key") != deciding:
+            continue
+        if frozen.state == optuna.trial.TrialState.COMPLETE:
+            return frozen, None
+        if running is None and frozen.number != number and attrs.get("waits_for") is None:
+            running = frozen
+    return None, running
 
 
 def _best_value(study: optuna.Study) -> float | None:
