@@ -646,8 +646,15 @@ class TrialLifecycle:
         trial = await self._store.trial(study, number)
         if trial.state.is_finished():
             return
-        await self._store.set_trial_attrs(study, trial._trial_id, failure_reason=reason)
-        await self._store.run(study.tell, number, state=optuna.trial.TrialState.FAIL)
+        try:
+            await self._store.set_trial_attrs(study, trial._trial_id, failure_reason=reason)
+            await self._store.run(study.tell, number, state=optuna.trial.TrialState.FAIL)
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            # Told meanwhile by another path (a storage call of a cancelled task finishes in
+            # its worker thread): its own ending stands.
+            if (await self._store.trial(study, number)).state.is_finished():
+                return
+            raise
         logger.warning("Trial %d failed: %s", number, reason)
         if not count:
             metrics.TRIALS.labels(state="cancelled").inc()
