@@ -249,6 +249,7 @@ async def measure_evaluator(
 
     from loratune.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
     from services.optimizer.api.convert import evaluation_document
+    from services.optimizer.core.results import evaluation_json
 
     labels = [f"code-{i:03d}" for i in range(classes)]
     rng = random.Random(1)
@@ -269,7 +270,7 @@ async def measure_evaluator(
             started = time.perf_counter()
             reply = await stub.Evaluate(request)
             seconds.append(time.perf_counter() - started)
-    document = json.dumps(evaluation_document(reply.result), indent=2)
+    document = evaluation_json(evaluation_document(reply.result))  # as a trial writes it
     return {
         "evaluate_seconds_p50": statistics.median(seconds),
         "evaluator_rss_mib": psutil.Process(pid).memory_info().rss / 2**20,
@@ -312,6 +313,7 @@ async def run(args: argparse.Namespace, storage: str, work: Path) -> None:
         )
         process = psutil.Process(optimizer.pid)
         rss_start = process.memory_info().rss
+        storage_before = storage_size(storage, work)  # an empty PostgreSQL database is ~8 MB
         names = [f"scale-{i}" for i in range(args.studies)]
         done = asyncio.Event()
         finished = [0]
@@ -377,7 +379,7 @@ async def run(args: argparse.Namespace, storage: str, work: Path) -> None:
     cpu = timings.cpu[-1][1] - timings.cpu[0][1] if len(timings.cpu) > 1 else float("nan")
     gaps = dispatch_latencies(log)
     peak = max((r for _, r in timings.rss), default=rss_end)
-    storage_bytes = storage_size(storage, work)
+    storage_bytes = max(0, storage_size(storage, work) - storage_before)
     result = {
         "trainers": args.trainers,
         "studies": args.studies,

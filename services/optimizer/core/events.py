@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Any
 
 from services.optimizer.core.ports import Evaluation
 from services.optimizer.core.views import StudyView, TrialView
@@ -105,10 +106,10 @@ class EventBus:
         return channel
 
     def publish(self, study_id: str, body: StudyEventBody) -> None:
-        """Adds an event and wakes the study's watchers."""
+        """Adds an event (its evaluations in the basic view) and wakes the study's watchers."""
         channel = self._channel(study_id)
         channel.sequence += 1
-        channel.events.append((channel.sequence, StudyEvent(study_id, body)))
+        channel.events.append((channel.sequence, StudyEvent(study_id, lean_body(body))))
         for waiter in channel.waiters:
             waiter.set()
         if isinstance(body, StudyFinished) and not channel.finished:
@@ -152,3 +153,42 @@ class EventBus:
                 await waiter.wait()
         finally:
             channel.waiters.discard(waiter)
+
+
+def lean_document(document: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """An evaluation document without what grows with the classes: a classification's
+    per-class metrics and confusion matrix (TRIAL_VIEW_BASIC)."""
+    if document is None:
+        return None
+    classification = document.get("classification")
+    if not isinstance(classification, Mapping):
+        return document
+    heavy = ("perClass", "per_class", "confusionMatrix", "confusion_matrix")
+    if not any(key in classification for key in heavy):
+        return document
+    kept = {k: v for k, v in classification.items() if k not in heavy}
+    return {**document, "classification": kept}
+
+
+def _lean_trial(trial: TrialView | None) -> TrialView | None:
+    if trial is None or trial.evaluation is None:
+        return trial
+    return replace(trial, evaluation=lean_document(trial.evaluation))
+
+
+def lean_body(body: StudyEventBody) -> StudyEventBody:
+    """The event as the stream keeps and sends it: evaluations in the basic view. A study's
+    stream keeps up to `max_events` events while it runs; with whole 300-class evaluations
+    (a confusion matrix of 90,000 counts each) they held hundreds of MB, and watchers need
+    the figures, not the matrices (ListTrials has them)."""
+    if isinstance(body, TrialEvaluated):
+        document = lean_document(body.evaluation.document)
+        if document is body.evaluation.document:
+            return body
+        return replace(body, evaluation=replace(body.evaluation, document=document or {}))
+    if isinstance(body, TrialStarted | TrialFinished):
+        return replace(body, trial=_lean_trial(body.trial))  # type: ignore[arg-type]
+    if isinstance(body, StudyFinished) and body.study.best_trial is not None:
+        best = _lean_trial(body.study.best_trial)
+        return replace(body, study=replace(body.study, best_trial=best))
+    return body

@@ -35,11 +35,11 @@ PUBLISHED_FILES = (
 def _write_json(path: Path, content: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(_dumps(content) + "\n", encoding="utf-8")
+    tmp.write_text(evaluation_json(content) + "\n", encoding="utf-8")
     tmp.replace(path)
 
 
-def _dumps(content: Any) -> str:
+def evaluation_json(content: Any) -> str:
     """Indented JSON, with a classification's confusion counts on one line (one number a
     line made a 300-class evaluation 1 MB, 90,000 lines)."""
     matrix = _matrix(content)

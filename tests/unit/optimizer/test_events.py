@@ -59,3 +59,28 @@ def test_the_excluded_note_says_what_the_objective_does_with_each_class() -> Non
     )
     assert unseen.startswith("2 classes not trained on")
     assert unseen.endswith("They have no validation rows, so the evaluation does not score them.")
+
+
+async def test_the_stream_keeps_evaluations_without_what_grows_with_the_classes() -> None:
+    from services.optimizer.core.events import TrialEvaluated
+    from services.optimizer.core.ports import Evaluation
+
+    document = {
+        "objective": 0.8,
+        "classification": {
+            "f1Macro": 0.8,
+            "worstClasses": ["a"],
+            "perClass": [{"label": "a", "f1": 0.8}] * 300,
+            "confusionMatrix": {"labels": ["a"] * 300, "counts": [1] * 90_000},
+        },
+    }
+    evaluation = Evaluation(0.8, "f1_macro", {"f1_macro": 0.8}, document)
+    bus = EventBus()
+    bus.publish("s", TrialEvaluated(1, 1.0, evaluation))
+    bus.publish("s", _finished("s"))
+    events = [event async for event in bus.follow("s")]
+    kept = events[0].body
+    assert isinstance(kept, TrialEvaluated)
+    assert kept.evaluation.document["classification"] == {"f1Macro": 0.8, "worstClasses": ["a"]}
+    assert kept.evaluation.objective == 0.8 and kept.evaluation.figures == {"f1_macro": 0.8}
+    assert "perClass" in document["classification"]  # the caller's document untouched

@@ -1249,7 +1249,10 @@ class TrialEvaluated(_message.Message):
     """The last such refusal's reason, at most 300 characters; empty when there was none."""
     @_builtins.property
     def evaluation(self) -> _common_pb2.EvaluationResult:
-        """The evaluation."""
+        """The evaluation, in the basic view: a classification's per-class metrics and confusion
+        matrix are left out of the stream (as are those of the trials in other events);
+        ListTrials sends them.
+        """
 
     def __init__(
         self,
